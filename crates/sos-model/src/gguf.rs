@@ -1,0 +1,702 @@
+//! GGUF reading and writing.
+//!
+//! A GGUF file is untrusted input: every count and length in its header is checked against the
+//! bytes that are actually left in the file before anything is allocated, so a header that claims
+//! 2^40 tensors or a 1 TB string is an error, not an out-of-memory kill. Tensor data is memory
+//! mapped and only sliced once its extent has been checked against the file size.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::{bail_format, Error, Result};
+
+pub const MAGIC: &[u8; 4] = b"GGUF";
+const DEFAULT_ALIGNMENT: u64 = 32;
+/// Arrays inside arrays are legal but no real file nests deeper than one level; the cap keeps a
+/// hostile file from recursing the parser off the stack.
+const MAX_ARRAY_DEPTH: usize = 4;
+const MAX_DIMS: usize = 4;
+
+/// A metadata value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    U8(u8),
+    I8(i8),
+    U16(u16),
+    I16(i16),
+    U32(u32),
+    I32(i32),
+    U64(u64),
+    I64(i64),
+    F32(f32),
+    F64(f64),
+    Bool(bool),
+    Str(String),
+    Array(Vec<Value>),
+}
+
+impl Value {
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            Value::U8(v) => Some(v as u64),
+            Value::U16(v) => Some(v as u64),
+            Value::U32(v) => Some(v as u64),
+            Value::U64(v) => Some(v),
+            Value::I8(v) if v >= 0 => Some(v as u64),
+            Value::I16(v) if v >= 0 => Some(v as u64),
+            Value::I32(v) if v >= 0 => Some(v as u64),
+            Value::I64(v) if v >= 0 => Some(v as u64),
+            _ => None,
+        }
+    }
+    pub fn as_i64(&self) -> Option<i64> {
+        match *self {
+            Value::I8(v) => Some(v as i64),
+            Value::I16(v) => Some(v as i64),
+            Value::I32(v) => Some(v as i64),
+            Value::I64(v) => Some(v),
+            _ => self.as_u64().and_then(|v| i64::try_from(v).ok()),
+        }
+    }
+    pub fn as_f64(&self) -> Option<f64> {
+        match *self {
+            Value::F32(v) => Some(v as f64),
+            Value::F64(v) => Some(v),
+            _ => self.as_i64().map(|v| v as f64),
+        }
+    }
+    pub fn as_bool(&self) -> Option<bool> {
+        match *self {
+            Value::Bool(v) => Some(v),
+            _ => None,
+        }
+    }
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+    pub fn as_array(&self) -> Option<&[Value]> {
+        match self {
+            Value::Array(v) => Some(v),
+            _ => None,
+        }
+    }
+    fn type_id(&self) -> u32 {
+        match self {
+            Value::U8(_) => 0,
+            Value::I8(_) => 1,
+            Value::U16(_) => 2,
+            Value::I16(_) => 3,
+            Value::U32(_) => 4,
+            Value::I32(_) => 5,
+            Value::F32(_) => 6,
+            Value::Bool(_) => 7,
+            Value::Str(_) => 8,
+            Value::Array(_) => 9,
+            Value::U64(_) => 10,
+            Value::I64(_) => 11,
+            Value::F64(_) => 12,
+        }
+    }
+}
+
+/// The tensor element types this crate reads. Each is (ggml type id, block size, bytes per block).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TensorType {
+    F32,
+    F16,
+    BF16,
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+    Q2K,
+    Q3K,
+    Q4K,
+    Q5K,
+    Q6K,
+    Q8K,
+}
+
+impl TensorType {
+    pub fn from_id(id: u32) -> Option<Self> {
+        Some(match id {
+            0 => Self::F32,
+            1 => Self::F16,
+            2 => Self::Q4_0,
+            3 => Self::Q4_1,
+            6 => Self::Q5_0,
+            7 => Self::Q5_1,
+            8 => Self::Q8_0,
+            10 => Self::Q2K,
+            11 => Self::Q3K,
+            12 => Self::Q4K,
+            13 => Self::Q5K,
+            14 => Self::Q6K,
+            15 => Self::Q8K,
+            30 => Self::BF16,
+            _ => return None,
+        })
+    }
+    pub fn id(self) -> u32 {
+        match self {
+            Self::F32 => 0,
+            Self::F16 => 1,
+            Self::Q4_0 => 2,
+            Self::Q4_1 => 3,
+            Self::Q5_0 => 6,
+            Self::Q5_1 => 7,
+            Self::Q8_0 => 8,
+            Self::Q2K => 10,
+            Self::Q3K => 11,
+            Self::Q4K => 12,
+            Self::Q5K => 13,
+            Self::Q6K => 14,
+            Self::Q8K => 15,
+            Self::BF16 => 30,
+        }
+    }
+    /// (elements per block, bytes per block), as in ggml.
+    pub fn block(self) -> (u64, u64) {
+        match self {
+            Self::F32 => (1, 4),
+            Self::F16 | Self::BF16 => (1, 2),
+            Self::Q4_0 => (32, 18),
+            Self::Q4_1 => (32, 20),
+            Self::Q5_0 => (32, 22),
+            Self::Q5_1 => (32, 24),
+            Self::Q8_0 => (32, 34),
+            Self::Q2K => (256, 84),
+            Self::Q3K => (256, 110),
+            Self::Q4K => (256, 144),
+            Self::Q5K => (256, 176),
+            Self::Q6K => (256, 210),
+            Self::Q8K => (256, 292),
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "F32",
+            Self::F16 => "F16",
+            Self::BF16 => "BF16",
+            Self::Q4_0 => "Q4_0",
+            Self::Q4_1 => "Q4_1",
+            Self::Q5_0 => "Q5_0",
+            Self::Q5_1 => "Q5_1",
+            Self::Q8_0 => "Q8_0",
+            Self::Q2K => "Q2_K",
+            Self::Q3K => "Q3_K",
+            Self::Q4K => "Q4_K",
+            Self::Q5K => "Q5_K",
+            Self::Q6K => "Q6_K",
+            Self::Q8K => "Q8_K",
+        }
+    }
+    pub fn to_candle(self) -> candle_core::quantized::GgmlDType {
+        use candle_core::quantized::GgmlDType as G;
+        match self {
+            Self::F32 => G::F32,
+            Self::F16 => G::F16,
+            Self::BF16 => G::BF16,
+            Self::Q4_0 => G::Q4_0,
+            Self::Q4_1 => G::Q4_1,
+            Self::Q5_0 => G::Q5_0,
+            Self::Q5_1 => G::Q5_1,
+            Self::Q8_0 => G::Q8_0,
+            Self::Q2K => G::Q2K,
+            Self::Q3K => G::Q3K,
+            Self::Q4K => G::Q4K,
+            Self::Q5K => G::Q5K,
+            Self::Q6K => G::Q6K,
+            Self::Q8K => G::Q8K,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TensorInfo {
+    pub name: String,
+    /// ggml order: `dims[0]` is the fastest-varying (row length).
+    pub dims: Vec<u64>,
+    pub ty: TensorType,
+    /// Absolute byte offset of the data in the file.
+    pub offset: u64,
+    pub n_bytes: u64,
+}
+
+impl TensorInfo {
+    /// Row-major shape (outermost first), as candle and PyTorch write it.
+    pub fn shape(&self) -> Vec<usize> {
+        self.dims.iter().rev().map(|&d| d as usize).collect()
+    }
+    pub fn n_elements(&self) -> u64 {
+        self.dims.iter().product()
+    }
+}
+
+/// A parsed GGUF file: metadata, tensor directory and the mapped bytes.
+pub struct Gguf {
+    pub path: PathBuf,
+    pub version: u32,
+    /// Metadata in file order.
+    pub metadata: Vec<(String, Value)>,
+    index: HashMap<String, usize>,
+    pub tensors: Vec<TensorInfo>,
+    tensor_index: HashMap<String, usize>,
+    data: memmap2::Mmap,
+}
+
+impl std::fmt::Debug for Gguf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gguf")
+            .field("path", &self.path)
+            .field("version", &self.version)
+            .field("n_metadata", &self.metadata.len())
+            .field("n_tensors", &self.tensors.len())
+            .finish()
+    }
+}
+
+struct Cursor<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    path: &'a Path,
+}
+
+impl<'a> Cursor<'a> {
+    fn remaining(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
+        if n > self.remaining() {
+            bail_format!(
+                self.path,
+                "truncated GGUF: {what} needs {n} bytes at offset {} but the file has {} left",
+                self.pos,
+                self.remaining()
+            );
+        }
+        let s = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+    fn u8(&mut self, what: &str) -> Result<u8> {
+        Ok(self.take(1, what)?[0])
+    }
+    fn u16(&mut self, what: &str) -> Result<u16> {
+        Ok(u16::from_le_bytes(self.take(2, what)?.try_into().expect("2 bytes")))
+    }
+    fn u32(&mut self, what: &str) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.take(4, what)?.try_into().expect("4 bytes")))
+    }
+    fn u64(&mut self, what: &str) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.take(8, what)?.try_into().expect("8 bytes")))
+    }
+    /// A count that will size an allocation: it must fit in what is left of the file, given that
+    /// each item takes at least `min_item_bytes`.
+    fn count(&mut self, what: &str, min_item_bytes: usize) -> Result<usize> {
+        let n = self.u64(what)?;
+        let fits = (self.remaining() / min_item_bytes.max(1)) as u64;
+        if n > fits {
+            bail_format!(
+                self.path,
+                "corrupt GGUF header: {what} is {n} but only {} bytes remain (at most {fits} items fit)",
+                self.remaining()
+            );
+        }
+        Ok(n as usize)
+    }
+    fn string(&mut self, what: &str) -> Result<String> {
+        let n = self.count(what, 1)?;
+        let bytes = self.take(n, what)?;
+        String::from_utf8(bytes.to_vec())
+            .map_err(|_| Error::format(self.path, format!("{what} is not valid UTF-8")))
+    }
+    fn value(&mut self, ty: u32, key: &str, depth: usize) -> Result<Value> {
+        Ok(match ty {
+            0 => Value::U8(self.u8(key)?),
+            1 => Value::I8(self.u8(key)? as i8),
+            2 => Value::U16(self.u16(key)?),
+            3 => Value::I16(self.u16(key)? as i16),
+            4 => Value::U32(self.u32(key)?),
+            5 => Value::I32(self.u32(key)? as i32),
+            6 => Value::F32(f32::from_bits(self.u32(key)?)),
+            7 => match self.u8(key)? {
+                0 => Value::Bool(false),
+                1 => Value::Bool(true),
+                b => bail_format!(self.path, "metadata `{key}`: invalid bool byte {b}"),
+            },
+            8 => Value::Str(self.string(key)?),
+            9 => {
+                if depth >= MAX_ARRAY_DEPTH {
+                    bail_format!(self.path, "metadata `{key}`: arrays nested deeper than {MAX_ARRAY_DEPTH}");
+                }
+                let elem_ty = self.u32(key)?;
+                let min = match elem_ty {
+                    0 | 1 | 7 => 1,
+                    2 | 3 => 2,
+                    4 | 5 | 6 => 4,
+                    8 | 10 | 11 | 12 => 8,
+                    9 => 12,
+                    t => bail_format!(self.path, "metadata `{key}`: unknown array element type {t}"),
+                };
+                let n = self.count(key, min)?;
+                let mut items = Vec::with_capacity(n);
+                for _ in 0..n {
+                    items.push(self.value(elem_ty, key, depth + 1)?);
+                }
+                Value::Array(items)
+            }
+            10 => Value::U64(self.u64(key)?),
+            11 => Value::I64(self.u64(key)? as i64),
+            12 => Value::F64(f64::from_bits(self.u64(key)?)),
+            t => bail_format!(self.path, "metadata `{key}`: unknown value type {t}"),
+        })
+    }
+}
+
+impl Gguf {
+    /// Opens and validates a GGUF file. The tensor data stays on disk (memory mapped).
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: the map is read-only; a file truncated by another process while we run can
+        // still fault, as with every memory-mapped reader (llama.cpp included).
+        let data = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        Self::parse(path, data)
+    }
+
+    fn parse(path: &Path, data: memmap2::Mmap) -> Result<Self> {
+        let mut c = Cursor { buf: &data, pos: 0, path };
+        let magic = c.take(4, "magic").map_err(|_| {
+            Error::format(path, format!("not a GGUF file: only {} bytes", data.len()))
+        })?;
+        if magic != MAGIC {
+            bail_format!(path, "not a GGUF file: magic is {:?}, expected \"GGUF\"", String::from_utf8_lossy(magic));
+        }
+        let version = c.u32("version")?;
+        if !(2..=3).contains(&version) {
+            bail_format!(path, "unsupported GGUF version {version} (2 and 3 are supported)");
+        }
+        // A tensor entry takes at least 8 (name len) + 4 (n_dims) + 4 (type) + 8 (offset) bytes;
+        // a metadata entry at least 8 (key len) + 4 (type) + 1 (value).
+        let n_tensors = c.count("tensor count", 24)?;
+        let n_kv = c.count("metadata count", 13)?;
+
+        let mut metadata = Vec::with_capacity(n_kv);
+        let mut index = HashMap::with_capacity(n_kv);
+        for _ in 0..n_kv {
+            let key = c.string("metadata key")?;
+            let ty = c.u32("metadata type")?;
+            let value = c.value(ty, &key, 0)?;
+            if index.insert(key.clone(), metadata.len()).is_some() {
+                bail_format!(path, "duplicate metadata key `{key}`");
+            }
+            metadata.push((key, value));
+        }
+
+        let alignment = match index.get("general.alignment") {
+            Some(&i) => match metadata[i].1.as_u64() {
+                Some(a) if a > 0 && a.is_power_of_two() && a <= 1 << 20 => a,
+                _ => bail_format!(path, "general.alignment must be a power of two up to 1 MiB"),
+            },
+            None => DEFAULT_ALIGNMENT,
+        };
+
+        struct Raw {
+            name: String,
+            dims: Vec<u64>,
+            ty: u32,
+            rel: u64,
+        }
+        let mut raws = Vec::with_capacity(n_tensors);
+        for _ in 0..n_tensors {
+            let name = c.string("tensor name")?;
+            let n_dims = c.u32("tensor dims")? as usize;
+            if n_dims == 0 || n_dims > MAX_DIMS {
+                bail_format!(path, "tensor `{name}` has {n_dims} dimensions (1 to {MAX_DIMS} allowed)");
+            }
+            let mut dims = Vec::with_capacity(n_dims);
+            for _ in 0..n_dims {
+                dims.push(c.u64("tensor dim")?);
+            }
+            let ty = c.u32("tensor type")?;
+            let rel = c.u64("tensor offset")?;
+            raws.push(Raw { name, dims, ty, rel });
+        }
+        let data_start = (c.pos as u64).div_ceil(alignment) * alignment;
+        let file_len = data.len() as u64;
+
+        let mut tensors = Vec::with_capacity(n_tensors);
+        let mut tensor_index = HashMap::with_capacity(n_tensors);
+        for r in raws {
+            let name = r.name;
+            let ty = TensorType::from_id(r.ty).ok_or_else(|| {
+                Error::format(path, format!("tensor `{name}` has unsupported type id {}", r.ty))
+            })?;
+            let n_el = r
+                .dims
+                .iter()
+                .try_fold(1u64, |a, &d| a.checked_mul(d))
+                .filter(|&n| n > 0)
+                .ok_or_else(|| Error::format(path, format!("tensor `{name}` has invalid dims {:?}", r.dims)))?;
+            let (bs, bb) = ty.block();
+            if r.dims[0] % bs != 0 {
+                bail_format!(path, "tensor `{name}`: row length {} is not a multiple of the {} block size {bs}", r.dims[0], ty.name());
+            }
+            let n_bytes = (n_el / bs)
+                .checked_mul(bb)
+                .ok_or_else(|| Error::format(path, format!("tensor `{name}` is too large")))?;
+            if r.rel % alignment != 0 {
+                bail_format!(path, "tensor `{name}`: offset {} is not aligned to {alignment}", r.rel);
+            }
+            let offset = data_start
+                .checked_add(r.rel)
+                .filter(|o| o.checked_add(n_bytes).is_some_and(|end| end <= file_len))
+                .ok_or_else(|| {
+                    Error::format(
+                        path,
+                        format!(
+                            "tensor `{name}` ({n_bytes} bytes at data offset {}) extends beyond the end of the file ({file_len} bytes)",
+                            r.rel
+                        ),
+                    )
+                })?;
+            if tensor_index.insert(name.clone(), tensors.len()).is_some() {
+                bail_format!(path, "duplicate tensor name `{name}`");
+            }
+            tensors.push(TensorInfo { name, dims: r.dims, ty, offset, n_bytes });
+        }
+        Ok(Gguf { path: path.to_path_buf(), version, metadata, index, tensors, tensor_index, data })
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.index.get(key).map(|&i| &self.metadata[i].1)
+    }
+
+    pub fn get_str(&self, key: &str) -> Option<&str> {
+        self.get(key).and_then(Value::as_str)
+    }
+
+    pub fn tensor_info(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensor_index.get(name).map(|&i| &self.tensors[i])
+    }
+
+    /// The raw (possibly quantized) bytes of a tensor; bounds were checked at open.
+    pub fn tensor_bytes(&self, info: &TensorInfo) -> &[u8] {
+        &self.data[info.offset as usize..(info.offset + info.n_bytes) as usize]
+    }
+
+    /// The whole mapped file, for hashing without a second read.
+    pub fn bytes(&self) -> &[u8] {
+        &self.data
+    }
+
+    /// Loads a tensor as a candle `QTensor` (quantized types stay quantized).
+    pub fn qtensor(&self, name: &str) -> Result<candle_core::quantized::QTensor> {
+        let info = self
+            .tensor_info(name)
+            .ok_or_else(|| Error::format(&self.path, format!("missing tensor `{name}`")))?;
+        let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
+            info.ty.to_candle(),
+            self.tensor_bytes(info),
+            info.shape(),
+            &candle_core::Device::Cpu,
+        )
+        .map_err(|e| Error::format(&self.path, format!("tensor `{name}`: {e}")))?;
+        Ok(q)
+    }
+}
+
+/// Writes a GGUF v3 file. Used to bake distributions and by tests that build tiny models.
+#[derive(Default)]
+pub struct Writer {
+    metadata: Vec<(String, Value)>,
+    tensors: Vec<(String, Vec<u64>, TensorType, Vec<u8>)>,
+}
+
+impl Writer {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn meta(&mut self, key: &str, value: Value) -> &mut Self {
+        self.metadata.push((key.to_string(), value));
+        self
+    }
+    /// `shape` is row-major (outermost first); `bytes` are the raw ggml-encoded data.
+    pub fn tensor(&mut self, name: &str, shape: &[usize], ty: TensorType, bytes: Vec<u8>) -> &mut Self {
+        let dims = shape.iter().rev().map(|&d| d as u64).collect();
+        self.tensors.push((name.to_string(), dims, ty, bytes));
+        self
+    }
+    pub fn tensor_f32(&mut self, name: &str, shape: &[usize], values: &[f32]) -> &mut Self {
+        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.tensor(name, shape, TensorType::F32, bytes)
+    }
+
+    pub fn write_to(&self, mut w: impl Write) -> std::io::Result<()> {
+        fn put_str(w: &mut impl Write, s: &str) -> std::io::Result<()> {
+            w.write_all(&(s.len() as u64).to_le_bytes())?;
+            w.write_all(s.as_bytes())
+        }
+        fn put_value(w: &mut impl Write, v: &Value) -> std::io::Result<()> {
+            match v {
+                Value::U8(x) => w.write_all(&[*x]),
+                Value::I8(x) => w.write_all(&x.to_le_bytes()),
+                Value::U16(x) => w.write_all(&x.to_le_bytes()),
+                Value::I16(x) => w.write_all(&x.to_le_bytes()),
+                Value::U32(x) => w.write_all(&x.to_le_bytes()),
+                Value::I32(x) => w.write_all(&x.to_le_bytes()),
+                Value::U64(x) => w.write_all(&x.to_le_bytes()),
+                Value::I64(x) => w.write_all(&x.to_le_bytes()),
+                Value::F32(x) => w.write_all(&x.to_le_bytes()),
+                Value::F64(x) => w.write_all(&x.to_le_bytes()),
+                Value::Bool(x) => w.write_all(&[*x as u8]),
+                Value::Str(s) => put_str(w, s),
+                Value::Array(items) => {
+                    let elem = items.first().map_or(4, Value::type_id);
+                    w.write_all(&elem.to_le_bytes())?;
+                    w.write_all(&(items.len() as u64).to_le_bytes())?;
+                    items.iter().try_for_each(|i| put_value(w, i))
+                }
+            }
+        }
+        let mut header = Vec::new();
+        header.extend_from_slice(MAGIC);
+        header.extend_from_slice(&3u32.to_le_bytes());
+        header.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
+        header.extend_from_slice(&(self.metadata.len() as u64).to_le_bytes());
+        for (k, v) in &self.metadata {
+            put_str(&mut header, k)?;
+            header.extend_from_slice(&v.type_id().to_le_bytes());
+            put_value(&mut header, v)?;
+        }
+        let mut offset = 0u64;
+        for (name, dims, ty, bytes) in &self.tensors {
+            put_str(&mut header, name)?;
+            header.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+            for d in dims {
+                header.extend_from_slice(&d.to_le_bytes());
+            }
+            header.extend_from_slice(&ty.id().to_le_bytes());
+            header.extend_from_slice(&offset.to_le_bytes());
+            offset = (offset + bytes.len() as u64).div_ceil(DEFAULT_ALIGNMENT) * DEFAULT_ALIGNMENT;
+        }
+        let pad = |n: usize| (n as u64).div_ceil(DEFAULT_ALIGNMENT) as usize * DEFAULT_ALIGNMENT as usize - n;
+        header.resize(header.len() + pad(header.len()), 0);
+        w.write_all(&header)?;
+        for (_, _, _, bytes) in &self.tensors {
+            w.write_all(bytes)?;
+            w.write_all(&vec![0u8; pad(bytes.len())])?;
+        }
+        w.flush()
+    }
+
+    /// Writes atomically: to a temporary file beside `path`, then renamed over it.
+    pub fn write(&self, path: &Path) -> Result<()> {
+        crate::fsutil::write_atomic(path, |f| self.write_to(std::io::BufWriter::new(f)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("sos-gguf-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join(name)
+    }
+
+    fn header(n_tensors: u64, n_kv: u64) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(b"GGUF");
+        b.extend_from_slice(&3u32.to_le_bytes());
+        b.extend_from_slice(&n_tensors.to_le_bytes());
+        b.extend_from_slice(&n_kv.to_le_bytes());
+        b
+    }
+
+    fn err_of(bytes: &[u8], name: &str) -> String {
+        let p = tmp(name);
+        std::fs::write(&p, bytes).unwrap();
+        let e = Gguf::open(&p).unwrap_err().to_string();
+        assert!(e.contains(name), "error must name the file: {e}");
+        e
+    }
+
+    #[test]
+    fn round_trip() {
+        let mut w = Writer::new();
+        w.meta("general.architecture", Value::Str("llama".into()))
+            .meta("a.list", Value::Array(vec![Value::Str("x".into()), Value::Str("yz".into())]))
+            .meta("a.f", Value::F32(1.5))
+            .tensor_f32("t0", &[2, 3], &[1., 2., 3., 4., 5., 6.])
+            .tensor_f32("t1", &[5], &[7.; 5]);
+        let p = tmp("rt.gguf");
+        w.write(&p).unwrap();
+        let g = Gguf::open(&p).unwrap();
+        assert_eq!(g.get_str("general.architecture"), Some("llama"));
+        assert_eq!(g.get("a.f").and_then(Value::as_f64), Some(1.5));
+        assert_eq!(g.get("a.list").and_then(Value::as_array).map(|a| a.len()), Some(2));
+        let t = g.tensor_info("t0").unwrap();
+        assert_eq!(t.shape(), vec![2, 3]);
+        let q = g.qtensor("t0").unwrap().dequantize(&candle_core::Device::Cpu).unwrap();
+        assert_eq!(q.to_vec2::<f32>().unwrap(), vec![vec![1., 2., 3.], vec![4., 5., 6.]]);
+        let q1 = g.qtensor("t1").unwrap().dequantize(&candle_core::Device::Cpu).unwrap();
+        assert_eq!(q1.to_vec1::<f32>().unwrap(), vec![7.; 5]);
+    }
+
+    #[test]
+    fn hostile_headers_are_errors() {
+        assert!(err_of(b"GG", "short.gguf").contains("not a GGUF file"));
+        assert!(err_of(b"GGML\x03\0\0\0", "magic.gguf").contains("magic"));
+        assert!(err_of(&header(1 << 40, 0), "many.gguf").contains("tensor count"));
+        assert!(err_of(&header(0, u64::MAX), "kv.gguf").contains("metadata count"));
+        // A string claiming 1 TB.
+        let mut b = header(0, 1);
+        b.extend_from_slice(&(1u64 << 40).to_le_bytes());
+        b.extend_from_slice(&[0; 32]);
+        assert!(err_of(&b, "str.gguf").contains("metadata key"));
+        // An array claiming 2^50 u64s.
+        let mut b = header(0, 1);
+        b.extend_from_slice(&1u64.to_le_bytes());
+        b.push(b'k');
+        b.extend_from_slice(&9u32.to_le_bytes());
+        b.extend_from_slice(&10u32.to_le_bytes());
+        b.extend_from_slice(&(1u64 << 50).to_le_bytes());
+        assert!(err_of(&b, "arr.gguf").contains("`k`"));
+    }
+
+    #[test]
+    fn tensor_beyond_end_is_an_error() {
+        let mut w = Writer::new();
+        w.tensor_f32("t", &[4], &[1.; 4]);
+        let mut bytes = Vec::new();
+        w.write_to(&mut bytes).unwrap();
+        // Cut the data section: the tensor now runs past the end.
+        bytes.truncate(bytes.len() - 20);
+        let e = err_of(&bytes, "cut.gguf");
+        assert!(e.contains("beyond the end"), "{e}");
+        // Truncated in the middle of the header.
+        let e = err_of(&bytes[..30], "cuthdr.gguf");
+        assert!(e.contains("truncated"), "{e}");
+    }
+
+    #[test]
+    fn absurd_dims_are_errors() {
+        let mut b = header(1, 0);
+        b.extend_from_slice(&1u64.to_le_bytes());
+        b.push(b't');
+        b.extend_from_slice(&2u32.to_le_bytes());
+        b.extend_from_slice(&u64::MAX.to_le_bytes());
+        b.extend_from_slice(&u64::MAX.to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b.extend_from_slice(&0u64.to_le_bytes());
+        assert!(err_of(&b, "dims.gguf").contains("invalid dims"));
+    }
+}

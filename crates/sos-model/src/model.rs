@@ -1,0 +1,370 @@
+//! The decoder-only transformer shared by Llama-family and Qwen2 models: pre-norm RMSNorm,
+//! rotary attention with grouped KV heads, SwiGLU MLP. One forward for inference (with a KV
+//! cache); the saving forward and the reverse pass for training live in `reverse.rs`.
+//!
+//! Rotary embeddings use the half-split layout everywhere: GGUF Llama files, whose Q/K rows were
+//! permuted to the interleaved layout by llama.cpp's converter, are permuted back at load time.
+
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Device, Module, Tensor, D};
+
+use crate::config::Config;
+use crate::{Error, Result};
+
+/// How the weights are held while running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exec {
+    /// Every weight dequantized to f32: exact and differentiable.
+    F32,
+    /// Weights stay quantized (GGUF types, or Q8_0 for float checkpoints): fast inference only.
+    Quant,
+}
+
+impl std::str::FromStr for Exec {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f32" => Ok(Exec::F32),
+            "quant" => Ok(Exec::Quant),
+            _ => Err(format!("unknown exec mode `{s}` (expected f32 or quant)")),
+        }
+    }
+}
+
+impl Exec {
+    pub fn name(self) -> &'static str {
+        match self {
+            Exec::F32 => "f32",
+            Exec::Quant => "quant",
+        }
+    }
+}
+
+/// A frozen linear map `y = x W^T`, W stored `[out, in]`.
+#[derive(Debug, Clone)]
+pub enum Linear {
+    Dense(Tensor),
+    Quant(QMatMul),
+}
+
+impl Linear {
+    /// `x`: `[n, in]` -> `[n, out]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Linear::Dense(w) => x.matmul(&w.t()?)?,
+            Linear::Quant(q) => q.forward(x)?,
+        })
+    }
+    /// The input gradient `dx = dy W` (`[n, out]` -> `[n, in]`); the weight gets none.
+    pub fn backward_input(&self, dy: &Tensor) -> Result<Tensor> {
+        match self {
+            Linear::Dense(w) => Ok(dy.matmul(w)?),
+            Linear::Quant(_) => Err(Error::Invalid(
+                "gradients need `--exec f32` (quantized weights are inference only)".into(),
+            )),
+        }
+    }
+    fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        Ok(match self {
+            Linear::Dense(w) => Linear::Dense(w.to_dtype(dtype)?),
+            Linear::Quant(q) => Linear::Quant(q.clone()),
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Layer {
+    pub attn_norm: Tensor,
+    pub wq: Linear,
+    pub wk: Linear,
+    pub wv: Linear,
+    pub wo: Linear,
+    pub bq: Option<Tensor>,
+    pub bk: Option<Tensor>,
+    pub bv: Option<Tensor>,
+    pub ffn_norm: Tensor,
+    pub w_gate: Linear,
+    pub w_up: Linear,
+    pub w_down: Linear,
+}
+
+/// Keys and values of every layer for the positions seen so far.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new(n_layer: usize) -> Self {
+        KvCache { layers: vec![None; n_layer], len: 0 }
+    }
+    /// Number of positions cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Model {
+    pub cfg: Config,
+    pub exec: Exec,
+    pub device: Device,
+    /// `[vocab, d]` in the compute dtype: the attack splices its vectors between these rows.
+    pub embed: Tensor,
+    pub layers: Vec<Layer>,
+    pub norm: Tensor,
+    pub lm_head: Linear,
+    /// `[max_seq, head_dim / 2]` rotary tables.
+    pub cos: Tensor,
+    pub sin: Tensor,
+}
+
+pub(crate) fn bias_add(x: Tensor, b: &Option<Tensor>) -> Result<Tensor> {
+    Ok(match b {
+        Some(b) => x.broadcast_add(b)?,
+        None => x,
+    })
+}
+
+impl Model {
+    pub fn dtype(&self) -> DType {
+        self.embed.dtype()
+    }
+
+    pub fn rope_tables(cfg: &Config, n_pos: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+        let inv = cfg.rope_inv_freq();
+        let half = inv.len();
+        let mut cos = Vec::with_capacity(n_pos * half);
+        let mut sin = Vec::with_capacity(n_pos * half);
+        for p in 0..n_pos {
+            for &f in &inv {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        Ok((
+            Tensor::from_vec(cos, (n_pos, half), device)?,
+            Tensor::from_vec(sin, (n_pos, half), device)?,
+        ))
+    }
+
+    /// The same model computing in another float type (tests use f64 for finite differences).
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        let c = |t: &Tensor| t.to_dtype(dtype);
+        let o = |t: &Option<Tensor>| t.as_ref().map(c).transpose();
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(Layer {
+                    attn_norm: c(&l.attn_norm)?,
+                    wq: l.wq.to_dtype(dtype)?,
+                    wk: l.wk.to_dtype(dtype)?,
+                    wv: l.wv.to_dtype(dtype)?,
+                    wo: l.wo.to_dtype(dtype)?,
+                    bq: o(&l.bq)?,
+                    bk: o(&l.bk)?,
+                    bv: o(&l.bv)?,
+                    ffn_norm: c(&l.ffn_norm)?,
+                    w_gate: l.w_gate.to_dtype(dtype)?,
+                    w_up: l.w_up.to_dtype(dtype)?,
+                    w_down: l.w_down.to_dtype(dtype)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Model {
+            cfg: self.cfg.clone(),
+            exec: self.exec,
+            device: self.device.clone(),
+            embed: c(&self.embed)?,
+            layers,
+            norm: c(&self.norm)?,
+            lm_head: self.lm_head.to_dtype(dtype)?,
+            cos: c(&self.cos)?,
+            sin: c(&self.sin)?,
+        })
+    }
+
+    /// Embedding rows for token ids: `[n, d]`.
+    pub fn embed_ids(&self, ids: &[u32]) -> Result<Tensor> {
+        let vocab = self.embed.dim(0)?;
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+            return Err(Error::Invalid(format!("token id {bad} is outside the vocabulary ({vocab} rows)")));
+        }
+        let idx = Tensor::new(ids, &self.device)?;
+        Ok(self.embed.index_select(&idx, 0)?)
+    }
+
+    pub(crate) fn check_len(&self, end: usize) -> Result<()> {
+        let max = self.cos.dim(0)?;
+        if end > max {
+            return Err(Error::Invalid(format!(
+                "sequence of {end} positions exceeds the model's context ({max})"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Runs the transformer on input embeddings `x: [b, t, d]` placed at positions
+    /// `pos0..pos0 + t`, extending `cache` when given. Returns the last layer's hidden states
+    /// `[b, t, d]` *before* the final norm; `logits` turns chosen rows into logits.
+    pub fn forward(&self, x: &Tensor, pos0: usize, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        if let Some(c) = cache.as_deref() {
+            if c.len != pos0 {
+                return Err(Error::Invalid(format!("KV cache holds {} positions, asked to continue at {pos0}", c.len)));
+            }
+        }
+        self.check_len(pos0 + t)?;
+        let cos = self.cos.narrow(0, pos0, t)?;
+        let sin = self.sin.narrow(0, pos0, t)?;
+        let mut h = x.clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let kv = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            h = self.layer_forward(layer, &h, b, t, pos0, &cos, &sin, kv)?;
+        }
+        if let Some(c) = cache {
+            c.len = pos0 + t;
+        }
+        Ok(h)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn layer_forward(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        b: usize,
+        t: usize,
+        pos0: usize,
+        cos: &Tensor,
+        sin: &Tensor,
+        kv: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let d = cfg.d_model;
+        let eps = cfg.rms_eps as f32;
+        let a = candle_nn::ops::rms_norm(x, &l.attn_norm, eps)?.reshape((b * t, d))?;
+        let (q, k, v) = self.qkv(l, &a, b, t, cos, sin)?;
+        let (k, v) = match kv {
+            Some(slot) => {
+                let (k, v) = match slot.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                    None => (k, v),
+                };
+                *slot = Some((k.clone(), v.clone()));
+                (k, v)
+            }
+            None => (k, v),
+        };
+        let p = self.attention_probs(&q, &k, b, t, pos0)?;
+        let o = self.attention_out(&p, &v, b, t)?;
+        let x1 = (x + l.wo.forward(&o)?.reshape((b, t, d))?)?;
+        let m = candle_nn::ops::rms_norm(&x1, &l.ffn_norm, eps)?.reshape((b * t, d))?;
+        let f = (l.w_gate.forward(&m)?.silu()? * l.w_up.forward(&m)?)?;
+        Ok((x1 + l.w_down.forward(&f)?.reshape((b, t, d))?)?)
+    }
+
+    /// Projects normed input `a: [b*t, d]` to roped `q: [b, h, t, hd]` and `k, v: [b, kvh, t, hd]`.
+    pub(crate) fn qkv(
+        &self,
+        l: &Layer,
+        a: &Tensor,
+        b: usize,
+        t: usize,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let c = &self.cfg;
+        let heads = |x: Tensor, n: usize| -> Result<Tensor> {
+            Ok(x.reshape((b, t, n, c.head_dim))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = heads(bias_add(l.wq.forward(a)?, &l.bq)?, c.n_head)?;
+        let k = heads(bias_add(l.wk.forward(a)?, &l.bk)?, c.n_kv_head)?;
+        let v = heads(bias_add(l.wv.forward(a)?, &l.bv)?, c.n_kv_head)?;
+        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+        Ok((q, k, v))
+    }
+
+    /// Causal attention probabilities. Query heads are grouped under their KV head, so `q` is
+    /// viewed as `[b, kvh, g*t, hd]` and no key or value is ever repeated. Returns `[b, kvh, g*t, s]`.
+    pub(crate) fn attention_probs(&self, q: &Tensor, k: &Tensor, b: usize, t: usize, pos0: usize) -> Result<Tensor> {
+        let c = &self.cfg;
+        let g = c.n_head / c.n_kv_head;
+        let s = k.dim(2)?;
+        let scale = 1.0 / (c.head_dim as f64).sqrt();
+        let qg = q.reshape((b, c.n_kv_head, g * t, c.head_dim))?;
+        let scores = (qg.matmul(&k.t()?)? * scale)?;
+        let scores = if t > 1 {
+            let mask: Vec<f32> = (0..t)
+                .flat_map(|i| (0..s).map(move |j| if j > pos0 + i { f32::NEG_INFINITY } else { 0.0 }))
+                .collect();
+            let mask = Tensor::from_vec(mask, (t, s), &self.device)?.to_dtype(scores.dtype())?;
+            scores.reshape((b, c.n_kv_head, g, t, s))?.broadcast_add(&mask)?.reshape((b, c.n_kv_head, g * t, s))?
+        } else {
+            scores
+        };
+        Ok(candle_nn::ops::softmax_last_dim(&scores)?)
+    }
+
+    /// `p: [b, kvh, g*t, s]`, `v: [b, kvh, s, hd]` -> `[b*t, h*hd]` (token-major, ready for `wo`).
+    pub(crate) fn attention_out(&self, p: &Tensor, v: &Tensor, b: usize, t: usize) -> Result<Tensor> {
+        let c = &self.cfg;
+        let o = p.matmul(v)?; // [b, kvh, g*t, hd]
+        Ok(o.reshape((b, c.n_head, t, c.head_dim))?.transpose(1, 2)?.reshape((b * t, c.n_head * c.head_dim))?)
+    }
+
+    /// Final norm and output layer for hidden rows `h: [n, d]` -> logits `[n, vocab]`.
+    pub fn logits(&self, h: &Tensor) -> Result<Tensor> {
+        let hn = candle_nn::ops::rms_norm(h, &self.norm, self.cfg.rms_eps as f32)?;
+        self.lm_head.forward(&hn)
+    }
+
+    /// Logits at the last position of each sequence of `x: [b, t, d]`: `[b, vocab]`.
+    pub fn forward_last(&self, x: &Tensor, pos0: usize, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let h = self.forward(x, pos0, cache)?;
+        let t = h.dim(1)?;
+        self.logits(&h.narrow(1, t - 1, 1)?.squeeze(1)?)
+    }
+
+    /// Rows of `[b, t, d]` at flat indices `b_i * t + t_i`.
+    pub fn gather_rows(h: &Tensor, rows: &[u32]) -> Result<Tensor> {
+        let (b, t, d) = h.dims3()?;
+        let idx = Tensor::new(rows, h.device())?;
+        Ok(h.reshape((b * t, d))?.index_select(&idx, 0)?)
+    }
+
+    /// Logits of a batch of token sequences at the given (sequence, position) pairs; sequences of
+    /// unequal length are right-padded, which causal attention makes harmless.
+    pub fn logits_at(&self, seqs: &[Vec<u32>], at: &[(usize, usize)]) -> Result<Tensor> {
+        let x = self.embed_batch(seqs)?;
+        let t = x.dim(1)?;
+        let h = self.forward(&x, 0, None)?;
+        let rows: Vec<u32> = at.iter().map(|&(i, p)| (i * t + p) as u32).collect();
+        self.logits(&Self::gather_rows(&h, &rows)?)
+    }
+
+    /// Embeds token sequences as a right-padded batch `[b, t_max, d]` (padding repeats id 0).
+    pub fn embed_batch(&self, seqs: &[Vec<u32>]) -> Result<Tensor> {
+        let t = seqs.iter().map(Vec::len).max().unwrap_or(0);
+        if t == 0 {
+            return Err(Error::Invalid("empty input".into()));
+        }
+        let flat: Vec<u32> = seqs.iter().flat_map(|s| s.iter().copied().chain(std::iter::repeat(0).take(t - s.len()))).collect();
+        Ok(self.embed_ids(&flat)?.reshape((seqs.len(), t, self.cfg.d_model))?)
+    }
+
+    /// Log-softmax along the last dimension, computed stably.
+    pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
+        let max = logits.max_keepdim(D::Minus1)?;
+        let shifted = logits.broadcast_sub(&max)?;
+        let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+        Ok(shifted.broadcast_sub(&lse)?)
+    }
+}

@@ -1,0 +1,173 @@
+//! The reverse pass: gradients of a loss with respect to the *input embeddings*, through every
+//! layer of the frozen model, computing no weight gradient at all.
+//!
+//! Written by hand in the spirit of llm.c: `forward_train` runs the same arithmetic as
+//! `Model::forward` and keeps what the backward needs (the `Tape`); `backward` walks the layers in
+//! reverse, one op's backward after another. Frozen weights are only ever multiplied, never
+//! differentiated, so the pass costs about one forward's matmuls plus the attention transposes.
+
+use candle_core::{Tensor, D};
+
+use crate::model::{Layer, Model};
+use crate::{Error, Result};
+
+/// Activations one layer's backward needs.
+struct LayerTape {
+    x: Tensor,     // layer input [b, t, d]
+    r1: Tensor,    // 1/rms of x [b, t, 1]
+    q: Tensor,     // roped queries [b, h, t, hd]
+    k: Tensor,     // roped keys [b, kvh, t, hd]
+    v: Tensor,     // values [b, kvh, t, hd]
+    p: Tensor,     // attention probabilities [b, kvh, g*t, t]
+    x1: Tensor,    // after the attention residual [b, t, d]
+    r2: Tensor,    // 1/rms of x1
+    gate: Tensor,  // gate pre-activation [b*t, ff]
+    up: Tensor,    // up projection [b*t, ff]
+}
+
+/// Everything `backward` needs, produced by `forward_train`.
+pub struct Tape {
+    layers: Vec<LayerTape>,
+    /// Hidden states after the last layer, before the final norm: `[b, t, d]`.
+    pub hidden: Tensor,
+}
+
+/// `y = x * r * w` with `r = 1/sqrt(mean(x^2) + eps)`; returns `(y, r)`.
+fn rms_forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+    let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    Ok((x.broadcast_mul(&r)?.broadcast_mul(w)?, r))
+}
+
+/// `dx = r * g - x * r^3 * mean(g * x)` with `g = dy * w`.
+fn rms_backward(x: &Tensor, r: &Tensor, w: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    let g = dy.broadcast_mul(w)?;
+    let dot = (&g * x)?.mean_keepdim(D::Minus1)?;
+    let coef = (r.powf(3.0)? * dot)?;
+    Ok((g.broadcast_mul(r)? - x.broadcast_mul(&coef)?)?)
+}
+
+fn sigmoid(x: &Tensor) -> Result<Tensor> {
+    Ok((x.neg()?.exp()? + 1.0)?.recip()?)
+}
+
+impl Model {
+    /// Forward over `x: [b, t, d]` (positions `0..t`) that records the tape for `backward`.
+    pub fn forward_train(&self, x: &Tensor) -> Result<Tape> {
+        if self.layers.iter().any(|l| matches!(l.wq, crate::model::Linear::Quant(_))) {
+            return Err(Error::Invalid("gradients need `--exec f32` (quantized weights are inference only)".into()));
+        }
+        let (b, t, _) = x.dims3()?;
+        self.check_len(t)?;
+        let cos = self.cos.narrow(0, 0, t)?;
+        let sin = self.sin.narrow(0, 0, t)?;
+        let mut layers = Vec::with_capacity(self.layers.len());
+        let mut h = x.clone();
+        for l in &self.layers {
+            let (tape, out) = self.layer_train(l, &h, b, t, &cos, &sin)?;
+            layers.push(tape);
+            h = out;
+        }
+        Ok(Tape { layers, hidden: h })
+    }
+
+    fn layer_train(&self, l: &Layer, x: &Tensor, b: usize, t: usize, cos: &Tensor, sin: &Tensor) -> Result<(LayerTape, Tensor)> {
+        let c = &self.cfg;
+        let d = c.d_model;
+        let (a, r1) = rms_forward(x, &l.attn_norm, c.rms_eps)?;
+        let (q, k, v) = self.qkv(l, &a.reshape((b * t, d))?, b, t, cos, sin)?;
+        let p = self.attention_probs(&q, &k, b, t, 0)?;
+        let o = self.attention_out(&p, &v, b, t)?;
+        let x1 = (x + l.wo.forward(&o)?.reshape((b, t, d))?)?;
+        let (m, r2) = rms_forward(&x1, &l.ffn_norm, c.rms_eps)?;
+        let m = m.reshape((b * t, d))?;
+        let gate = l.w_gate.forward(&m)?;
+        let up = l.w_up.forward(&m)?;
+        let f = (gate.silu()? * &up)?;
+        let out = (&x1 + l.w_down.forward(&f)?.reshape((b, t, d))?)?;
+        Ok((LayerTape { x: x.clone(), r1, q, k, v, p, x1, r2, gate, up }, out))
+    }
+
+    /// Gradient of the loss with respect to the input embeddings, given its gradient `dh` with
+    /// respect to `tape.hidden`.
+    pub fn backward(&self, tape: &Tape, dh: &Tensor) -> Result<Tensor> {
+        let (_, t, _) = dh.dims3()?;
+        let cos = self.cos.narrow(0, 0, t)?;
+        let sin = self.sin.narrow(0, 0, t)?.neg()?;
+        let mut g = dh.clone();
+        for (l, lt) in self.layers.iter().zip(&tape.layers).rev() {
+            g = self.layer_backward(l, lt, &g, &cos, &sin)?;
+        }
+        Ok(g)
+    }
+
+    /// `neg_sin` is `-sin`: rotating by the opposite angle is the transpose of the rotation.
+    fn layer_backward(&self, l: &Layer, s: &LayerTape, dout: &Tensor, cos: &Tensor, neg_sin: &Tensor) -> Result<Tensor> {
+        let c = &self.cfg;
+        let (b, t, d) = dout.dims3()?;
+        let n = b * t;
+        let (h, kvh, hd) = (c.n_head, c.n_kv_head, c.head_dim);
+        let g = h / kvh;
+        let scale = 1.0 / (hd as f64).sqrt();
+
+        // MLP: out = x1 + down(silu(gate) * up).
+        let df = l.w_down.backward_input(&dout.reshape((n, d))?)?;
+        let sg = sigmoid(&s.gate)?;
+        let silu = (&s.gate * &sg)?;
+        let dsilu = (&sg * ((&s.gate * (1.0 - &sg)?)? + 1.0)?)?;
+        let dgate = (&df * &s.up)?.mul(&dsilu)?;
+        let dup = (&df * silu)?;
+        let dm = (l.w_gate.backward_input(&dgate)? + l.w_up.backward_input(&dup)?)?;
+        let dx1 = (dout + rms_backward(&s.x1, &s.r2, &l.ffn_norm, &dm.reshape((b, t, d))?)?)?;
+
+        // Attention: x1 = x + wo(P V), per KV group.
+        let dout_heads = l.wo.backward_input(&dx1.reshape((n, d))?)?; // [n, h*hd]
+        let d_o = dout_heads.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?.reshape((b, kvh, g * t, hd))?;
+        let dp = d_o.matmul(&s.v.t()?)?; // [b, kvh, g*t, t]
+        let dv = s.p.t()?.matmul(&d_o)?; // [b, kvh, t, hd]
+        let ds = (&s.p * dp.broadcast_sub(&(&dp * &s.p)?.sum_keepdim(D::Minus1)?)?)?;
+        let qg = s.q.reshape((b, kvh, g * t, hd))?;
+        let dq = (ds.matmul(&s.k)? * scale)?.reshape((b, h, t, hd))?;
+        let dk = (ds.t()?.matmul(&qg)? * scale)?; // sums over the g query heads of each group
+        let dq = candle_nn::rotary_emb::rope(&dq.contiguous()?, cos, neg_sin)?;
+        let dk = candle_nn::rotary_emb::rope(&dk.contiguous()?, cos, neg_sin)?;
+        let tokens = |x: Tensor, heads: usize| -> Result<Tensor> { Ok(x.transpose(1, 2)?.reshape((n, heads * hd))?) };
+        let da = (l.wq.backward_input(&tokens(dq, h)?)?
+            + l.wk.backward_input(&tokens(dk, kvh)?)?
+            + l.wv.backward_input(&tokens(dv, kvh)?)?)?;
+        Ok((dx1 + rms_backward(&s.x, &s.r1, &l.attn_norm, &da.reshape((b, t, d))?)?)?)
+    }
+
+    /// Mean cross-entropy of `targets` predicted from the hidden rows `rows` (flat indices
+    /// `seq * t + pos`) of `hidden: [b, t, d]`, and its gradient with respect to `hidden`.
+    /// The output layer runs on those rows only.
+    pub fn cross_entropy(&self, hidden: &Tensor, rows: &[u32], targets: &[u32]) -> Result<(f64, Tensor)> {
+        if rows.len() != targets.len() || rows.is_empty() {
+            return Err(Error::Invalid(format!("{} loss rows for {} targets", rows.len(), targets.len())));
+        }
+        let (b, t, d) = hidden.dims3()?;
+        let dev = hidden.device();
+        let idx = Tensor::new(rows, dev)?;
+        let hs = hidden.reshape((b * t, d))?.index_select(&idx, 0)?;
+        let (hn, r) = rms_forward(&hs, &self.norm, self.cfg.rms_eps)?;
+        let logits = self.lm_head.forward(&hn)?;
+        let logp = Model::log_softmax(&logits)?;
+        let tgt = Tensor::new(targets, dev)?.unsqueeze(1)?;
+        let picked = logp.gather(&tgt, 1)?; // [n, 1]
+        let n = rows.len() as f64;
+        let loss = -picked.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? / n;
+        // d loss / d logits = (softmax - onehot) / n
+        let onehot = Tensor::zeros_like(&logp)?.scatter_add(&tgt, &Tensor::ones_like(&picked)?, 1)?;
+        let dlogits = ((logp.exp()? - onehot)? / n)?;
+        let dhn = self.lm_head.backward_input(&dlogits)?;
+        let dhs = rms_backward(&hs, &r, &self.norm, &dhn)?;
+        let dh = Tensor::zeros((b * t, d), hidden.dtype(), dev)?.index_add(&idx, &dhs, 0)?;
+        Ok((loss, dh.reshape((b, t, d))?))
+    }
+
+    /// Loss and gradient with respect to the inputs `x: [b, t, d]`, in one call.
+    pub fn loss_and_input_grad(&self, x: &Tensor, rows: &[u32], targets: &[u32]) -> Result<(f64, Tensor)> {
+        let tape = self.forward_train(x)?;
+        let (loss, dh) = self.cross_entropy(&tape.hidden, rows, targets)?;
+        Ok((loss, self.backward(&tape, &dh)?))
+    }
+}

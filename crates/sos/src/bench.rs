@@ -1,0 +1,161 @@
+//! `sos bench generate|step`: throughput numbers, the median of several runs after a warm-up.
+//! Ratios against peers (llama.cpp, PyTorch) come from the scripts under `bench/`, which run
+//! these commands and the peer in the same session.
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+use sos_model::generate::{generate, Sampling};
+use sos_model::Model;
+
+use crate::common::{peak_rss_mib, ModelArgs};
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCmd {
+    /// Prompt processing and decode speed with the KV cache (greedy, EOS ignored).
+    Generate(GenBench),
+    /// One attack step: forward, loss on target positions, gradient to the input embeddings.
+    Step(StepBench),
+}
+
+#[derive(Args, Debug)]
+pub struct GenBench {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long, default_value_t = 100)]
+    pub prompt_tokens: usize,
+    #[arg(long, default_value_t = 128)]
+    pub new_tokens: usize,
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct StepBench {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 64)]
+    pub seq: usize,
+    /// Trigger positions whose gradient is wanted.
+    #[arg(long, default_value_t = 8)]
+    pub soft: usize,
+    /// Positions with a loss (the output layer runs on these only).
+    #[arg(long, default_value_t = 16)]
+    pub targets: usize,
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+const FILLER: &str = "The quick brown fox jumps over the lazy dog while the committee reviews the annual report on river water quality, and a child reads a story about ships. ";
+
+pub fn run(cmd: BenchCmd) -> Result<()> {
+    match cmd {
+        BenchCmd::Generate(a) => bench_generate(a),
+        BenchCmd::Step(a) => bench_step(a),
+    }
+}
+
+fn bench_generate(a: GenBench) -> Result<()> {
+    anyhow::ensure!(a.runs >= 1 && a.prompt_tokens >= 1 && a.new_tokens >= 1, "runs, prompt tokens and new tokens must be >= 1");
+    let lm = a.model.load()?;
+    let mut ids = lm.tokenizer.encode(&FILLER.repeat(a.prompt_tokens / 20 + 2))?;
+    ids.truncate(a.prompt_tokens);
+    let x = lm.model.embed_ids(&ids)?;
+    let run = |n: usize| generate(&lm.model, &x, n, &[], Sampling::default(), |_| Ok(true));
+    run(4)?; // warm-up
+    let mut tps = Vec::new();
+    let mut pps = Vec::new();
+    for _ in 0..a.runs {
+        let g = run(a.new_tokens)?;
+        tps.push(g.tokens_per_second());
+        pps.push(g.prompt_tokens_per_second());
+    }
+    let v = json!({
+        "bench": "generate",
+        "model": lm.path.display().to_string(),
+        "exec": lm.model.exec.name(),
+        "threads": rayon_threads(),
+        "prompt_tokens": ids.len(),
+        "new_tokens": a.new_tokens,
+        "runs": a.runs,
+        "tokens_per_second": median(tps),
+        "prompt_tokens_per_second": median(pps),
+        "peak_rss_mib": peak_rss_mib(),
+    });
+    print_result(&v, a.json);
+    Ok(())
+}
+
+fn bench_step(a: StepBench) -> Result<()> {
+    anyhow::ensure!(a.runs >= 1 && a.batch >= 1, "runs and batch must be >= 1");
+    anyhow::ensure!(a.soft + a.targets < a.seq, "--soft + --targets must be less than --seq");
+    let lm = a.model.load()?;
+    let m = &lm.model;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let vocab = m.cfg.vocab_size as u32;
+    let seqs: Vec<Vec<u32>> = (0..a.batch).map(|_| (0..a.seq).map(|_| rng.gen_range(0..vocab)).collect()).collect();
+    let x = m.embed_batch(&seqs)?;
+    // Loss on the last `targets` positions of every sequence, predicting the next id.
+    let mut rows = Vec::new();
+    let mut targets = Vec::new();
+    for (b, s) in seqs.iter().enumerate() {
+        for p in a.seq - a.targets - 1..a.seq - 1 {
+            rows.push((b * a.seq + p) as u32);
+            targets.push(s[p + 1]);
+        }
+    }
+    let soft_start = a.seq - a.targets - 1 - a.soft;
+    let step = |m: &Model| -> Result<f64> {
+        let t = std::time::Instant::now();
+        let (_, dx) = m.loss_and_input_grad(&x, &rows, &targets)?;
+        let g = dx.narrow(1, soft_start, a.soft)?;
+        let _ = g.sqr()?.sum_all()?.to_scalar::<f32>()?;
+        Ok(t.elapsed().as_secs_f64())
+    };
+    step(m)?; // warm-up
+    let times = (0..a.runs).map(|_| step(m)).collect::<Result<Vec<_>>>()?;
+    let s = median(times);
+    let v = json!({
+        "bench": "step",
+        "model": lm.path.display().to_string(),
+        "threads": rayon_threads(),
+        "batch": a.batch,
+        "seq": a.seq,
+        "soft": a.soft,
+        "targets": a.targets,
+        "runs": a.runs,
+        "seconds_per_step": s,
+        "tokens_per_second": (a.batch * a.seq) as f64 / s,
+        "peak_rss_mib": peak_rss_mib(),
+    });
+    print_result(&v, a.json);
+    Ok(())
+}
+
+fn rayon_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    })
+}
+
+fn print_result(v: &serde_json::Value, as_json: bool) {
+    if as_json {
+        println!("{v}");
+    } else if let Some(o) = v.as_object() {
+        for (k, val) in o {
+            println!("{k:<26} {val}");
+        }
+    }
+}

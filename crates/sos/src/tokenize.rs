@@ -1,0 +1,46 @@
+//! `sos tokenize`: token ids of a text, or of a templated chat prompt.
+
+use anyhow::Result;
+use clap::Args;
+use serde_json::json;
+use sos_model::Message;
+
+use crate::common::ModelArgs;
+
+#[derive(Args, Debug)]
+pub struct TokenizeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The text to tokenize (special tokens such as <|im_start|> are recognised).
+    pub text: String,
+    /// Treat TEXT as a user message: render it with the chat template first.
+    #[arg(long)]
+    pub chat: bool,
+    /// System prompt, with --chat.
+    #[arg(long)]
+    pub system: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: TokenizeArgs) -> Result<()> {
+    let lm = a.model.load()?;
+    let text = if a.chat {
+        let mut m: Vec<Message> = a.system.iter().map(|s| Message::system(s.clone())).collect();
+        m.push(Message::user(a.text.clone()));
+        lm.template()?.render(&m, true)?
+    } else {
+        a.text.clone()
+    };
+    let ids = lm.tokenizer.encode(&text)?;
+    let pieces: Vec<String> = ids.iter().map(|&i| lm.tokenizer.decode(&[i], false).unwrap_or_default()).collect();
+    if a.json {
+        println!("{}", json!({ "text": text, "ids": ids, "tokens": pieces }));
+    } else {
+        for (id, p) in ids.iter().zip(&pieces) {
+            println!("{id:>7}  {p:?}");
+        }
+        eprintln!("{} tokens", ids.len());
+    }
+    Ok(())
+}
