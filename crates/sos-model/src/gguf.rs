@@ -344,7 +344,7 @@ impl<'a> Cursor<'a> {
                     9 => 12,
                     t => bail_format!(self.path, "metadata `{key}`: unknown array element type {t}"),
                 };
-                let n = self.count(key, min)?;
+                let n = self.count(&format!("metadata `{key}` array length"), min)?;
                 let mut items = Vec::with_capacity(n);
                 for _ in 0..n {
                     items.push(self.value(elem_ty, key, depth + 1)?);
@@ -683,7 +683,7 @@ mod tests {
         let e = err_of(&bytes, "cut.gguf");
         assert!(e.contains("beyond the end"), "{e}");
         // Truncated in the middle of the header.
-        let e = err_of(&bytes[..30], "cuthdr.gguf");
+        let e = err_of(&bytes[..50], "cuthdr.gguf");
         assert!(e.contains("truncated"), "{e}");
     }
 

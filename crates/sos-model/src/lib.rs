@@ -14,6 +14,7 @@ pub mod load;
 pub mod model;
 pub mod reverse;
 pub mod template;
+pub mod tiny;
 pub mod tokenizer;
 
 use std::collections::BTreeMap;

@@ -96,7 +96,7 @@ impl SafeTensorsDir {
 }
 
 /// Hugging Face name for a GGUF-style weight name.
-fn hf_name(name: &str) -> String {
+pub(crate) fn hf_name(name: &str) -> String {
     let fixed = match name {
         "token_embd.weight" => return "model.embed_tokens.weight".into(),
         "output_norm.weight" => return "model.norm.weight".into(),

@@ -159,6 +159,12 @@ impl Tokenizer {
         self.inner.decode(ids, skip_special).map_err(|e| Error::Invalid(format!("tokenizer: {e}")))
     }
 
+    /// Writes the equivalent `tokenizer.json`.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let text = self.inner.to_string(true).map_err(|e| Error::Invalid(format!("tokenizer: {e}")))?;
+        crate::fsutil::write_atomic(path, |f| std::io::Write::write_all(f, text.as_bytes()))
+    }
+
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }
