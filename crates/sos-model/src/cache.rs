@@ -124,9 +124,10 @@ pub fn fetch(m: &KnownModel, progress: &mut dyn FnMut(&str)) -> Result<PathBuf> 
     let dest = cached_path(m);
     let dir = dest.parent().expect("cache path has a parent");
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let dl = dir.join(format!(".download-{}", std::process::id()));
+    let suffix = crate::fsutil::unique_suffix();
+    let dl = dir.join(format!(".download-{suffix}"));
     std::fs::create_dir_all(&dl).map_err(|e| Error::io(&dl, e))?;
-    let tmp = dir.join(format!(".{}.part-{}", m.file_name, std::process::id()));
+    let tmp = dir.join(format!(".{}.part-{suffix}", m.file_name));
     let result = (|| -> Result<()> {
         let mut out = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
         let mut hasher = sha2::Sha256::new();

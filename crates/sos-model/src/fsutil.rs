@@ -4,6 +4,14 @@ use std::path::Path;
 
 use crate::{Error, Result};
 
+/// A suffix no other writer in this or another process is using: temporary names built from
+/// it never collide, even when threads of one process write beside each other.
+pub fn unique_suffix() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!("{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
 /// Writes `path` atomically: the content goes to a temporary file in the same directory, which is
 /// synced and renamed over `path`, so a crash never leaves a half-written file under that name.
 pub fn write_atomic(
@@ -16,7 +24,7 @@ pub fn write_atomic(
     };
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let tmp = dir.join(format!(".{name}.tmp-{}", unique_suffix()));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         write(&mut f)?;

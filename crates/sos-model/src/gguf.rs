@@ -247,7 +247,23 @@ pub struct Gguf {
     index: HashMap<String, usize>,
     pub tensors: Vec<TensorInfo>,
     tensor_index: HashMap<String, usize>,
-    data: memmap2::Mmap,
+    data: Bytes,
+}
+
+/// The file's bytes: memory mapped from disk, or owned (tests, fuzzing, in-memory files).
+enum Bytes {
+    Mapped(memmap2::Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(m) => m,
+            Bytes::Owned(v) => v,
+        }
+    }
 }
 
 impl std::fmt::Debug for Gguf {
@@ -304,7 +320,7 @@ impl<'a> Cursor<'a> {
         if n > fits {
             bail_format!(
                 self.path,
-                "corrupt GGUF header: {what} is {n} but only {} bytes remain (at most {fits} items fit)",
+                "truncated or corrupt GGUF header: {what} is {n} but only {} bytes remain (at most {fits} items fit)",
                 self.remaining()
             );
         }
@@ -367,10 +383,15 @@ impl Gguf {
         // SAFETY: the map is read-only; a file truncated by another process while we run can
         // still fault, as with every memory-mapped reader (llama.cpp included).
         let data = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        Self::parse(path, data)
+        Self::parse(path, Bytes::Mapped(data))
     }
 
-    fn parse(path: &Path, data: memmap2::Mmap) -> Result<Self> {
+    /// Parses a GGUF image held in memory; `path` is only used in error messages.
+    pub fn from_bytes(path: impl AsRef<Path>, bytes: Vec<u8>) -> Result<Self> {
+        Self::parse(path.as_ref(), Bytes::Owned(bytes))
+    }
+
+    fn parse(path: &Path, data: Bytes) -> Result<Self> {
         let mut c = Cursor { buf: &data, pos: 0, path };
         let magic = c.take(4, "magic").map_err(|_| {
             Error::format(path, format!("not a GGUF file: only {} bytes", data.len()))

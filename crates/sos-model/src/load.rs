@@ -59,13 +59,8 @@ impl SafeTensorsDir {
             let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
             // SAFETY: read-only map; see `Gguf::open`.
             let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
-            // `read_metadata` bounds the header length and checks every offset against the file.
-            let (_, meta) = safetensors::SafeTensors::read_metadata(&mmap)
-                .map_err(|e| Error::format(&path, format!("invalid safetensors header: {e}")))?;
-            safetensors::SafeTensors::deserialize(&mmap)
-                .map_err(|e| Error::format(&path, format!("invalid safetensors file: {e}")))?;
-            for name in meta.tensors().keys() {
-                map.insert(name.clone(), files.len());
+            for name in check_safetensors(&path, &mmap)? {
+                map.insert(name, files.len());
             }
             files.push((path, mmap));
         }
@@ -93,6 +88,17 @@ impl SafeTensorsDir {
             .map_err(|e| Error::format(path, format!("tensor `{name}`: {e}")))?;
         Ok(t.to_dtype(DType::F32)?)
     }
+}
+
+/// Validates a safetensors image (header length, JSON, every tensor's extent against the file)
+/// and returns its tensor names. `path` is only used in error messages.
+pub fn check_safetensors(path: &Path, bytes: &[u8]) -> Result<Vec<String>> {
+    // `read_metadata` bounds the header length (100 MB) before reading it and checks offsets.
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
+        .map_err(|e| Error::format(path, format!("invalid safetensors header: {e}")))?;
+    safetensors::SafeTensors::deserialize(bytes)
+        .map_err(|e| Error::format(path, format!("invalid safetensors file: {e}")))?;
+    Ok(meta.tensors().keys().cloned().collect())
 }
 
 /// Hugging Face name for a GGUF-style weight name.
