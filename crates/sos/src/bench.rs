@@ -88,6 +88,7 @@ fn bench_generate(a: GenBench) -> Result<()> {
         "exec": lm.model.exec.name(),
         "threads": rayon_threads(),
         "prompt_tokens": ids.len(),
+        "prompt_ids": ids,
         "new_tokens": a.new_tokens,
         "runs": a.runs,
         "tokens_per_second": median(tps),
