@@ -12,6 +12,7 @@ pub mod generate;
 pub mod gguf;
 pub mod load;
 pub mod model;
+pub mod quant;
 pub mod reverse;
 pub mod template;
 pub mod tiny;

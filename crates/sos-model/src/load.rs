@@ -10,7 +10,8 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::{Arch, Config};
-use crate::gguf::Gguf;
+use crate::gguf::{Gguf, TensorType};
+use crate::quant::QWeight;
 use crate::model::{Exec, Layer, Linear, Model};
 use crate::{Error, Result};
 
@@ -181,7 +182,8 @@ impl Loader<'_> {
         Ok(())
     }
 
-    fn qtensor(&self, g: &Gguf, name: &str, shape: &[usize]) -> Result<QTensor> {
+    /// The tensor's raw bytes (Q/K rows un-permuted) and type, after checking its shape.
+    fn raw<'g>(&self, g: &'g Gguf, name: &str, shape: &[usize]) -> Result<(std::borrow::Cow<'g, [u8]>, TensorType)> {
         let info = g
             .tensor_info(name)
             .ok_or_else(|| Error::format(self.origin, format!("missing tensor `{name}`")))?;
@@ -191,8 +193,22 @@ impl Loader<'_> {
             Some(order) => std::borrow::Cow::Owned(reorder_rows(bytes, &order)),
             None => std::borrow::Cow::Borrowed(bytes),
         };
-        candle_core::quantized::ggml_file::qtensor_from_ggml(info.ty.to_candle(), &bytes, info.shape(), &Device::Cpu)
+        Ok((bytes, info.ty))
+    }
+
+    fn qtensor(&self, g: &Gguf, name: &str, shape: &[usize]) -> Result<QTensor> {
+        let (bytes, ty) = self.raw(g, name, shape)?;
+        candle_core::quantized::ggml_file::qtensor_from_ggml(ty.to_candle(), &bytes, shape.to_vec(), &Device::Cpu)
             .map_err(|e| Error::format(self.origin, format!("tensor `{name}`: {e}")))
+    }
+
+    /// A quantized GGUF weight: our kernels where we have them, candle's otherwise.
+    fn quant_linear(&self, g: &Gguf, name: &str, out: usize, inp: usize) -> Result<Linear> {
+        let (bytes, ty) = self.raw(g, name, &[out, inp])?;
+        if QWeight::supports(ty) && self.device.is_cpu() {
+            return Ok(Linear::Kernel(QWeight::new(ty, out, inp, bytes.into_owned())?));
+        }
+        Ok(Linear::Quant(QMatMul::from_qtensor(self.qtensor(g, name, &[out, inp])?)?))
     }
 
     /// A float tensor in f32 on the target device.
@@ -211,10 +227,7 @@ impl Loader<'_> {
     fn linear(&self, name: &str, out: usize, inp: usize) -> Result<Linear> {
         match (self.exec, &self.src) {
             (Exec::F32, _) => Ok(Linear::Dense(self.dense(name, &[out, inp])?)),
-            (Exec::Quant, Weights::Gguf(g)) => {
-                let q = self.qtensor(g, name, &[out, inp])?;
-                Ok(Linear::Quant(QMatMul::from_qtensor(q)?))
-            }
+            (Exec::Quant, Weights::Gguf(g)) => self.quant_linear(g, name, out, inp),
             (Exec::Quant, Weights::SafeTensors(_)) => {
                 let w = self.dense(name, &[out, inp])?;
                 if inp % 32 != 0 {
@@ -258,9 +271,7 @@ pub fn build_model(src: Weights<'_>, cfg: &Config, exec: Exec, device: &Device, 
     let embed = l.dense("token_embd.weight", &[cfg.vocab_size, d])?;
     let lm_head = match (cfg.tied || !l.has("output.weight"), exec, &l.src) {
         (true, Exec::F32, _) => Linear::Dense(embed.clone()),
-        (true, Exec::Quant, Weights::Gguf(g)) => {
-            Linear::Quant(QMatMul::from_qtensor(l.qtensor(g, "token_embd.weight", &[cfg.vocab_size, d])?)?)
-        }
+        (true, Exec::Quant, Weights::Gguf(g)) => l.quant_linear(g, "token_embd.weight", cfg.vocab_size, d)?,
         (true, Exec::Quant, Weights::SafeTensors(_)) => {
             Linear::Quant(QMatMul::from_qtensor(QTensor::quantize(&embed, GgmlDType::Q8_0)?)?)
         }

@@ -45,6 +45,8 @@ impl Exec {
 pub enum Linear {
     Dense(Tensor),
     Quant(QMatMul),
+    /// Q4_1 / Q8_0 weights run by our own kernels (`quant.rs`).
+    Kernel(crate::quant::QWeight),
 }
 
 impl Linear {
@@ -53,13 +55,18 @@ impl Linear {
         Ok(match self {
             Linear::Dense(w) => x.matmul(&w.t()?)?,
             Linear::Quant(q) => q.forward(x)?,
+            Linear::Kernel(w) => {
+                let n = x.dim(0)?;
+                let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                Tensor::from_vec(w.matmul(&xs, n), (n, w.rows), x.device())?.to_dtype(x.dtype())?
+            }
         })
     }
     /// The input gradient `dx = dy W` (`[n, out]` -> `[n, in]`); the weight gets none.
     pub fn backward_input(&self, dy: &Tensor) -> Result<Tensor> {
         match self {
             Linear::Dense(w) => Ok(dy.matmul(w)?),
-            Linear::Quant(_) => Err(Error::Invalid(
+            Linear::Quant(_) | Linear::Kernel(_) => Err(Error::Invalid(
                 "gradients need `--exec f32` (quantized weights are inference only)".into(),
             )),
         }
@@ -67,7 +74,7 @@ impl Linear {
     fn to_dtype(&self, dtype: DType) -> Result<Self> {
         Ok(match self {
             Linear::Dense(w) => Linear::Dense(w.to_dtype(dtype)?),
-            Linear::Quant(q) => Linear::Quant(q.clone()),
+            Linear::Quant(_) | Linear::Kernel(_) => self.clone(),
         })
     }
 }
@@ -299,8 +306,8 @@ impl Model {
         let g = c.n_head / c.n_kv_head;
         let s = k.dim(2)?;
         let scale = 1.0 / (c.head_dim as f64).sqrt();
-        let qg = q.reshape((b, c.n_kv_head, g * t, c.head_dim))?;
-        let scores = (qg.matmul(&k.t()?)? * scale)?;
+        let qg = self.ggml_round(&q.reshape((b, c.n_kv_head, g * t, c.head_dim))?)?;
+        let scores = (qg.matmul(&self.ggml_round(k)?.t()?)? * scale)?;
         let scores = if t > 1 {
             let mask: Vec<f32> = (0..t)
                 .flat_map(|i| (0..s).map(move |j| if j > pos0 + i { f32::NEG_INFINITY } else { 0.0 }))
@@ -316,8 +323,18 @@ impl Model {
     /// `p: [b, kvh, g*t, s]`, `v: [b, kvh, s, hd]` -> `[b*t, h*hd]` (token-major, ready for `wo`).
     pub(crate) fn attention_out(&self, p: &Tensor, v: &Tensor, b: usize, t: usize) -> Result<Tensor> {
         let c = &self.cfg;
-        let o = p.matmul(v)?; // [b, kvh, g*t, hd]
+        let o = self.ggml_round(p)?.matmul(&self.ggml_round(v)?)?; // [b, kvh, g*t, hd]
         Ok(o.reshape((b, c.n_head, t, c.head_dim))?.transpose(1, 2)?.reshape((b * t, c.n_head * c.head_dim))?)
+    }
+
+    /// In `quant` mode, rounds attention operands to f16 as llama.cpp's CPU path does (its KV
+    /// cache is f16, and its matmul converts the other operand to the cache's type), so that
+    /// quantized runs track llama.cpp; `f32` mode is left exact.
+    fn ggml_round(&self, x: &Tensor) -> Result<Tensor> {
+        match self.exec {
+            Exec::Quant if x.dtype() == DType::F32 => Ok(x.to_dtype(DType::F16)?.to_dtype(DType::F32)?),
+            _ => Ok(x.clone()),
+        }
     }
 
     /// Final norm and output layer for hidden rows `h: [n, d]` -> logits `[n, vocab]`.

@@ -65,16 +65,26 @@ fn f32_matches_transformers() {
 fn quant_agrees_with_llama_cpp() {
     let lm = model(Exec::Quant);
     let gold = golden("golden_llamacpp.json");
-    let mut report = Vec::new();
+    let mut free = Vec::new();
+    let (mut forced_agree, mut forced_total) = (0, 0);
     for r in gold["results"].as_array().unwrap() {
+        let prompt = ids(&r["prompt_ids"]);
         let want = ids(&r["generated_ids"]);
-        let got = greedy(&lm, &ids(&r["prompt_ids"]));
-        let agree = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
-        report.push((agree, want.len()));
+        let got = greedy(&lm, &prompt);
+        free.push((got.iter().zip(&want).take_while(|(a, b)| a == b).count(), want.len()));
+        // Teacher-forced on llama.cpp's own tokens: does our argmax pick its token at each step?
+        // One causal pass over prompt + answer gives every step's logits.
+        let seq = [prompt.as_slice(), &want[..want.len() - 1]].concat();
+        let at: Vec<(usize, usize)> = (0..want.len()).map(|i| (0, prompt.len() + i - 1)).collect();
+        let logits = lm.model.logits_at(&[seq], &at).unwrap();
+        for (i, row) in logits.to_vec2::<f32>().unwrap().iter().enumerate() {
+            forced_total += 1;
+            forced_agree += (sos_model::generate::argmax(row) == want[i]) as usize;
+        }
     }
-    eprintln!("quant vs llama.cpp, leading tokens that agree per prompt: {report:?}");
-    // The first prompt's answer is short and robust; the others may part late, as llama.cpp and
-    // transformers themselves part on the third prompt.
-    assert_eq!(report[0].0, report[0].1, "quantized path disagrees with llama.cpp on the first prompt: {report:?}");
-    assert!(report.iter().all(|&(a, _)| a >= 8), "quantized path parts from llama.cpp early: {report:?}");
+    eprintln!("quant vs llama.cpp: free-running leading agreement {free:?}; teacher-forced {forced_agree}/{forced_total}");
+    assert_eq!(free[0].0, free[0].1, "quantized path disagrees with llama.cpp on the first prompt: {free:?}");
+    // Near-ties part the two implementations (llama.cpp and transformers part on prompt 3 too);
+    // teacher forcing measures agreement without letting one miss hide the rest.
+    assert!(forced_agree + 2 >= forced_total, "teacher-forced agreement {forced_agree}/{forced_total}");
 }

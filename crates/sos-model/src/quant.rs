@@ -1,0 +1,272 @@
+//! Quantized matrix-vector kernels for the GGUF types of the default model (Q4_1, Q8_0), where
+//! candle has no SIMD path (its Q4_1 dot product is scalar).
+//!
+//! The arithmetic follows ggml's CPU path, so `--exec quant` agrees with llama.cpp: activations
+//! are quantized per 32-block to Q8_1 (for Q4_1 weights) or Q8_0 (for Q8_0 weights) with
+//! round-half-even, integer dot products per block, one f32 scale per block pair.
+//! Output rows are split across the rayon pool.
+
+use half::f16;
+use rayon::prelude::*;
+
+use crate::gguf::TensorType;
+use crate::{Error, Result};
+
+const QK: usize = 32;
+
+/// A weight matrix `[rows, cols]` in raw ggml blocks, row-major.
+#[derive(Debug, Clone)]
+pub struct QWeight {
+    pub ty: TensorType,
+    pub rows: usize,
+    pub cols: usize,
+    data: std::sync::Arc<Vec<u8>>,
+}
+
+/// Activations quantized to 8 bits per 32-block: scale `d`, `s = d * sum(q)` (Q8_1 only), values.
+struct Q8Row {
+    d: Vec<f32>,
+    s: Vec<f32>,
+    q: Vec<i8>,
+}
+
+impl QWeight {
+    /// Types with a kernel here; other types use candle's `QMatMul`.
+    pub fn supports(ty: TensorType) -> bool {
+        matches!(ty, TensorType::Q4_1 | TensorType::Q8_0)
+    }
+
+    pub fn new(ty: TensorType, rows: usize, cols: usize, data: Vec<u8>) -> Result<Self> {
+        let (bs, bb) = ty.block();
+        if !Self::supports(ty) || cols % bs as usize != 0 || data.len() != rows * cols / bs as usize * bb as usize {
+            return Err(Error::Invalid(format!("bad {} weight: {rows}x{cols} with {} bytes", ty.name(), data.len())));
+        }
+        Ok(QWeight { ty, rows, cols, data: std::sync::Arc::new(data) })
+    }
+
+    fn row_bytes(&self) -> usize {
+        let (bs, bb) = self.ty.block();
+        self.cols / bs as usize * bb as usize
+    }
+
+    /// `x: [m, cols]` (row-major) -> `[m, rows]`.
+    pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        assert_eq!(x.len(), m * self.cols, "activation shape");
+        let with_sum = self.ty == TensorType::Q4_1;
+        let qx: Vec<Q8Row> = x.chunks(self.cols).map(|r| quantize_q8(r, with_sum)).collect();
+        let rb = self.row_bytes();
+        // Transposed result [rows, m]: each task owns whole weight rows and reads each once.
+        let mut out_t = vec![0f32; self.rows * m];
+        let rows_per_task = 16;
+        out_t.par_chunks_mut(rows_per_task * m).enumerate().for_each(|(task, chunk)| {
+            let r0 = task * rows_per_task;
+            for (i, dst) in chunk.chunks_mut(m).enumerate() {
+                let w = &self.data[(r0 + i) * rb..(r0 + i + 1) * rb];
+                for (j, q) in qx.iter().enumerate() {
+                    dst[j] = match self.ty {
+                        TensorType::Q4_1 => dot_q4_1_q8_1(w, q),
+                        _ => dot_q8_0_q8_0(w, q),
+                    };
+                }
+            }
+        });
+        if m == 1 {
+            return out_t;
+        }
+        let mut out = vec![0f32; m * self.rows];
+        for r in 0..self.rows {
+            for j in 0..m {
+                out[j * self.rows + r] = out_t[r * m + j];
+            }
+        }
+        out
+    }
+}
+
+/// ggml's `quantize_row_q8_1` / `quantize_row_q8_0` (AVX2 flavour: `q = round_half_even(x * 127 / amax)`).
+fn quantize_q8(x: &[f32], with_sum: bool) -> Q8Row {
+    let nb = x.len() / QK;
+    let mut d = Vec::with_capacity(nb);
+    let mut s = Vec::with_capacity(if with_sum { nb } else { 0 });
+    let mut q = vec![0i8; x.len()];
+    for (b, blk) in x.chunks_exact(QK).enumerate() {
+        let amax = blk.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let scale = amax / 127.0;
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        let mut sum = 0i32;
+        for (k, &v) in blk.iter().enumerate() {
+            let qi = (v * id).round_ties_even() as i32;
+            q[b * QK + k] = qi as i8;
+            sum += qi;
+        }
+        // Stored as f16 in ggml's blocks; round-trip to get the same value back.
+        d.push(f16::from_f32(scale).to_f32());
+        if with_sum {
+            s.push(f16::from_f32(scale * sum as f32).to_f32());
+        }
+    }
+    Q8Row { d, s, q }
+}
+
+#[inline]
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+}
+
+fn dot_q4_1_q8_1(w: &[u8], x: &Q8Row) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the features were just detected; lengths are checked by `QWeight::new`.
+            return unsafe { avx2::dot_q4_1_q8_1(w, x) };
+        }
+    }
+    let mut sumf = 0f32;
+    for (b, blk) in w.chunks_exact(20).enumerate() {
+        let (dw, mw) = (f16_at(blk, 0), f16_at(blk, 2));
+        let q = &x.q[b * QK..(b + 1) * QK];
+        let mut sumi = 0i32;
+        for j in 0..16 {
+            sumi += (blk[4 + j] & 0x0F) as i32 * q[j] as i32 + (blk[4 + j] >> 4) as i32 * q[j + 16] as i32;
+        }
+        sumf += dw * x.d[b] * sumi as f32 + mw * x.s[b];
+    }
+    sumf
+}
+
+fn dot_q8_0_q8_0(w: &[u8], x: &Q8Row) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: as above.
+            return unsafe { avx2::dot_q8_0_q8_0(w, x) };
+        }
+    }
+    let mut sumf = 0f32;
+    for (b, blk) in w.chunks_exact(34).enumerate() {
+        let q = &x.q[b * QK..(b + 1) * QK];
+        let sumi: i32 = (0..QK).map(|j| blk[2 + j] as i8 as i32 * q[j] as i32).sum();
+        sumf += f16_at(blk, 0) * x.d[b] * sumi as f32;
+    }
+    sumf
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{f16_at, Q8Row, QK};
+    use std::arch::x86_64::*;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps(v, 1);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_q4_1_q8_1(w: &[u8], x: &Q8Row) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        let mut summs = 0f32;
+        let low = _mm_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        for (b, blk) in w.chunks_exact(20).enumerate() {
+            let (dw, mw) = (f16_at(blk, 0), f16_at(blk, 2));
+            summs += mw * x.s[b];
+            let qs = _mm_loadu_si128(blk.as_ptr().add(4) as *const __m128i);
+            let lo = _mm_and_si128(qs, low);
+            let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), low);
+            let qw = _mm256_set_m128i(hi, lo);
+            let qx = _mm256_loadu_si256(x.q.as_ptr().add(b * QK) as *const __m256i);
+            let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(qw, qx), ones);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * x.d[b]), _mm256_cvtepi32_ps(dot), acc);
+        }
+        hsum(acc) + summs
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_q8_0_q8_0(w: &[u8], x: &Q8Row) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        let ones = _mm256_set1_epi16(1);
+        for (b, blk) in w.chunks_exact(34).enumerate() {
+            let qw = _mm256_loadu_si256(blk.as_ptr().add(2) as *const __m256i);
+            let qx = _mm256_loadu_si256(x.q.as_ptr().add(b * QK) as *const __m256i);
+            let aw = _mm256_sign_epi8(qw, qw);
+            let sx = _mm256_sign_epi8(qx, qw);
+            let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), ones);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(blk, 0) * x.d[b]), _mm256_cvtepi32_ps(dot), acc);
+        }
+        hsum(acc)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn dequant(w: &QWeight) -> Vec<f32> {
+        let t = candle_core::quantized::ggml_file::qtensor_from_ggml(w.ty.to_candle(), &w.data, vec![w.rows, w.cols], &candle_core::Device::Cpu)
+            .unwrap()
+            .dequantize(&candle_core::Device::Cpu)
+            .unwrap();
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    fn random_weight(ty: TensorType, rows: usize, cols: usize, seed: u64) -> QWeight {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let src: Vec<f32> = (0..rows * cols).map(|_| rng.gen::<f32>() * 2.0 - 1.0).collect();
+        let t = candle_core::Tensor::from_vec(src, (rows, cols), &candle_core::Device::Cpu).unwrap();
+        let q = candle_core::quantized::QTensor::quantize(&t, ty.to_candle()).unwrap();
+        QWeight::new(ty, rows, cols, q.data().unwrap().to_vec()).unwrap()
+    }
+
+    /// The quantized product stays within the activation-quantization error of the exact product
+    /// of the dequantized weights, and SIMD and scalar paths agree.
+    #[test]
+    fn kernels_match_dequantized_matmul() {
+        for ty in [TensorType::Q4_1, TensorType::Q8_0] {
+            let (rows, cols, m) = (40, 96, 3);
+            let w = random_weight(ty, rows, cols, 3);
+            let wf = dequant(&w);
+            let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+            let x: Vec<f32> = (0..m * cols).map(|_| rng.gen::<f32>() * 2.0 - 1.0).collect();
+            let got = w.matmul(&x, m);
+            for i in 0..m {
+                for r in 0..rows {
+                    let exact: f32 = (0..cols).map(|k| x[i * cols + k] * wf[r * cols + k]).sum();
+                    let g = got[i * rows + r];
+                    assert!((g - exact).abs() < 0.05, "{}: row {r} got {g} want {exact}", ty.name());
+                }
+            }
+            // Scalar fallback equals the SIMD path up to summation order.
+            let qx = quantize_q8(&x[..cols], ty == TensorType::Q4_1);
+            let rb = w.row_bytes();
+            for r in 0..rows {
+                let wr = &w.data[r * rb..(r + 1) * rb];
+                let mut scalar = 0f32;
+                for (b, blk) in wr.chunks_exact(ty.block().1 as usize).enumerate() {
+                    let q = &qx.q[b * QK..(b + 1) * QK];
+                    scalar += match ty {
+                        TensorType::Q4_1 => {
+                            let s: i32 = (0..16).map(|j| (blk[4 + j] & 15) as i32 * q[j] as i32 + (blk[4 + j] >> 4) as i32 * q[j + 16] as i32).sum();
+                            f16_at(blk, 0) * qx.d[b] * s as f32 + f16_at(blk, 2) * qx.s[b]
+                        }
+                        _ => f16_at(blk, 0) * qx.d[b] * (0..QK).map(|j| blk[2 + j] as i8 as i32 * q[j] as i32).sum::<i32>() as f32,
+                    };
+                }
+                assert!((scalar - got[r]).abs() < 1e-4, "scalar {scalar} vs simd {}", got[r]);
+            }
+        }
+    }
+
+    #[test]
+    fn zero_block_quantizes_to_zero() {
+        let q = quantize_q8(&[0.0; 32], true);
+        assert_eq!(q.d, vec![0.0]);
+        assert!(q.q.iter().all(|&v| v == 0));
+    }
+}
