@@ -87,54 +87,74 @@ impl Model {
         Ok((LayerTape { x: x.clone(), r1, q, k, v, p, x1, r2, gate, up }, out))
     }
 
-    /// Gradient of the loss with respect to the input embeddings, given its gradient `dh` with
-    /// respect to `tape.hidden`.
-    pub fn backward(&self, tape: &Tape, dh: &Tensor) -> Result<Tensor> {
+    /// Gradient of the loss with respect to the input embeddings at positions `from..t`, given
+    /// its gradient `dh` with respect to `tape.hidden`. Returns `[b, t - from, d]`.
+    ///
+    /// Rows before `from` are constants to the caller (the prompt before a trigger), so their
+    /// backward is skipped: the gradient at a row only ever needs gradients at rows after it.
+    /// With `from = 0` this is the full input gradient.
+    pub fn backward(&self, tape: &Tape, dh: &Tensor, from: usize) -> Result<Tensor> {
         let (_, t, _) = dh.dims3()?;
-        let cos = self.cos.narrow(0, 0, t)?;
-        let sin = self.sin.narrow(0, 0, t)?.neg()?;
-        let mut g = dh.clone();
+        if from >= t {
+            return Err(Error::Invalid(format!("gradient rows start at {from} but the sequence has {t}")));
+        }
+        let r = t - from;
+        let cos = self.cos.narrow(0, from, r)?;
+        let sin = self.sin.narrow(0, from, r)?.neg()?;
+        let mut g = dh.narrow(1, from, r)?.contiguous()?;
         for (l, lt) in self.layers.iter().zip(&tape.layers).rev() {
-            g = self.layer_backward(l, lt, &g, &cos, &sin)?;
+            g = self.layer_backward(l, lt, &g, from, &cos, &sin)?;
         }
         Ok(g)
     }
 
-    /// `neg_sin` is `-sin`: rotating by the opposite angle is the transpose of the rotation.
-    fn layer_backward(&self, l: &Layer, s: &LayerTape, dout: &Tensor, cos: &Tensor, neg_sin: &Tensor) -> Result<Tensor> {
+    /// Backward of one layer for rows `from..t`; `dout: [b, r, d]`. `neg_sin` is `-sin`:
+    /// rotating by the opposite angle is the transpose of the rotation.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_backward(&self, l: &Layer, s: &LayerTape, dout: &Tensor, from: usize, cos: &Tensor, neg_sin: &Tensor) -> Result<Tensor> {
         let c = &self.cfg;
-        let (b, t, d) = dout.dims3()?;
-        let n = b * t;
+        let (b, r, d) = dout.dims3()?;
+        let t = from + r;
+        let n = b * r;
         let (h, kvh, hd) = (c.n_head, c.n_kv_head, c.head_dim);
         let g = h / kvh;
         let scale = 1.0 / (hd as f64).sqrt();
+        // The tape's rows `from..t`, token-major.
+        let rows = |x: &Tensor| -> Result<Tensor> {
+            let w = x.dim(x.rank() - 1)?;
+            Ok(x.reshape((b, t, w))?.narrow(1, from, r)?.contiguous()?)
+        };
 
         // MLP: out = x1 + down(silu(gate) * up).
+        let (gate, up) = (rows(&s.gate)?.reshape((n, c.d_ff))?, rows(&s.up)?.reshape((n, c.d_ff))?);
         let df = l.w_down.backward_input(&dout.reshape((n, d))?)?;
-        let sg = sigmoid(&s.gate)?;
-        let silu = (&s.gate * &sg)?;
-        let dsilu = (&sg * ((&s.gate * (1.0 - &sg)?)? + 1.0)?)?;
-        let dgate = (&df * &s.up)?.mul(&dsilu)?;
+        let sg = sigmoid(&gate)?;
+        let silu = (&gate * &sg)?;
+        let dsilu = (&sg * ((&gate * (1.0 - &sg)?)? + 1.0)?)?;
+        let dgate = (&df * &up)?.mul(&dsilu)?;
         let dup = (&df * silu)?;
         let dm = (l.w_gate.backward_input(&dgate)? + l.w_up.backward_input(&dup)?)?;
-        let dx1 = (dout + rms_backward(&s.x1, &s.r2, &l.ffn_norm, &dm.reshape((b, t, d))?)?)?;
+        let dx1 = (dout + rms_backward(&rows(&s.x1)?, &rows(&s.r2)?, &l.ffn_norm, &dm.reshape((b, r, d))?)?)?;
 
-        // Attention: x1 = x + wo(P V), per KV group.
+        // Attention: x1 = x + wo(P V), per KV group. Query rows `from..t` see every key; only
+        // keys `from..t` need gradients.
         let dout_heads = l.wo.backward_input(&dx1.reshape((n, d))?)?; // [n, h*hd]
-        let d_o = dout_heads.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?.reshape((b, kvh, g * t, hd))?;
-        let dp = d_o.matmul(&s.v.t()?)?; // [b, kvh, g*t, t]
-        let dv = s.p.t()?.matmul(&d_o)?; // [b, kvh, t, hd]
-        let ds = (&s.p * dp.broadcast_sub(&(&dp * &s.p)?.sum_keepdim(D::Minus1)?)?)?;
-        let qg = s.q.reshape((b, kvh, g * t, hd))?;
-        let dq = (ds.matmul(&s.k)? * scale)?.reshape((b, h, t, hd))?;
-        let dk = (ds.t()?.matmul(&qg)? * scale)?; // sums over the g query heads of each group
+        let d_o = dout_heads.reshape((b, r, h, hd))?.transpose(1, 2)?.contiguous()?.reshape((b, kvh, g * r, hd))?;
+        let p = s.p.reshape((b, kvh, g, t, t))?.narrow(3, from, r)?.contiguous()?.reshape((b, kvh, g * r, t))?;
+        let keys = |x: &Tensor| -> Result<Tensor> { Ok(x.reshape((b, kvh, g * r, t))?.narrow(3, from, r)?.contiguous()?) };
+        let dp = d_o.matmul(&s.v.t()?)?; // [b, kvh, g*r, t]
+        let dv = keys(&p)?.t()?.matmul(&d_o)?; // [b, kvh, r, hd]
+        let ds = (&p * dp.broadcast_sub(&(&dp * &p)?.sum_keepdim(D::Minus1)?)?)?;
+        let qg = s.q.narrow(2, from, r)?.contiguous()?.reshape((b, kvh, g * r, hd))?;
+        let dq = (ds.matmul(&s.k)? * scale)?.reshape((b, h, r, hd))?;
+        let dk = (keys(&ds)?.t()?.matmul(&qg)? * scale)?; // sums over the g query heads of each group
         let dq = candle_nn::rotary_emb::rope(&dq.contiguous()?, cos, neg_sin)?;
         let dk = candle_nn::rotary_emb::rope(&dk.contiguous()?, cos, neg_sin)?;
         let tokens = |x: Tensor, heads: usize| -> Result<Tensor> { Ok(x.transpose(1, 2)?.reshape((n, heads * hd))?) };
         let da = (l.wq.backward_input(&tokens(dq, h)?)?
             + l.wk.backward_input(&tokens(dk, kvh)?)?
             + l.wv.backward_input(&tokens(dv, kvh)?)?)?;
-        Ok((dx1 + rms_backward(&s.x, &s.r1, &l.attn_norm, &da.reshape((b, t, d))?)?)?)
+        Ok((dx1 + rms_backward(&rows(&s.x)?, &rows(&s.r1)?, &l.attn_norm, &da.reshape((b, r, d))?)?)?)
     }
 
     /// Mean cross-entropy of `targets` predicted from the hidden rows `rows` (flat indices
@@ -164,10 +184,10 @@ impl Model {
         Ok((loss, dh.reshape((b, t, d))?))
     }
 
-    /// Loss and gradient with respect to the inputs `x: [b, t, d]`, in one call.
-    pub fn loss_and_input_grad(&self, x: &Tensor, rows: &[u32], targets: &[u32]) -> Result<(f64, Tensor)> {
+    /// Loss and gradient with respect to the inputs `x: [b, t, d]` at positions `from..t`.
+    pub fn loss_and_input_grad(&self, x: &Tensor, rows: &[u32], targets: &[u32], from: usize) -> Result<(f64, Tensor)> {
         let tape = self.forward_train(x)?;
         let (loss, dh) = self.cross_entropy(&tape.hidden, rows, targets)?;
-        Ok((loss, self.backward(&tape, &dh)?))
+        Ok((loss, self.backward(&tape, &dh, from)?))
     }
 }

@@ -112,7 +112,7 @@ fn input_gradient_matches_finite_differences() {
         // Loss on positions 2 and 3 of sequence 0 and position 3 of sequence 1.
         let rows = [2u32, 3, (t + 3) as u32];
         let targets = [17u32, 42, 99];
-        let (loss, dx) = m.loss_and_input_grad(&x, &rows, &targets).unwrap();
+        let (loss, dx) = m.loss_and_input_grad(&x, &rows, &targets, 0).unwrap();
         assert!(loss.is_finite() && loss > 0.0);
         let dxv: Vec<f64> = dx.flatten_all().unwrap().to_vec1().unwrap();
         let xv: Vec<f64> = x.flatten_all().unwrap().to_vec1().unwrap();
@@ -146,6 +146,14 @@ fn input_gradient_matches_finite_differences() {
             }
             let first = &dxv[(seq * t) * d..(seq * t + 1) * d];
             assert!(first.iter().any(|&g| g != 0.0), "{name}: no gradient reached position 0");
+        }
+        // Skipping the rows before `from` changes nothing at rows `from..t`.
+        for from in [1, 3, 5] {
+            let part = m.loss_and_input_grad(&x, &rows, &targets, from).unwrap().1;
+            assert_eq!(part.dims(), &[b, t - from, d]);
+            let full = dx.narrow(1, from, t - from).unwrap();
+            let diff = max_abs_diff(&part, &full);
+            assert!(diff < 1e-12, "{name}: partial backward from {from} differs by {diff}");
         }
     }
 }
