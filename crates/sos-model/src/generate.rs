@@ -5,6 +5,7 @@ use std::time::Instant;
 use candle_core::{DType, Tensor};
 use rand::{Rng, SeedableRng};
 
+use crate::decode::{DecodeCache, DecodeWeights};
 use crate::model::{KvCache, Model};
 use crate::{Error, Result};
 
@@ -137,13 +138,20 @@ pub fn generate(
     let prompt_tokens = prompt.dim(0)?;
     let mut cache = KvCache::new(model.cfg.n_layer);
     let start = Instant::now();
-    let mut logits = model.forward_last(&prompt.unsqueeze(0)?, 0, Some(&mut cache))?;
+    let first = model.forward_last(&prompt.unsqueeze(0)?, 0, Some(&mut cache))?;
+    let mut row: Vec<f32> = first.squeeze(0)?.to_dtype(DType::F32)?.to_vec1()?;
     let prompt_seconds = start.elapsed().as_secs_f64();
     let start = Instant::now();
+    // f32 on the CPU decodes on plain buffers; other dtypes and devices go through `forward`.
+    let fast = model.device.is_cpu() && model.dtype() == DType::F32;
+    let mut state = if fast {
+        Some((DecodeWeights::new(model)?, DecodeCache::from_prefill(model, &cache, max_tokens)?))
+    } else {
+        None
+    };
     let mut tokens = Vec::new();
     let mut stop = StopReason::MaxTokens;
     while tokens.len() < max_tokens {
-        let row: Vec<f32> = logits.squeeze(0)?.to_dtype(DType::F32)?.to_vec1()?;
         let next = sampler.sample(&row);
         if stop_ids.contains(&next) {
             stop = StopReason::Eos;
@@ -157,9 +165,14 @@ pub fn generate(
         if tokens.len() == max_tokens {
             break;
         }
-        let x = model.embed_ids(&[next])?.unsqueeze(0)?;
-        let pos = cache.len();
-        logits = model.forward_last(&x, pos, Some(&mut cache))?;
+        let x = model.embed_ids(&[next])?;
+        row = match &mut state {
+            Some((w, dc)) => model.decode_step(w, dc, &x.flatten_all()?.to_vec1()?)?,
+            None => {
+                let pos = cache.len();
+                model.forward_last(&x.unsqueeze(0)?, pos, Some(&mut cache))?.squeeze(0)?.to_dtype(DType::F32)?.to_vec1()?
+            }
+        };
     }
     Ok(Generation { tokens, stop, prompt_tokens, prompt_seconds, gen_seconds: start.elapsed().as_secs_f64() })
 }

@@ -6,6 +6,7 @@
 
 pub mod cache;
 pub mod config;
+pub mod decode;
 pub mod error;
 pub mod fsutil;
 pub mod generate;

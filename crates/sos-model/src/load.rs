@@ -206,7 +206,7 @@ impl Loader<'_> {
     fn quant_linear(&self, g: &Gguf, name: &str, out: usize, inp: usize) -> Result<Linear> {
         let (bytes, ty) = self.raw(g, name, &[out, inp])?;
         if QWeight::supports(ty) && self.device.is_cpu() {
-            return Ok(Linear::Kernel(QWeight::new(ty, out, inp, bytes.into_owned())?));
+            return Ok(Linear::Kernel(QWeight::new(ty, out, inp, &bytes)?));
         }
         Ok(Linear::Quant(QMatMul::from_qtensor(self.qtensor(g, name, &[out, inp])?)?))
     }

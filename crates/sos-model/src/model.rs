@@ -113,6 +113,10 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+    /// Per layer `(keys, values)`, each `[b, kv_heads, len, head_dim]`.
+    pub fn layers(&self) -> &[Option<(Tensor, Tensor)>] {
+        &self.layers
+    }
 }
 
 #[derive(Debug, Clone)]

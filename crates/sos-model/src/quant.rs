@@ -14,13 +14,19 @@ use crate::{Error, Result};
 
 const QK: usize = 32;
 
-/// A weight matrix `[rows, cols]` in raw ggml blocks, row-major.
+/// A weight matrix `[rows, cols]` of ggml blocks, unpacked at load into separate arrays of f32
+/// scales (and Q4_1 minimums) and packed quants, so the kernels never convert f16 scales.
 #[derive(Debug, Clone)]
 pub struct QWeight {
     pub ty: TensorType,
     pub rows: usize,
     pub cols: usize,
-    data: std::sync::Arc<Vec<u8>>,
+    /// Per block, row-major: `rows * cols / 32`.
+    scales: std::sync::Arc<Vec<f32>>,
+    /// Q4_1 only: per-block minimum.
+    mins: std::sync::Arc<Vec<f32>>,
+    /// Q4_1: 16 bytes of nibbles per block; Q8_0: 32 signed bytes per block.
+    qs: std::sync::Arc<Vec<u8>>,
 }
 
 /// Activations quantized to 8 bits per 32-block: scale `d`, `s = d * sum(q)` (Q8_1 only), values.
@@ -36,17 +42,45 @@ impl QWeight {
         matches!(ty, TensorType::Q4_1 | TensorType::Q8_0)
     }
 
-    pub fn new(ty: TensorType, rows: usize, cols: usize, data: Vec<u8>) -> Result<Self> {
+    /// From raw ggml blocks (`data`, row-major).
+    pub fn new(ty: TensorType, rows: usize, cols: usize, data: &[u8]) -> Result<Self> {
         let (bs, bb) = ty.block();
         if !Self::supports(ty) || cols % bs as usize != 0 || data.len() != rows * cols / bs as usize * bb as usize {
             return Err(Error::Invalid(format!("bad {} weight: {rows}x{cols} with {} bytes", ty.name(), data.len())));
         }
-        Ok(QWeight { ty, rows, cols, data: std::sync::Arc::new(data) })
+        let bb = bb as usize;
+        let n_blocks = data.len() / bb;
+        let (q_len, q_off) = if ty == TensorType::Q4_1 { (16, 4) } else { (32, 2) };
+        let mut scales = Vec::with_capacity(n_blocks);
+        let mut mins = Vec::with_capacity(if ty == TensorType::Q4_1 { n_blocks } else { 0 });
+        let mut qs = Vec::with_capacity(n_blocks * q_len);
+        for blk in data.chunks_exact(bb) {
+            scales.push(f16_at(blk, 0));
+            if ty == TensorType::Q4_1 {
+                mins.push(f16_at(blk, 2));
+            }
+            qs.extend_from_slice(&blk[q_off..q_off + q_len]);
+        }
+        use std::sync::Arc;
+        Ok(QWeight { ty, rows, cols, scales: Arc::new(scales), mins: Arc::new(mins), qs: Arc::new(qs) })
     }
 
-    fn row_bytes(&self) -> usize {
-        let (bs, bb) = self.ty.block();
-        self.cols / bs as usize * bb as usize
+    fn blocks_per_row(&self) -> usize {
+        self.cols / QK
+    }
+
+    /// One weight row against one quantized activation row.
+    fn dot_row(&self, r: usize, x: &Q8Row) -> f32 {
+        let nb = self.blocks_per_row();
+        let d = &self.scales[r * nb..(r + 1) * nb];
+        match self.ty {
+            TensorType::Q4_1 => {
+                let qs = &self.qs[r * nb * 16..(r + 1) * nb * 16];
+                let sum_min = dot_f32(&self.mins[r * nb..(r + 1) * nb], &x.s);
+                dot_q4_1_q8_1(d, qs, x) + sum_min
+            }
+            _ => dot_q8_0_q8_0(d, &self.qs[r * nb * 32..(r + 1) * nb * 32], x),
+        }
     }
 
     /// `x: [m, cols]` (row-major) -> `[m, rows]`.
@@ -54,19 +88,14 @@ impl QWeight {
         assert_eq!(x.len(), m * self.cols, "activation shape");
         let with_sum = self.ty == TensorType::Q4_1;
         let qx: Vec<Q8Row> = x.chunks(self.cols).map(|r| quantize_q8(r, with_sum)).collect();
-        let rb = self.row_bytes();
         // Transposed result [rows, m]: each task owns whole weight rows and reads each once.
         let mut out_t = vec![0f32; self.rows * m];
         let rows_per_task = 16;
         out_t.par_chunks_mut(rows_per_task * m).enumerate().for_each(|(task, chunk)| {
             let r0 = task * rows_per_task;
             for (i, dst) in chunk.chunks_mut(m).enumerate() {
-                let w = &self.data[(r0 + i) * rb..(r0 + i + 1) * rb];
                 for (j, q) in qx.iter().enumerate() {
-                    dst[j] = match self.ty {
-                        TensorType::Q4_1 => dot_q4_1_q8_1(w, q),
-                        _ => dot_q8_0_q8_0(w, q),
-                    };
+                    dst[j] = self.dot_row(r0 + i, q);
                 }
             }
         });
@@ -95,7 +124,7 @@ fn quantize_q8(x: &[f32], with_sum: bool) -> Q8Row {
         let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
         let mut sum = 0i32;
         for (k, &v) in blk.iter().enumerate() {
-            let qi = (v * id).round_ties_even() as i32;
+            let qi = round_half_even(v * id) as i32;
             q[b * QK + k] = qi as i8;
             sum += qi;
         }
@@ -108,52 +137,74 @@ fn quantize_q8(x: &[f32], with_sum: bool) -> Q8Row {
     Q8Row { d, s, q }
 }
 
+/// Round half to even for |v| < 2^22 (here |v| <= 127): adding 1.5 * 2^23 pushes the fraction
+/// out of the mantissa under the default rounding mode, without a libm call.
+#[inline]
+fn round_half_even(v: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (v + MAGIC) - MAGIC
+}
+
+/// Dot product with 8 independent accumulators, which the compiler vectorises.
+pub(crate) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for k in 0..8 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
 #[inline]
 fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
 }
 
-fn dot_q4_1_q8_1(w: &[u8], x: &Q8Row) -> f32 {
+/// `sum_b d_w[b] * d_x[b] * <q_w[b], q_x[b]>` for Q4_1 nibbles (the minimum term is added by the caller).
+fn dot_q4_1_q8_1(d: &[f32], qs: &[u8], x: &Q8Row) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the features were just detected; lengths are checked by `QWeight::new`.
-            return unsafe { avx2::dot_q4_1_q8_1(w, x) };
+            // SAFETY: the features were just detected; `QWeight::new` sized the slices.
+            return unsafe { avx2::dot_q4_1_q8_1(d, qs, x) };
         }
     }
     let mut sumf = 0f32;
-    for (b, blk) in w.chunks_exact(20).enumerate() {
-        let (dw, mw) = (f16_at(blk, 0), f16_at(blk, 2));
+    for (b, (&dw, blk)) in d.iter().zip(qs.chunks_exact(16)).enumerate() {
         let q = &x.q[b * QK..(b + 1) * QK];
         let mut sumi = 0i32;
         for j in 0..16 {
-            sumi += (blk[4 + j] & 0x0F) as i32 * q[j] as i32 + (blk[4 + j] >> 4) as i32 * q[j + 16] as i32;
+            sumi += (blk[j] & 0x0F) as i32 * q[j] as i32 + (blk[j] >> 4) as i32 * q[j + 16] as i32;
         }
-        sumf += dw * x.d[b] * sumi as f32 + mw * x.s[b];
+        sumf += dw * x.d[b] * sumi as f32;
     }
     sumf
 }
 
-fn dot_q8_0_q8_0(w: &[u8], x: &Q8Row) -> f32 {
+fn dot_q8_0_q8_0(d: &[f32], qs: &[u8], x: &Q8Row) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
             // SAFETY: as above.
-            return unsafe { avx2::dot_q8_0_q8_0(w, x) };
+            return unsafe { avx2::dot_q8_0_q8_0(d, qs, x) };
         }
     }
     let mut sumf = 0f32;
-    for (b, blk) in w.chunks_exact(34).enumerate() {
+    for (b, (&dw, blk)) in d.iter().zip(qs.chunks_exact(32)).enumerate() {
         let q = &x.q[b * QK..(b + 1) * QK];
-        let sumi: i32 = (0..QK).map(|j| blk[2 + j] as i8 as i32 * q[j] as i32).sum();
-        sumf += f16_at(blk, 0) * x.d[b] * sumi as f32;
+        let sumi: i32 = (0..QK).map(|j| blk[j] as i8 as i32 * q[j] as i32).sum();
+        sumf += dw * x.d[b] * sumi as f32;
     }
     sumf
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{f16_at, Q8Row, QK};
+    use super::{Q8Row, QK};
     use std::arch::x86_64::*;
 
     #[inline]
@@ -168,36 +219,39 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_q4_1_q8_1(w: &[u8], x: &Q8Row) -> f32 {
+    pub unsafe fn dot_q4_1_q8_1(d: &[f32], qs: &[u8], x: &Q8Row) -> f32 {
+        let nb = d.len();
+        debug_assert!(qs.len() == nb * 16 && x.q.len() >= nb * QK && x.d.len() >= nb);
         let mut acc = _mm256_setzero_ps();
-        let mut summs = 0f32;
         let low = _mm_set1_epi8(0x0F);
         let ones = _mm256_set1_epi16(1);
-        for (b, blk) in w.chunks_exact(20).enumerate() {
-            let (dw, mw) = (f16_at(blk, 0), f16_at(blk, 2));
-            summs += mw * x.s[b];
-            let qs = _mm_loadu_si128(blk.as_ptr().add(4) as *const __m128i);
-            let lo = _mm_and_si128(qs, low);
-            let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), low);
+        let (dp, qp, xq, xd) = (d.as_ptr(), qs.as_ptr(), x.q.as_ptr(), x.d.as_ptr());
+        for b in 0..nb {
+            let q = _mm_loadu_si128(qp.add(b * 16) as *const __m128i);
+            let lo = _mm_and_si128(q, low);
+            let hi = _mm_and_si128(_mm_srli_epi16(q, 4), low);
             let qw = _mm256_set_m128i(hi, lo);
-            let qx = _mm256_loadu_si256(x.q.as_ptr().add(b * QK) as *const __m256i);
+            let qx = _mm256_loadu_si256(xq.add(b * QK) as *const __m256i);
             let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(qw, qx), ones);
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * x.d[b]), _mm256_cvtepi32_ps(dot), acc);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(*dp.add(b) * *xd.add(b)), _mm256_cvtepi32_ps(dot), acc);
         }
-        hsum(acc) + summs
+        hsum(acc)
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_q8_0_q8_0(w: &[u8], x: &Q8Row) -> f32 {
+    pub unsafe fn dot_q8_0_q8_0(d: &[f32], qs: &[u8], x: &Q8Row) -> f32 {
+        let nb = d.len();
+        debug_assert!(qs.len() == nb * 32 && x.q.len() >= nb * QK && x.d.len() >= nb);
         let mut acc = _mm256_setzero_ps();
         let ones = _mm256_set1_epi16(1);
-        for (b, blk) in w.chunks_exact(34).enumerate() {
-            let qw = _mm256_loadu_si256(blk.as_ptr().add(2) as *const __m256i);
-            let qx = _mm256_loadu_si256(x.q.as_ptr().add(b * QK) as *const __m256i);
+        let (dp, qp, xq, xd) = (d.as_ptr(), qs.as_ptr(), x.q.as_ptr(), x.d.as_ptr());
+        for b in 0..nb {
+            let qw = _mm256_loadu_si256(qp.add(b * 32) as *const __m256i);
+            let qx = _mm256_loadu_si256(xq.add(b * QK) as *const __m256i);
             let aw = _mm256_sign_epi8(qw, qw);
             let sx = _mm256_sign_epi8(qx, qw);
             let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), ones);
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(blk, 0) * x.d[b]), _mm256_cvtepi32_ps(dot), acc);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(*dp.add(b) * *xd.add(b)), _mm256_cvtepi32_ps(dot), acc);
         }
         hsum(acc)
     }
@@ -208,20 +262,21 @@ mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
 
-    fn dequant(w: &QWeight) -> Vec<f32> {
-        let t = candle_core::quantized::ggml_file::qtensor_from_ggml(w.ty.to_candle(), &w.data, vec![w.rows, w.cols], &candle_core::Device::Cpu)
+    fn dequant(w: &QWeight, raw: &[u8]) -> Vec<f32> {
+        let t = candle_core::quantized::ggml_file::qtensor_from_ggml(w.ty.to_candle(), raw, vec![w.rows, w.cols], &candle_core::Device::Cpu)
             .unwrap()
             .dequantize(&candle_core::Device::Cpu)
             .unwrap();
         t.flatten_all().unwrap().to_vec1().unwrap()
     }
 
-    fn random_weight(ty: TensorType, rows: usize, cols: usize, seed: u64) -> QWeight {
+    fn random_weight(ty: TensorType, rows: usize, cols: usize, seed: u64) -> (QWeight, Vec<u8>) {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let src: Vec<f32> = (0..rows * cols).map(|_| rng.gen::<f32>() * 2.0 - 1.0).collect();
         let t = candle_core::Tensor::from_vec(src, (rows, cols), &candle_core::Device::Cpu).unwrap();
         let q = candle_core::quantized::QTensor::quantize(&t, ty.to_candle()).unwrap();
-        QWeight::new(ty, rows, cols, q.data().unwrap().to_vec()).unwrap()
+        let raw = q.data().unwrap().to_vec();
+        (QWeight::new(ty, rows, cols, &raw).unwrap(), raw)
     }
 
     /// The quantized product stays within the activation-quantization error of the exact product
@@ -230,8 +285,8 @@ mod tests {
     fn kernels_match_dequantized_matmul() {
         for ty in [TensorType::Q4_1, TensorType::Q8_0] {
             let (rows, cols, m) = (40, 96, 3);
-            let w = random_weight(ty, rows, cols, 3);
-            let wf = dequant(&w);
+            let (w, raw) = random_weight(ty, rows, cols, 3);
+            let wf = dequant(&w, &raw);
             let mut rng = rand::rngs::StdRng::seed_from_u64(9);
             let x: Vec<f32> = (0..m * cols).map(|_| rng.gen::<f32>() * 2.0 - 1.0).collect();
             let got = w.matmul(&x, m);
@@ -244,9 +299,9 @@ mod tests {
             }
             // Scalar fallback equals the SIMD path up to summation order.
             let qx = quantize_q8(&x[..cols], ty == TensorType::Q4_1);
-            let rb = w.row_bytes();
+            let rb = raw.len() / rows;
             for r in 0..rows {
-                let wr = &w.data[r * rb..(r + 1) * rb];
+                let wr = &raw[r * rb..(r + 1) * rb];
                 let mut scalar = 0f32;
                 for (b, blk) in wr.chunks_exact(ty.block().1 as usize).enumerate() {
                     let q = &qx.q[b * QK..(b + 1) * QK];
@@ -260,6 +315,18 @@ mod tests {
                 }
                 assert!((scalar - got[r]).abs() < 1e-4, "scalar {scalar} vs simd {}", got[r]);
             }
+        }
+    }
+
+    #[test]
+    fn magic_rounding_is_round_half_even() {
+        for v in [-127.0f32, -2.5, -1.5, -0.5, 0.49999997, 0.5, 1.5, 2.5, 3.5, 126.5, 127.0] {
+            assert_eq!(round_half_even(v), v.round_ties_even(), "{v}");
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        for _ in 0..100_000 {
+            let v = rng.gen::<f32>() * 254.0 - 127.0;
+            assert_eq!(round_half_even(v), v.round_ties_even(), "{v}");
         }
     }
 
