@@ -1,8 +1,8 @@
-//! Quantized matrix-vector kernels for the GGUF types of the default model (Q4_1, Q8_0), where
-//! candle has no SIMD path (its Q4_1 dot product is scalar).
+//! Quantized matrix-vector kernels for GGUF Q4_1, Q5_0 and Q8_0 weights, where candle has no
+//! SIMD path (its Q4_1 and Q5_0 dot products are scalar).
 //!
 //! The arithmetic follows ggml's CPU path, so `--exec quant` agrees with llama.cpp: activations
-//! are quantized per 32-block to Q8_1 (for Q4_1 weights) or Q8_0 (for Q8_0 weights) with
+//! are quantized per 32-block to Q8_1 (for Q4_1 weights) or Q8_0 (Q5_0, Q8_0 weights) with
 //! round-half-even, integer dot products per block, one f32 scale per block pair.
 //! Output rows are split across the rayon pool.
 
@@ -25,8 +25,10 @@ pub struct QWeight {
     scales: std::sync::Arc<Vec<f32>>,
     /// Q4_1 only: per-block minimum.
     mins: std::sync::Arc<Vec<f32>>,
-    /// Q4_1: 16 bytes of nibbles per block; Q8_0: 32 signed bytes per block.
+    /// Q4_1, Q5_0: 16 bytes of nibbles per block; Q8_0: 32 signed bytes per block.
     qs: std::sync::Arc<Vec<u8>>,
+    /// Q5_0 only: the fifth bit of each of the block's 32 values.
+    qh: std::sync::Arc<Vec<u32>>,
 }
 
 /// Activations quantized to 8 bits per 32-block: scale `d`, `s = d * sum(q)` (Q8_1 only), values.
@@ -39,7 +41,7 @@ struct Q8Row {
 impl QWeight {
     /// Types with a kernel here; other types use candle's `QMatMul`.
     pub fn supports(ty: TensorType) -> bool {
-        matches!(ty, TensorType::Q4_1 | TensorType::Q8_0)
+        matches!(ty, TensorType::Q4_1 | TensorType::Q5_0 | TensorType::Q8_0)
     }
 
     /// From raw ggml blocks (`data`, row-major).
@@ -50,19 +52,27 @@ impl QWeight {
         }
         let bb = bb as usize;
         let n_blocks = data.len() / bb;
-        let (q_len, q_off) = if ty == TensorType::Q4_1 { (16, 4) } else { (32, 2) };
+        // ggml block layouts: Q4_1 {d, m: f16, qs[16]}, Q5_0 {d: f16, qh: u32, qs[16]}, Q8_0 {d: f16, qs[32]}.
+        let (q_len, q_off) = match ty {
+            TensorType::Q4_1 => (16, 4),
+            TensorType::Q5_0 => (16, 6),
+            _ => (32, 2),
+        };
         let mut scales = Vec::with_capacity(n_blocks);
-        let mut mins = Vec::with_capacity(if ty == TensorType::Q4_1 { n_blocks } else { 0 });
+        let mut mins = Vec::new();
+        let mut qh = Vec::new();
         let mut qs = Vec::with_capacity(n_blocks * q_len);
         for blk in data.chunks_exact(bb) {
             scales.push(f16_at(blk, 0));
-            if ty == TensorType::Q4_1 {
-                mins.push(f16_at(blk, 2));
+            match ty {
+                TensorType::Q4_1 => mins.push(f16_at(blk, 2)),
+                TensorType::Q5_0 => qh.push(u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]])),
+                _ => {}
             }
             qs.extend_from_slice(&blk[q_off..q_off + q_len]);
         }
         use std::sync::Arc;
-        Ok(QWeight { ty, rows, cols, scales: Arc::new(scales), mins: Arc::new(mins), qs: Arc::new(qs) })
+        Ok(QWeight { ty, rows, cols, scales: Arc::new(scales), mins: Arc::new(mins), qs: Arc::new(qs), qh: Arc::new(qh) })
     }
 
     fn blocks_per_row(&self) -> usize {
@@ -79,6 +89,7 @@ impl QWeight {
                 let sum_min = dot_f32(&self.mins[r * nb..(r + 1) * nb], &x.s);
                 dot_q4_1_q8_1(d, qs, x) + sum_min
             }
+            TensorType::Q5_0 => dot_q5_0_q8_0(d, &self.qs[r * nb * 16..(r + 1) * nb * 16], &self.qh[r * nb..(r + 1) * nb], x),
             _ => dot_q8_0_q8_0(d, &self.qs[r * nb * 32..(r + 1) * nb * 32], x),
         }
     }
@@ -185,6 +196,29 @@ fn dot_q4_1_q8_1(d: &[f32], qs: &[u8], x: &Q8Row) -> f32 {
     sumf
 }
 
+/// Q5_0 value `j` of a block: its nibble, plus 16 if bit `j` of `qh` is set, minus 16.
+fn q5_0_value(qs: &[u8], qh: u32, j: usize) -> i32 {
+    let nib = if j < 16 { qs[j] & 0x0F } else { qs[j - 16] >> 4 } as i32;
+    (nib | (((qh >> j) & 1) as i32) << 4) - 16
+}
+
+fn dot_q5_0_q8_0(d: &[f32], qs: &[u8], qh: &[u32], x: &Q8Row) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: as above.
+            return unsafe { avx2::dot_q5_0_q8_0(d, qs, qh, x) };
+        }
+    }
+    let mut sumf = 0f32;
+    for (b, (&dw, blk)) in d.iter().zip(qs.chunks_exact(16)).enumerate() {
+        let q = &x.q[b * QK..(b + 1) * QK];
+        let sumi: i32 = (0..QK).map(|j| q5_0_value(blk, qh[b], j) * q[j] as i32).sum();
+        sumf += dw * x.d[b] * sumi as f32;
+    }
+    sumf
+}
+
 fn dot_q8_0_q8_0(d: &[f32], qs: &[u8], x: &Q8Row) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
@@ -238,6 +272,37 @@ mod avx2 {
         hsum(acc)
     }
 
+    /// Q5_0 against Q8_0: the fifth bits become 0xF0 on values whose bit is clear, which turns
+    /// `nibble - 16` into the signed byte directly.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_q5_0_q8_0(d: &[f32], qs: &[u8], qh: &[u32], x: &Q8Row) -> f32 {
+        let nb = d.len();
+        debug_assert!(qs.len() == nb * 16 && qh.len() == nb && x.q.len() >= nb * QK && x.d.len() >= nb);
+        let mut acc = _mm256_setzero_ps();
+        let low = _mm_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let high = _mm256_set1_epi8(0xF0u8 as i8);
+        // Byte i of the expansion tests bit i: pick byte i/8 of the word, mask bit i%8.
+        let shuf = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+        let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+        let (dp, qp, xq, xd) = (d.as_ptr(), qs.as_ptr(), x.q.as_ptr(), x.d.as_ptr());
+        for b in 0..nb {
+            let q = _mm_loadu_si128(qp.add(b * 16) as *const __m128i);
+            let lo = _mm_and_si128(q, low);
+            let hi = _mm_and_si128(_mm_srli_epi16(q, 4), low);
+            let nibbles = _mm256_set_m128i(hi, lo);
+            let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(*qh.get_unchecked(b) as i32), shuf);
+            let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
+            let qw = _mm256_or_si256(nibbles, _mm256_andnot_si256(set, high));
+            let qx = _mm256_loadu_si256(xq.add(b * QK) as *const __m256i);
+            let aw = _mm256_sign_epi8(qw, qw);
+            let sx = _mm256_sign_epi8(qx, qw);
+            let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), ones);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(*dp.add(b) * *xd.add(b)), _mm256_cvtepi32_ps(dot), acc);
+        }
+        hsum(acc)
+    }
+
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot_q8_0_q8_0(d: &[f32], qs: &[u8], x: &Q8Row) -> f32 {
         let nb = d.len();
@@ -283,7 +348,7 @@ mod tests {
     /// of the dequantized weights, and SIMD and scalar paths agree.
     #[test]
     fn kernels_match_dequantized_matmul() {
-        for ty in [TensorType::Q4_1, TensorType::Q8_0] {
+        for ty in [TensorType::Q4_1, TensorType::Q5_0, TensorType::Q8_0] {
             let (rows, cols, m) = (40, 96, 3);
             let (w, raw) = random_weight(ty, rows, cols, 3);
             let wf = dequant(&w, &raw);
@@ -309,6 +374,10 @@ mod tests {
                         TensorType::Q4_1 => {
                             let s: i32 = (0..16).map(|j| (blk[4 + j] & 15) as i32 * q[j] as i32 + (blk[4 + j] >> 4) as i32 * q[j + 16] as i32).sum();
                             f16_at(blk, 0) * qx.d[b] * s as f32 + f16_at(blk, 2) * qx.s[b]
+                        }
+                        TensorType::Q5_0 => {
+                            let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
+                            f16_at(blk, 0) * qx.d[b] * (0..QK).map(|j| q5_0_value(&blk[6..], qh, j) * q[j] as i32).sum::<i32>() as f32
                         }
                         _ => f16_at(blk, 0) * qx.d[b] * (0..QK).map(|j| blk[2 + j] as i8 as i32 * q[j] as i32).sum::<i32>() as f32,
                     };

@@ -55,9 +55,11 @@ impl Tokenizer {
 
     fn finish(inner: tokenizers::Tokenizer, bos: Option<u32>, eos: Option<u32>, add_bos: bool) -> Self {
         let mut stop_ids: Vec<u32> = eos.into_iter().collect();
+        // Only as special tokens: in some vocabularies `</s>` is also plain text.
+        let specials = inner.get_added_tokens_decoder();
         for t in TURN_END_TOKENS {
             if let Some(id) = inner.token_to_id(t) {
-                if !stop_ids.contains(&id) {
+                if specials.get(&id).is_some_and(|a| a.special) && !stop_ids.contains(&id) {
                     stop_ids.push(id);
                 }
             }
