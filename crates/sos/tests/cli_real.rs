@@ -102,3 +102,29 @@ fn no_template_is_a_clear_error_unless_one_is_named() {
     let (code, _, err) = sos(&["generate", "--model", &p, "--template", "chatml", "-p", "hi", "--max-tokens", "2"]);
     assert_eq!(code, 0, "{err}");
 }
+
+#[test]
+fn chat_streams_answers_and_obeys_commands() {
+    use std::io::Write;
+    let m = default_model();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sos"))
+        .args(["chat", "--model", &m, "--temperature", "0", "--max-tokens", "16"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"/system You are a helpful assistant.\nWhat is the capital of France?\n/reset\n/bogus\n/quit\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    // Same greedy answer as the golden transformers run for this system prompt and question.
+    assert!(stdout.contains("The capital of France is Paris."), "{stdout}");
+    assert!(stderr.contains("system prompt set") && stderr.contains("conversation reset"), "{stderr}");
+    assert!(stderr.contains("unknown command /bogus"), "{stderr}");
+}
