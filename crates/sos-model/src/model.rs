@@ -134,6 +134,16 @@ pub struct Model {
     pub sin: Tensor,
 }
 
+/// RMSNorm: the fused kernel where candle has one (f32/f16/bf16), the plain formula otherwise
+/// (f64, used by the finite-difference tests).
+pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if x.dtype() == DType::F64 {
+        let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+        return Ok(x.broadcast_mul(&r)?.broadcast_mul(w)?);
+    }
+    Ok(candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)?)
+}
+
 pub(crate) fn bias_add(x: Tensor, b: &Option<Tensor>) -> Result<Tensor> {
     Ok(match b {
         Some(b) => x.broadcast_add(b)?,
@@ -259,8 +269,8 @@ impl Model {
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let d = cfg.d_model;
-        let eps = cfg.rms_eps as f32;
-        let a = candle_nn::ops::rms_norm(x, &l.attn_norm, eps)?.reshape((b * t, d))?;
+        let eps = cfg.rms_eps;
+        let a = rms_norm(x, &l.attn_norm, eps)?.reshape((b * t, d))?;
         let (q, k, v) = self.qkv(l, &a, b, t, cos, sin)?;
         let (k, v) = match kv {
             Some(slot) => {
@@ -276,7 +286,7 @@ impl Model {
         let p = self.attention_probs(&q, &k, b, t, pos0)?;
         let o = self.attention_out(&p, &v, b, t)?;
         let x1 = (x + l.wo.forward(&o)?.reshape((b, t, d))?)?;
-        let m = candle_nn::ops::rms_norm(&x1, &l.ffn_norm, eps)?.reshape((b * t, d))?;
+        let m = rms_norm(&x1, &l.ffn_norm, eps)?.reshape((b * t, d))?;
         let f = (l.w_gate.forward(&m)?.silu()? * l.w_up.forward(&m)?)?;
         Ok((x1 + l.w_down.forward(&f)?.reshape((b, t, d))?)?)
     }
@@ -343,7 +353,7 @@ impl Model {
 
     /// Final norm and output layer for hidden rows `h: [n, d]` -> logits `[n, vocab]`.
     pub fn logits(&self, h: &Tensor) -> Result<Tensor> {
-        let hn = candle_nn::ops::rms_norm(h, &self.norm, self.cfg.rms_eps as f32)?;
+        let hn = rms_norm(h, &self.norm, self.cfg.rms_eps)?;
         self.lm_head.forward(&hn)
     }
 

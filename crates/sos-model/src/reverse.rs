@@ -5,30 +5,37 @@
 //! `Model::forward` and keeps what the backward needs (the `Tape`); `backward` walks the layers in
 //! reverse, one op's backward after another. Frozen weights are only ever multiplied, never
 //! differentiated, so the pass costs about one forward's matmuls plus the attention transposes.
+//!
+//! A prompt part that never changes (everything before a trigger) can be given as a `prefix`
+//! KV cache: `forward_train` and `backward` then run only on the positions after it, because a
+//! position's gradient needs only the positions after it, and the prefix's keys and values are
+//! constants.
 
 use candle_core::{Tensor, D};
 
-use crate::model::{Layer, Model};
+use crate::model::{KvCache, Layer, Model};
 use crate::{Error, Result};
 
-/// Activations one layer's backward needs.
+/// Activations one layer's backward needs, for the `r` trainable positions.
 struct LayerTape {
-    x: Tensor,     // layer input [b, t, d]
-    r1: Tensor,    // 1/rms of x [b, t, 1]
-    q: Tensor,     // roped queries [b, h, t, hd]
-    k: Tensor,     // roped keys [b, kvh, t, hd]
-    v: Tensor,     // values [b, kvh, t, hd]
-    p: Tensor,     // attention probabilities [b, kvh, g*t, t]
-    x1: Tensor,    // after the attention residual [b, t, d]
+    x: Tensor,     // layer input [b, r, d]
+    r1: Tensor,    // 1/rms of x [b, r, 1]
+    q: Tensor,     // roped queries [b, h, r, hd]
+    k: Tensor,     // roped keys, prefix included [b, kvh, s, hd]
+    v: Tensor,     // values, prefix included [b, kvh, s, hd]
+    p: Tensor,     // attention probabilities [b, kvh, g*r, s]
+    x1: Tensor,    // after the attention residual [b, r, d]
     r2: Tensor,    // 1/rms of x1
-    gate: Tensor,  // gate pre-activation [b*t, ff]
-    up: Tensor,    // up projection [b*t, ff]
+    gate: Tensor,  // gate pre-activation [b*r, ff]
+    up: Tensor,    // up projection [b*r, ff]
 }
 
 /// Everything `backward` needs, produced by `forward_train`.
 pub struct Tape {
     layers: Vec<LayerTape>,
-    /// Hidden states after the last layer, before the final norm: `[b, t, d]`.
+    /// Length of the frozen prefix: the tape covers positions `from..from + r`.
+    from: usize,
+    /// Hidden states after the last layer, before the final norm: `[b, r, d]`.
     pub hidden: Tensor,
 }
 
@@ -51,65 +58,86 @@ fn sigmoid(x: &Tensor) -> Result<Tensor> {
 }
 
 impl Model {
-    /// Forward over `x: [b, t, d]` (positions `0..t`) that records the tape for `backward`.
-    pub fn forward_train(&self, x: &Tensor) -> Result<Tape> {
-        if self.layers.iter().any(|l| matches!(l.wq, crate::model::Linear::Quant(_))) {
+    /// Keys and values of a prompt part that stays fixed while inputs after it are trained:
+    /// `x: [b, p, d]` at positions `0..p`.
+    pub fn prefix(&self, x: &Tensor) -> Result<KvCache> {
+        let mut cache = KvCache::new(self.cfg.n_layer);
+        self.forward(x, 0, Some(&mut cache))?;
+        Ok(cache)
+    }
+
+    /// Forward over `x: [b, r, d]` at positions `p..p + r` after an optional frozen `prefix` of
+    /// length `p` (built by `Model::prefix` from the same batch), recording the tape.
+    pub fn forward_train(&self, x: &Tensor, prefix: Option<&KvCache>) -> Result<Tape> {
+        if self.layers.iter().any(|l| !matches!(l.wq, crate::model::Linear::Dense(_))) {
             return Err(Error::Invalid("gradients need `--exec f32` (quantized weights are inference only)".into()));
         }
-        let (b, t, _) = x.dims3()?;
-        self.check_len(t)?;
-        let cos = self.cos.narrow(0, 0, t)?;
-        let sin = self.sin.narrow(0, 0, t)?;
+        let (b, r, _) = x.dims3()?;
+        let from = prefix.map_or(0, |p| p.len());
+        self.check_len(from + r)?;
+        let cos = self.cos.narrow(0, from, r)?;
+        let sin = self.sin.narrow(0, from, r)?;
         let mut layers = Vec::with_capacity(self.layers.len());
         let mut h = x.clone();
-        for l in &self.layers {
-            let (tape, out) = self.layer_train(l, &h, b, t, &cos, &sin)?;
+        for (i, l) in self.layers.iter().enumerate() {
+            let kv = match prefix {
+                Some(p) => Some(p.layers()[i].as_ref().ok_or_else(|| Error::Invalid("prefix cache is empty".into()))?),
+                None => None,
+            };
+            let (tape, out) = self.layer_train(l, &h, b, r, from, kv, &cos, &sin)?;
             layers.push(tape);
             h = out;
         }
-        Ok(Tape { layers, hidden: h })
+        Ok(Tape { layers, from, hidden: h })
     }
 
-    fn layer_train(&self, l: &Layer, x: &Tensor, b: usize, t: usize, cos: &Tensor, sin: &Tensor) -> Result<(LayerTape, Tensor)> {
+    #[allow(clippy::too_many_arguments)]
+    fn layer_train(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        b: usize,
+        r: usize,
+        from: usize,
+        prefix: Option<&(Tensor, Tensor)>,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<(LayerTape, Tensor)> {
         let c = &self.cfg;
         let d = c.d_model;
         let (a, r1) = rms_forward(x, &l.attn_norm, c.rms_eps)?;
-        let (q, k, v) = self.qkv(l, &a.reshape((b * t, d))?, b, t, cos, sin)?;
-        let p = self.attention_probs(&q, &k, b, t, 0)?;
-        let o = self.attention_out(&p, &v, b, t)?;
-        let x1 = (x + l.wo.forward(&o)?.reshape((b, t, d))?)?;
+        let (q, k, v) = self.qkv(l, &a.reshape((b * r, d))?, b, r, cos, sin)?;
+        let (k, v) = match prefix {
+            Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
+            None => (k, v),
+        };
+        let p = self.attention_probs(&q, &k, b, r, from)?;
+        let o = self.attention_out(&p, &v, b, r)?;
+        let x1 = (x + l.wo.forward(&o)?.reshape((b, r, d))?)?;
         let (m, r2) = rms_forward(&x1, &l.ffn_norm, c.rms_eps)?;
-        let m = m.reshape((b * t, d))?;
+        let m = m.reshape((b * r, d))?;
         let gate = l.w_gate.forward(&m)?;
         let up = l.w_up.forward(&m)?;
         let f = (gate.silu()? * &up)?;
-        let out = (&x1 + l.w_down.forward(&f)?.reshape((b, t, d))?)?;
+        let out = (&x1 + l.w_down.forward(&f)?.reshape((b, r, d))?)?;
         Ok((LayerTape { x: x.clone(), r1, q, k, v, p, x1, r2, gate, up }, out))
     }
 
-    /// Gradient of the loss with respect to the input embeddings at positions `from..t`, given
-    /// its gradient `dh` with respect to `tape.hidden`. Returns `[b, t - from, d]`.
-    ///
-    /// Rows before `from` are constants to the caller (the prompt before a trigger), so their
-    /// backward is skipped: the gradient at a row only ever needs gradients at rows after it.
-    /// With `from = 0` this is the full input gradient.
-    pub fn backward(&self, tape: &Tape, dh: &Tensor, from: usize) -> Result<Tensor> {
-        let (_, t, _) = dh.dims3()?;
-        if from >= t {
-            return Err(Error::Invalid(format!("gradient rows start at {from} but the sequence has {t}")));
-        }
-        let r = t - from;
-        let cos = self.cos.narrow(0, from, r)?;
-        let sin = self.sin.narrow(0, from, r)?.neg()?;
-        let mut g = dh.narrow(1, from, r)?.contiguous()?;
+    /// Gradient of the loss with respect to the inputs of `forward_train`, given its gradient
+    /// `dh: [b, r, d]` with respect to `tape.hidden`.
+    pub fn backward(&self, tape: &Tape, dh: &Tensor) -> Result<Tensor> {
+        let (_, r, _) = dh.dims3()?;
+        let cos = self.cos.narrow(0, tape.from, r)?;
+        let sin = self.sin.narrow(0, tape.from, r)?.neg()?;
+        let mut g = dh.clone();
         for (l, lt) in self.layers.iter().zip(&tape.layers).rev() {
-            g = self.layer_backward(l, lt, &g, from, &cos, &sin)?;
+            g = self.layer_backward(l, lt, &g, tape.from, &cos, &sin)?;
         }
         Ok(g)
     }
 
-    /// Backward of one layer for rows `from..t`; `dout: [b, r, d]`. `neg_sin` is `-sin`:
-    /// rotating by the opposite angle is the transpose of the rotation.
+    /// Backward of one layer; `dout: [b, r, d]`. `neg_sin` is `-sin`: rotating by the opposite
+    /// angle is the transpose of the rotation.
     #[allow(clippy::too_many_arguments)]
     fn layer_backward(&self, l: &Layer, s: &LayerTape, dout: &Tensor, from: usize, cos: &Tensor, neg_sin: &Tensor) -> Result<Tensor> {
         let c = &self.cfg;
@@ -119,42 +147,36 @@ impl Model {
         let (h, kvh, hd) = (c.n_head, c.n_kv_head, c.head_dim);
         let g = h / kvh;
         let scale = 1.0 / (hd as f64).sqrt();
-        // The tape's rows `from..t`, token-major.
-        let rows = |x: &Tensor| -> Result<Tensor> {
-            let w = x.dim(x.rank() - 1)?;
-            Ok(x.reshape((b, t, w))?.narrow(1, from, r)?.contiguous()?)
-        };
 
         // MLP: out = x1 + down(silu(gate) * up).
-        let (gate, up) = (rows(&s.gate)?.reshape((n, c.d_ff))?, rows(&s.up)?.reshape((n, c.d_ff))?);
         let df = l.w_down.backward_input(&dout.reshape((n, d))?)?;
-        let sg = sigmoid(&gate)?;
-        let silu = (&gate * &sg)?;
-        let dsilu = (&sg * ((&gate * (1.0 - &sg)?)? + 1.0)?)?;
-        let dgate = (&df * &up)?.mul(&dsilu)?;
+        let sg = sigmoid(&s.gate)?;
+        let silu = (&s.gate * &sg)?;
+        let dsilu = (&sg * ((&s.gate * (1.0 - &sg)?)? + 1.0)?)?;
+        let dgate = (&df * &s.up)?.mul(&dsilu)?;
         let dup = (&df * silu)?;
         let dm = (l.w_gate.backward_input(&dgate)? + l.w_up.backward_input(&dup)?)?;
-        let dx1 = (dout + rms_backward(&rows(&s.x1)?, &rows(&s.r2)?, &l.ffn_norm, &dm.reshape((b, r, d))?)?)?;
+        let dx1 = (dout + rms_backward(&s.x1, &s.r2, &l.ffn_norm, &dm.reshape((b, r, d))?)?)?;
 
-        // Attention: x1 = x + wo(P V), per KV group. Query rows `from..t` see every key; only
-        // keys `from..t` need gradients.
+        // Attention: x1 = x + wo(P V), per KV group. The trainable queries see every key; only
+        // the keys after the prefix need gradients.
         let dout_heads = l.wo.backward_input(&dx1.reshape((n, d))?)?; // [n, h*hd]
         let d_o = dout_heads.reshape((b, r, h, hd))?.transpose(1, 2)?.contiguous()?.reshape((b, kvh, g * r, hd))?;
-        let p = s.p.reshape((b, kvh, g, t, t))?.narrow(3, from, r)?.contiguous()?.reshape((b, kvh, g * r, t))?;
-        let keys = |x: &Tensor| -> Result<Tensor> { Ok(x.reshape((b, kvh, g * r, t))?.narrow(3, from, r)?.contiguous()?) };
+        let own_keys = |x: &Tensor| -> Result<Tensor> { Ok(x.narrow(3, from, r)?.contiguous()?) };
         let dp = d_o.matmul(&s.v.t()?)?; // [b, kvh, g*r, t]
-        let dv = keys(&p)?.t()?.matmul(&d_o)?; // [b, kvh, r, hd]
-        let ds = (&p * dp.broadcast_sub(&(&dp * &p)?.sum_keepdim(D::Minus1)?)?)?;
-        let qg = s.q.narrow(2, from, r)?.contiguous()?.reshape((b, kvh, g * r, hd))?;
+        let dv = own_keys(&s.p)?.t()?.matmul(&d_o)?; // [b, kvh, r, hd]
+        let ds = (&s.p * dp.broadcast_sub(&(&dp * &s.p)?.sum_keepdim(D::Minus1)?)?)?;
+        let qg = s.q.reshape((b, kvh, g * r, hd))?;
         let dq = (ds.matmul(&s.k)? * scale)?.reshape((b, h, r, hd))?;
-        let dk = (keys(&ds)?.t()?.matmul(&qg)? * scale)?; // sums over the g query heads of each group
+        let dk = (own_keys(&ds)?.t()?.matmul(&qg)? * scale)?; // sums over the g query heads of each group
         let dq = candle_nn::rotary_emb::rope(&dq.contiguous()?, cos, neg_sin)?;
         let dk = candle_nn::rotary_emb::rope(&dk.contiguous()?, cos, neg_sin)?;
         let tokens = |x: Tensor, heads: usize| -> Result<Tensor> { Ok(x.transpose(1, 2)?.reshape((n, heads * hd))?) };
         let da = (l.wq.backward_input(&tokens(dq, h)?)?
             + l.wk.backward_input(&tokens(dk, kvh)?)?
             + l.wv.backward_input(&tokens(dv, kvh)?)?)?;
-        Ok((dx1 + rms_backward(&rows(&s.x)?, &rows(&s.r1)?, &l.attn_norm, &da.reshape((b, r, d))?)?)?)
+        debug_assert_eq!(s.k.dim(2)?, t);
+        Ok((dx1 + rms_backward(&s.x, &s.r1, &l.attn_norm, &da.reshape((b, r, d))?)?)?)
     }
 
     /// Mean cross-entropy of `targets` predicted from the hidden rows `rows` (flat indices
@@ -184,10 +206,11 @@ impl Model {
         Ok((loss, dh.reshape((b, t, d))?))
     }
 
-    /// Loss and gradient with respect to the inputs `x: [b, t, d]` at positions `from..t`.
-    pub fn loss_and_input_grad(&self, x: &Tensor, rows: &[u32], targets: &[u32], from: usize) -> Result<(f64, Tensor)> {
-        let tape = self.forward_train(x)?;
+    /// Loss and gradient with respect to the inputs `x: [b, r, d]` that follow `prefix`;
+    /// `rows` index `x`'s positions (`seq * r + pos`).
+    pub fn loss_and_input_grad(&self, x: &Tensor, prefix: Option<&KvCache>, rows: &[u32], targets: &[u32]) -> Result<(f64, Tensor)> {
+        let tape = self.forward_train(x, prefix)?;
         let (loss, dh) = self.cross_entropy(&tape.hidden, rows, targets)?;
-        Ok((loss, self.backward(&tape, &dh, from)?))
+        Ok((loss, self.backward(&tape, &dh)?))
     }
 }

@@ -93,7 +93,7 @@ fn training_forward_matches_inference_forward() {
         let seqs = vec![sample_ids(1, 9, 200), sample_ids(2, 9, 200)];
         let x = m.embed_batch(&seqs).unwrap();
         let h1 = m.forward(&x, 0, None).unwrap();
-        let h2 = m.forward_train(&x).unwrap().hidden;
+        let h2 = m.forward_train(&x, None).unwrap().hidden;
         let d = max_abs_diff(&h1, &h2);
         assert!(d < 1e-4, "{name}: training and inference forwards differ by {d}");
     }
@@ -112,13 +112,13 @@ fn input_gradient_matches_finite_differences() {
         // Loss on positions 2 and 3 of sequence 0 and position 3 of sequence 1.
         let rows = [2u32, 3, (t + 3) as u32];
         let targets = [17u32, 42, 99];
-        let (loss, dx) = m.loss_and_input_grad(&x, &rows, &targets, 0).unwrap();
+        let (loss, dx) = m.loss_and_input_grad(&x, None, &rows, &targets).unwrap();
         assert!(loss.is_finite() && loss > 0.0);
         let dxv: Vec<f64> = dx.flatten_all().unwrap().to_vec1().unwrap();
         let xv: Vec<f64> = x.flatten_all().unwrap().to_vec1().unwrap();
         let loss_at = |xs: &[f64]| -> f64 {
             let xt = Tensor::from_vec(xs.to_vec(), (b, t, d), &Device::Cpu).unwrap();
-            let tape = m.forward_train(&xt).unwrap();
+            let tape = m.forward_train(&xt, None).unwrap();
             m.cross_entropy(&tape.hidden, &rows, &targets).unwrap().0
         };
         let eps = 1e-5;
@@ -147,13 +147,17 @@ fn input_gradient_matches_finite_differences() {
             let first = &dxv[(seq * t) * d..(seq * t + 1) * d];
             assert!(first.iter().any(|&g| g != 0.0), "{name}: no gradient reached position 0");
         }
-        // Skipping the rows before `from` changes nothing at rows `from..t`.
-        for from in [1, 3, 5] {
-            let part = m.loss_and_input_grad(&x, &rows, &targets, from).unwrap().1;
-            assert_eq!(part.dims(), &[b, t - from, d]);
-            let full = dx.narrow(1, from, t - from).unwrap();
-            let diff = max_abs_diff(&part, &full);
-            assert!(diff < 1e-12, "{name}: partial backward from {from} differs by {diff}");
+        // A frozen prefix (positions before `from` as a KV cache) gives the same loss and the
+        // same gradient at positions `from..t`, from a pass over those positions only.
+        for from in [1, 2] {
+            let prefix = m.prefix(&x.narrow(1, 0, from).unwrap()).unwrap();
+            let r = t - from;
+            let rows_r: Vec<u32> = rows.iter().map(|&i| ((i as usize / t) * r + i as usize % t - from) as u32).collect();
+            let (loss_r, part) = m.loss_and_input_grad(&x.narrow(1, from, r).unwrap(), Some(&prefix), &rows_r, &targets).unwrap();
+            assert!((loss_r - loss).abs() < 1e-12, "{name}: loss with a prefix {loss_r} vs {loss}");
+            assert_eq!(part.dims(), &[b, r, d]);
+            let diff = max_abs_diff(&part, &dx.narrow(1, from, r).unwrap());
+            assert!(diff < 1e-12, "{name}: gradient after a prefix of {from} differs by {diff}");
         }
     }
 }
@@ -164,6 +168,6 @@ fn quantized_exec_runs_and_refuses_gradients() {
     let lm = load(&spec, "quant", false, Exec::Quant);
     let x = lm.model.embed_ids(&[5, 6, 7]).unwrap().unsqueeze(0).unwrap();
     assert!(lm.model.forward(&x, 0, None).is_ok());
-    let err = lm.model.forward_train(&x).err().expect("quant must refuse gradients").to_string();
+    let err = lm.model.forward_train(&x, None).err().expect("quant must refuse gradients").to_string();
     assert!(err.contains("--exec f32"), "{err}");
 }

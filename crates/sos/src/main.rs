@@ -43,8 +43,9 @@ fn main() {
         Cmd::Bench(c) => bench::run(c),
     };
     if let Err(e) = result {
-        // One line: the whole cause chain, outermost first.
-        let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+        // One line: the whole cause chain, outermost first. Some library errors carry a
+        // backtrace after their message (candle with RUST_BACKTRACE set); only the message counts.
+        let chain: Vec<String> = e.chain().map(|c| c.to_string().lines().next().unwrap_or("").trim().to_string()).collect();
         eprintln!("error: {}", chain.join(": "));
         std::process::exit(2);
     }
