@@ -487,6 +487,19 @@ impl Gguf {
                         ),
                     )
                 })?;
+            // candle reads the data in place as f32 / f16 / block structs; a `general.alignment`
+            // of 1 or 2 can place it at an address where that is undefined behaviour.
+            let need = match ty {
+                TensorType::F32 | TensorType::Q8K => 4,
+                _ => 2,
+            };
+            if (data.as_ptr() as u64).wrapping_add(offset) % need != 0 {
+                bail_format!(
+                    path,
+                    "tensor `{name}`: {} data at offset {offset} is not {need}-byte aligned (general.alignment is {alignment})",
+                    ty.name()
+                );
+            }
             if tensor_index.insert(name.clone(), tensors.len()).is_some() {
                 bail_format!(path, "duplicate tensor name `{name}`");
             }
@@ -719,5 +732,31 @@ mod tests {
         b.extend_from_slice(&0u32.to_le_bytes());
         b.extend_from_slice(&0u64.to_le_bytes());
         assert!(err_of(&b, "dims.gguf").contains("invalid dims"));
+    }
+
+    #[test]
+    fn misaligned_tensor_data_is_an_error() {
+        // `general.alignment` 1 let an F32 tensor start at an odd offset, which candle then read
+        // as `&[f32]` (undefined behaviour; a panic under debug assertions). Reproduced with the
+        // `gguf_header` fuzz target through `Config::from_gguf` (`rope_freqs.weight`).
+        let mut b = header(1, 1);
+        b.extend_from_slice(&17u64.to_le_bytes());
+        b.extend_from_slice(b"general.alignment");
+        b.extend_from_slice(&4u32.to_le_bytes());
+        b.extend_from_slice(&1u32.to_le_bytes());
+        b.extend_from_slice(&1u64.to_le_bytes());
+        b.push(b't');
+        b.extend_from_slice(&1u32.to_le_bytes());
+        b.extend_from_slice(&2u64.to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b.extend_from_slice(&0u64.to_le_bytes());
+        // With alignment 1 the data starts right after the header, at 90: not a multiple of 4.
+        assert_eq!(b.len(), 90);
+        b.extend_from_slice(&[0; 8]);
+        let e = err_of(&b, "align.gguf");
+        assert!(e.contains("not 4-byte aligned"), "{e}");
+        // In memory too.
+        let e = Gguf::from_bytes("align.gguf", b).unwrap_err().to_string();
+        assert!(e.contains("not 4-byte aligned"), "{e}");
     }
 }

@@ -14,21 +14,15 @@ use crate::{Error, Result};
 
 const QK: usize = 32;
 
-/// A weight matrix `[rows, cols]` of ggml blocks, unpacked at load into separate arrays of f32
-/// scales (and Q4_1 minimums) and packed quants, so the kernels never convert f16 scales.
+/// A weight matrix `[rows, cols]` in its ggml blocks, row-major, as stored in the file: decoding
+/// is bound by memory bandwidth, so the blocks stay as compact as llama.cpp keeps them and the
+/// kernels convert the f16 scales inline.
 #[derive(Debug, Clone)]
 pub struct QWeight {
     pub ty: TensorType,
     pub rows: usize,
     pub cols: usize,
-    /// Per block, row-major: `rows * cols / 32`.
-    scales: std::sync::Arc<Vec<f32>>,
-    /// Q4_1 only: per-block minimum.
-    mins: std::sync::Arc<Vec<f32>>,
-    /// Q4_1, Q5_0: 16 bytes of nibbles per block; Q8_0: 32 signed bytes per block.
-    qs: std::sync::Arc<Vec<u8>>,
-    /// Q5_0 only: the fifth bit of each of the block's 32 values.
-    qh: std::sync::Arc<Vec<u32>>,
+    data: std::sync::Arc<Vec<u8>>,
 }
 
 /// Activations quantized to 8 bits per 32-block: scale `d`, `s = d * sum(q)` (Q8_1 only), values.
@@ -44,53 +38,28 @@ impl QWeight {
         matches!(ty, TensorType::Q4_1 | TensorType::Q5_0 | TensorType::Q8_0)
     }
 
-    /// From raw ggml blocks (`data`, row-major).
+    /// From raw ggml blocks (`data`, row-major). Block layouts: Q4_1 `{d, m: f16, qs[16]}`,
+    /// Q5_0 `{d: f16, qh: u32, qs[16]}`, Q8_0 `{d: f16, qs: [i8; 32]}`.
     pub fn new(ty: TensorType, rows: usize, cols: usize, data: &[u8]) -> Result<Self> {
         let (bs, bb) = ty.block();
         if !Self::supports(ty) || cols % bs as usize != 0 || data.len() != rows * cols / bs as usize * bb as usize {
             return Err(Error::Invalid(format!("bad {} weight: {rows}x{cols} with {} bytes", ty.name(), data.len())));
         }
-        let bb = bb as usize;
-        let n_blocks = data.len() / bb;
-        // ggml block layouts: Q4_1 {d, m: f16, qs[16]}, Q5_0 {d: f16, qh: u32, qs[16]}, Q8_0 {d: f16, qs[32]}.
-        let (q_len, q_off) = match ty {
-            TensorType::Q4_1 => (16, 4),
-            TensorType::Q5_0 => (16, 6),
-            _ => (32, 2),
-        };
-        let mut scales = Vec::with_capacity(n_blocks);
-        let mut mins = Vec::new();
-        let mut qh = Vec::new();
-        let mut qs = Vec::with_capacity(n_blocks * q_len);
-        for blk in data.chunks_exact(bb) {
-            scales.push(f16_at(blk, 0));
-            match ty {
-                TensorType::Q4_1 => mins.push(f16_at(blk, 2)),
-                TensorType::Q5_0 => qh.push(u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]])),
-                _ => {}
-            }
-            qs.extend_from_slice(&blk[q_off..q_off + q_len]);
-        }
-        use std::sync::Arc;
-        Ok(QWeight { ty, rows, cols, scales: Arc::new(scales), mins: Arc::new(mins), qs: Arc::new(qs), qh: Arc::new(qh) })
+        Ok(QWeight { ty, rows, cols, data: std::sync::Arc::new(data.to_vec()) })
     }
 
-    fn blocks_per_row(&self) -> usize {
-        self.cols / QK
+    fn row_bytes(&self) -> usize {
+        self.cols / QK * self.ty.block().1 as usize
     }
 
     /// One weight row against one quantized activation row.
     fn dot_row(&self, r: usize, x: &Q8Row) -> f32 {
-        let nb = self.blocks_per_row();
-        let d = &self.scales[r * nb..(r + 1) * nb];
+        let rb = self.row_bytes();
+        let w = &self.data[r * rb..(r + 1) * rb];
         match self.ty {
-            TensorType::Q4_1 => {
-                let qs = &self.qs[r * nb * 16..(r + 1) * nb * 16];
-                let sum_min = dot_f32(&self.mins[r * nb..(r + 1) * nb], &x.s);
-                dot_q4_1_q8_1(d, qs, x) + sum_min
-            }
-            TensorType::Q5_0 => dot_q5_0_q8_0(d, &self.qs[r * nb * 16..(r + 1) * nb * 16], &self.qh[r * nb..(r + 1) * nb], x),
-            _ => dot_q8_0_q8_0(d, &self.qs[r * nb * 32..(r + 1) * nb * 32], x),
+            TensorType::Q4_1 => dot_q4_1_q8_1(w, x),
+            TensorType::Q5_0 => dot_q5_0_q8_0(w, x),
+            _ => dot_q8_0_q8_0(w, x),
         }
     }
 
@@ -175,23 +144,29 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
 }
 
-/// `sum_b d_w[b] * d_x[b] * <q_w[b], q_x[b]>` for Q4_1 nibbles (the minimum term is added by the caller).
-fn dot_q4_1_q8_1(d: &[f32], qs: &[u8], x: &Q8Row) -> f32 {
+fn simd() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the features were just detected; `QWeight::new` sized the slices.
-            return unsafe { avx2::dot_q4_1_q8_1(d, qs, x) };
-        }
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Q4_1 row against Q8_1 activations: `sum_b d_w d_x <q_w, q_x> + m_w s_x`.
+fn dot_q4_1_q8_1(w: &[u8], x: &Q8Row) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if simd() {
+        // SAFETY: the features were just detected; `QWeight::new` checked the row length.
+        return unsafe { avx2::dot_q4_1_q8_1(w, x) };
     }
     let mut sumf = 0f32;
-    for (b, (&dw, blk)) in d.iter().zip(qs.chunks_exact(16)).enumerate() {
+    for (b, blk) in w.chunks_exact(20).enumerate() {
         let q = &x.q[b * QK..(b + 1) * QK];
-        let mut sumi = 0i32;
-        for j in 0..16 {
-            sumi += (blk[j] & 0x0F) as i32 * q[j] as i32 + (blk[j] >> 4) as i32 * q[j + 16] as i32;
-        }
-        sumf += dw * x.d[b] * sumi as f32;
+        let sumi: i32 = (0..16).map(|j| (blk[4 + j] & 0x0F) as i32 * q[j] as i32 + (blk[4 + j] >> 4) as i32 * q[j + 16] as i32).sum();
+        sumf += f16_at(blk, 0) * x.d[b] * sumi as f32 + f16_at(blk, 2) * x.s[b];
     }
     sumf
 }
@@ -199,39 +174,36 @@ fn dot_q4_1_q8_1(d: &[f32], qs: &[u8], x: &Q8Row) -> f32 {
 /// Q5_0 value `j` of a block: its nibble, plus 16 if bit `j` of `qh` is set, minus 16.
 fn q5_0_value(qs: &[u8], qh: u32, j: usize) -> i32 {
     let nib = if j < 16 { qs[j] & 0x0F } else { qs[j - 16] >> 4 } as i32;
-    (nib | (((qh >> j) & 1) as i32) << 4) - 16
+    (nib | ((((qh >> j) & 1) as i32) << 4)) - 16
 }
 
-fn dot_q5_0_q8_0(d: &[f32], qs: &[u8], qh: &[u32], x: &Q8Row) -> f32 {
+fn dot_q5_0_q8_0(w: &[u8], x: &Q8Row) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: as above.
-            return unsafe { avx2::dot_q5_0_q8_0(d, qs, qh, x) };
-        }
+    if simd() {
+        // SAFETY: as above.
+        return unsafe { avx2::dot_q5_0_q8_0(w, x) };
     }
     let mut sumf = 0f32;
-    for (b, (&dw, blk)) in d.iter().zip(qs.chunks_exact(16)).enumerate() {
+    for (b, blk) in w.chunks_exact(22).enumerate() {
         let q = &x.q[b * QK..(b + 1) * QK];
-        let sumi: i32 = (0..QK).map(|j| q5_0_value(blk, qh[b], j) * q[j] as i32).sum();
-        sumf += dw * x.d[b] * sumi as f32;
+        let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
+        let sumi: i32 = (0..QK).map(|j| q5_0_value(&blk[6..], qh, j) * q[j] as i32).sum();
+        sumf += f16_at(blk, 0) * x.d[b] * sumi as f32;
     }
     sumf
 }
 
-fn dot_q8_0_q8_0(d: &[f32], qs: &[u8], x: &Q8Row) -> f32 {
+fn dot_q8_0_q8_0(w: &[u8], x: &Q8Row) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: as above.
-            return unsafe { avx2::dot_q8_0_q8_0(d, qs, x) };
-        }
+    if simd() {
+        // SAFETY: as above.
+        return unsafe { avx2::dot_q8_0_q8_0(w, x) };
     }
     let mut sumf = 0f32;
-    for (b, (&dw, blk)) in d.iter().zip(qs.chunks_exact(32)).enumerate() {
+    for (b, blk) in w.chunks_exact(34).enumerate() {
         let q = &x.q[b * QK..(b + 1) * QK];
-        let sumi: i32 = (0..QK).map(|j| blk[j] as i8 as i32 * q[j] as i32).sum();
-        sumf += dw * x.d[b] * sumi as f32;
+        let sumi: i32 = (0..QK).map(|j| blk[2 + j] as i8 as i32 * q[j] as i32).sum();
+        sumf += f16_at(blk, 0) * x.d[b] * sumi as f32;
     }
     sumf
 }
@@ -242,7 +214,7 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn hsum(v: __m256) -> f32 {
         let lo = _mm256_castps256_ps128(v);
         let hi = _mm256_extractf128_ps(v, 1);
@@ -252,71 +224,87 @@ mod avx2 {
         _mm_cvtss_f32(s)
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_q4_1_q8_1(d: &[f32], qs: &[u8], x: &Q8Row) -> f32 {
-        let nb = d.len();
-        debug_assert!(qs.len() == nb * 16 && x.q.len() >= nb * QK && x.d.len() >= nb);
-        let mut acc = _mm256_setzero_ps();
-        let low = _mm_set1_epi8(0x0F);
-        let ones = _mm256_set1_epi16(1);
-        let (dp, qp, xq, xd) = (d.as_ptr(), qs.as_ptr(), x.q.as_ptr(), x.d.as_ptr());
-        for b in 0..nb {
-            let q = _mm_loadu_si128(qp.add(b * 16) as *const __m128i);
-            let lo = _mm_and_si128(q, low);
-            let hi = _mm_and_si128(_mm_srli_epi16(q, 4), low);
-            let qw = _mm256_set_m128i(hi, lo);
-            let qx = _mm256_loadu_si256(xq.add(b * QK) as *const __m256i);
-            let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(qw, qx), ones);
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(*dp.add(b) * *xd.add(b)), _mm256_cvtepi32_ps(dot), acc);
-        }
-        hsum(acc)
+    /// The two f16 values at `p` as f32 lanes 0 and 1.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn f16x2(p: *const u8) -> __m128 {
+        _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const i32)))
     }
 
-    /// Q5_0 against Q8_0: the fifth bits become 0xF0 on values whose bit is clear, which turns
-    /// `nibble - 16` into the signed byte directly.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_q5_0_q8_0(d: &[f32], qs: &[u8], qh: &[u32], x: &Q8Row) -> f32 {
-        let nb = d.len();
-        debug_assert!(qs.len() == nb * 16 && qh.len() == nb && x.q.len() >= nb * QK && x.d.len() >= nb);
-        let mut acc = _mm256_setzero_ps();
+    /// 16 bytes of nibbles -> 32 bytes: low nibbles (values 0..16) then high nibbles (16..32).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn nibbles(p: *const u8) -> __m256i {
+        let q = _mm_loadu_si128(p as *const __m128i);
         let low = _mm_set1_epi8(0x0F);
+        _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), low), _mm_and_si128(q, low))
+    }
+
+    /// Signed bytes `a` times signed bytes `b`, summed in pairs of four into 8 f32 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_i8(a: __m256i, b: __m256i) -> __m256 {
+        let dot = _mm256_maddubs_epi16(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a));
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(dot, _mm256_set1_epi16(1)))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q4_1_q8_1(w: &[u8], x: &Q8Row) -> f32 {
+        let nb = w.len() / 20;
+        debug_assert!(x.q.len() >= nb * QK && x.d.len() >= nb && x.s.len() >= nb);
+        let mut acc = _mm256_setzero_ps();
+        let mut summs = 0f32;
         let ones = _mm256_set1_epi16(1);
+        let (wp, xq, xd, xs) = (w.as_ptr(), x.q.as_ptr(), x.d.as_ptr(), x.s.as_ptr());
+        for b in 0..nb {
+            let blk = wp.add(b * 20);
+            let dm = f16x2(blk);
+            let (dw, mw) = (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)));
+            summs += mw * *xs.add(b);
+            let qx = _mm256_loadu_si256(xq.add(b * QK) as *const __m256i);
+            // Weights are unsigned nibbles: maddubs takes them as the unsigned operand directly.
+            let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(nibbles(blk.add(4)), qx), ones);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * *xd.add(b)), _mm256_cvtepi32_ps(dot), acc);
+        }
+        hsum(acc) + summs
+    }
+
+    /// Q5_0 against Q8_0: bytes whose fifth bit is clear get 0xF0, which turns `nibble - 16`
+    /// into the signed byte directly.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q5_0_q8_0(w: &[u8], x: &Q8Row) -> f32 {
+        let nb = w.len() / 22;
+        debug_assert!(x.q.len() >= nb * QK && x.d.len() >= nb);
+        let mut acc = _mm256_setzero_ps();
         let high = _mm256_set1_epi8(0xF0u8 as i8);
         // Byte i of the expansion tests bit i: pick byte i/8 of the word, mask bit i%8.
         let shuf = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
         let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
-        let (dp, qp, xq, xd) = (d.as_ptr(), qs.as_ptr(), x.q.as_ptr(), x.d.as_ptr());
+        let (wp, xq, xd) = (w.as_ptr(), x.q.as_ptr(), x.d.as_ptr());
         for b in 0..nb {
-            let q = _mm_loadu_si128(qp.add(b * 16) as *const __m128i);
-            let lo = _mm_and_si128(q, low);
-            let hi = _mm_and_si128(_mm_srli_epi16(q, 4), low);
-            let nibbles = _mm256_set_m128i(hi, lo);
-            let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(*qh.get_unchecked(b) as i32), shuf);
-            let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
-            let qw = _mm256_or_si256(nibbles, _mm256_andnot_si256(set, high));
+            let blk = wp.add(b * 22);
+            let dw = _mm_cvtss_f32(f16x2(blk));
+            let qh = std::ptr::read_unaligned(blk.add(2) as *const i32);
+            let set = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(qh), shuf), bit), bit);
+            let qw = _mm256_or_si256(nibbles(blk.add(6)), _mm256_andnot_si256(set, high));
             let qx = _mm256_loadu_si256(xq.add(b * QK) as *const __m256i);
-            let aw = _mm256_sign_epi8(qw, qw);
-            let sx = _mm256_sign_epi8(qx, qw);
-            let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), ones);
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(*dp.add(b) * *xd.add(b)), _mm256_cvtepi32_ps(dot), acc);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * *xd.add(b)), dot_i8(qw, qx), acc);
         }
         hsum(acc)
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_q8_0_q8_0(d: &[f32], qs: &[u8], x: &Q8Row) -> f32 {
-        let nb = d.len();
-        debug_assert!(qs.len() == nb * 32 && x.q.len() >= nb * QK && x.d.len() >= nb);
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q8_0_q8_0(w: &[u8], x: &Q8Row) -> f32 {
+        let nb = w.len() / 34;
+        debug_assert!(x.q.len() >= nb * QK && x.d.len() >= nb);
         let mut acc = _mm256_setzero_ps();
-        let ones = _mm256_set1_epi16(1);
-        let (dp, qp, xq, xd) = (d.as_ptr(), qs.as_ptr(), x.q.as_ptr(), x.d.as_ptr());
+        let (wp, xq, xd) = (w.as_ptr(), x.q.as_ptr(), x.d.as_ptr());
         for b in 0..nb {
-            let qw = _mm256_loadu_si256(qp.add(b * 32) as *const __m256i);
+            let blk = wp.add(b * 34);
+            let dw = _mm_cvtss_f32(f16x2(blk));
+            let qw = _mm256_loadu_si256(blk.add(2) as *const __m256i);
             let qx = _mm256_loadu_si256(xq.add(b * QK) as *const __m256i);
-            let aw = _mm256_sign_epi8(qw, qw);
-            let sx = _mm256_sign_epi8(qx, qw);
-            let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), ones);
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(*dp.add(b) * *xd.add(b)), _mm256_cvtepi32_ps(dot), acc);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * *xd.add(b)), dot_i8(qw, qx), acc);
         }
         hsum(acc)
     }

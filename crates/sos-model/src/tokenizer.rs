@@ -88,6 +88,9 @@ impl Tokenizer {
             Some(a) => a.iter().map(|v| v.as_i64().unwrap_or(1)).collect(),
             None => vec![1; tokens.len()],
         };
+        if types.len() != tokens.len() {
+            bail_format!(path, "`tokenizer.ggml.token_type` has {} entries but there are {} tokens", types.len(), tokens.len());
+        }
         let id = |key: &str| -> Result<Option<u32>> {
             match g.get(key).and_then(Value::as_u64) {
                 Some(v) if (v as usize) < tokens.len() => Ok(Some(v as u32)),
@@ -220,5 +223,30 @@ impl StreamDecoder {
 impl Default for StreamDecoder {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn str_array(items: &[&str]) -> Value {
+        Value::Array(items.iter().map(|s| Value::Str(s.to_string())).collect())
+    }
+
+    #[test]
+    fn token_types_longer_than_tokens_are_an_error() {
+        // A control-token type past the end of the vocabulary used to index `tokens` out of
+        // bounds (a panic); reproduced with the `gguf_header` fuzz target.
+        let mut w = crate::gguf::Writer::new();
+        w.meta("tokenizer.ggml.model", Value::Str("gpt2".into()))
+            .meta("tokenizer.ggml.tokens", str_array(&["a"]))
+            .meta("tokenizer.ggml.merges", str_array(&["a a"]))
+            .meta("tokenizer.ggml.token_type", Value::Array(vec![Value::I32(1), Value::I32(3)]));
+        let mut bytes = Vec::new();
+        w.write_to(&mut bytes).unwrap();
+        let g = Gguf::from_bytes("types.gguf", bytes).unwrap();
+        let e = Tokenizer::from_gguf(&g).err().expect("must be an error").to_string();
+        assert!(e.contains("types.gguf") && e.contains("has 2 entries but there are 1 tokens"), "{e}");
     }
 }
