@@ -557,9 +557,29 @@ impl Writer {
     pub fn new() -> Self {
         Self::default()
     }
+    /// A writer holding all of `g`'s metadata and tensors, to be edited and written elsewhere.
+    pub fn copy_of(g: &Gguf) -> Self {
+        let mut w = Writer::new();
+        w.metadata = g.metadata.clone();
+        for t in &g.tensors {
+            w.tensor(&t.name, &t.shape(), t.ty, g.tensor_bytes(t).to_vec());
+        }
+        w
+    }
+    /// Sets `key`, replacing an existing value in place or appending a new one.
     pub fn meta(&mut self, key: &str, value: Value) -> &mut Self {
-        self.metadata.push((key.to_string(), value));
+        match self.metadata.iter_mut().find(|(k, _)| k == key) {
+            Some(slot) => slot.1 = value,
+            None => self.metadata.push((key.to_string(), value)),
+        }
         self
+    }
+    pub fn remove_meta(&mut self, key: &str) -> &mut Self {
+        self.metadata.retain(|(k, _)| k != key);
+        self
+    }
+    pub fn get_meta(&self, key: &str) -> Option<&Value> {
+        self.metadata.iter().find(|(k, _)| k == key).map(|(_, v)| v)
     }
     /// `shape` is row-major (outermost first); `bytes` are the raw ggml-encoded data.
     pub fn tensor(&mut self, name: &str, shape: &[usize], ty: TensorType, bytes: Vec<u8>) -> &mut Self {
@@ -683,6 +703,13 @@ mod tests {
         assert_eq!(q.to_vec2::<f32>().unwrap(), vec![vec![1., 2., 3.], vec![4., 5., 6.]]);
         let q1 = g.qtensor("t1").unwrap().dequantize(&candle_core::Device::Cpu).unwrap();
         assert_eq!(q1.to_vec1::<f32>().unwrap(), vec![7.; 5]);
+        // Copy with edits: a value replaced in place, one removed, tensors carried over.
+        let p2 = tmp("rt2.gguf");
+        Writer::copy_of(&g).meta("a.f", Value::F32(2.5)).remove_meta("a.list").write(&p2).unwrap();
+        let g2 = Gguf::open(&p2).unwrap();
+        assert_eq!(g2.metadata.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), ["general.architecture", "a.f"]);
+        assert_eq!(g2.get("a.f").and_then(Value::as_f64), Some(2.5));
+        assert_eq!(g2.tensor_bytes(g2.tensor_info("t0").unwrap()), g.tensor_bytes(g.tensor_info("t0").unwrap()));
     }
 
     #[test]

@@ -42,12 +42,9 @@ fn tiny_gguf(dir: &Path) -> PathBuf {
 /// Copies a GGUF, letting `edit` change its metadata.
 fn rewrite(src: &Path, dst: &Path, edit: impl Fn(&str, &Value) -> Value) {
     let g = Gguf::open(src).unwrap();
-    let mut w = Writer::new();
+    let mut w = Writer::copy_of(&g);
     for (k, v) in &g.metadata {
         w.meta(k, edit(k, v));
-    }
-    for t in &g.tensors {
-        w.tensor(&t.name, &t.shape(), t.ty, g.tensor_bytes(t).to_vec());
     }
     w.write(dst).unwrap();
 }
@@ -94,15 +91,8 @@ fn tensor_beyond_end_of_file() {
     let dir = tmpdir("beyond");
     let src = tiny_gguf(&dir);
     let g = Gguf::open(&src).unwrap();
-    let mut w = Writer::new();
-    for (k, v) in &g.metadata {
-        w.meta(k, v.clone());
-    }
-    for t in &g.tensors {
-        w.tensor(&t.name, &t.shape(), t.ty, g.tensor_bytes(t).to_vec());
-    }
     let p = dir.join("beyond.gguf");
-    w.write(&p).unwrap();
+    Writer::copy_of(&g).write(&p).unwrap();
     // Point the last tensor's offset far past the end (the offset is the last 8 bytes of its
     // directory entry, found by searching for its name).
     let mut bytes = std::fs::read(&p).unwrap();
