@@ -67,6 +67,21 @@ fn matvec(l: &Linear, x: &[f32]) -> Result<Vec<f32>> {
     }
 }
 
+/// `W_i x` for weights that read the same vector: one pool job when all are our kernels.
+fn matvec_many(ls: &[&Linear], x: &[f32]) -> Result<Vec<Vec<f32>>> {
+    let kernels: Option<Vec<&crate::quant::QWeight>> = ls
+        .iter()
+        .map(|l| match l {
+            Linear::Kernel(w) => Some(w),
+            _ => None,
+        })
+        .collect();
+    match kernels {
+        Some(ws) if ws.iter().all(|w| w.ty == ws[0].ty) => Ok(crate::quant::QWeight::matvec_many(&ws, x)),
+        _ => ls.iter().map(|l| matvec(l, x)).collect(),
+    }
+}
+
 /// `W x` for an f32 weight `[out, in]` on the CPU, rows split across the pool.
 fn dense_matvec(w: &Tensor, x: &[f32]) -> Result<Vec<f32>> {
     let (rows, cols) = w.dims2()?;
@@ -162,7 +177,8 @@ impl Model {
         let mut h = x.to_vec();
         for (li, (l, lw)) in self.layers.iter().zip(&w.layers).enumerate() {
             let a = rms_norm(&h, &lw.attn_norm, eps);
-            let (mut q, mut k, mut v) = (matvec(&l.wq, &a)?, matvec(&l.wk, &a)?, matvec(&l.wv, &a)?);
+            let mut qkv = matvec_many(&[&l.wq, &l.wk, &l.wv], &a)?.into_iter();
+            let (mut q, mut k, mut v) = (qkv.next().unwrap_or_default(), qkv.next().unwrap_or_default(), qkv.next().unwrap_or_default());
             add_bias(&mut q, &lw.bq);
             add_bias(&mut k, &lw.bk);
             add_bias(&mut v, &lw.bv);
@@ -180,15 +196,13 @@ impl Model {
                 kc[at..at + hd].copy_from_slice(&k[head * hd..(head + 1) * hd]);
                 vc[at..at + hd].copy_from_slice(&v[head * hd..(head + 1) * hd]);
             }
+            // Heads are independent: split them across the pool.
             let mut o = vec![0f32; c.n_head * hd];
-            let mut p = vec![0f32; pos + 1];
-            for qh in 0..c.n_head {
-                let kv = qh / g;
-                let base = kv * cache.cap * hd;
+            let (kc, vc) = (&*kc, &*vc);
+            o.par_chunks_mut(hd).enumerate().for_each(|(qh, oh)| {
+                let base = (qh / g) * cache.cap * hd;
                 let qv = &q[qh * hd..(qh + 1) * hd];
-                for (j, pj) in p.iter_mut().enumerate() {
-                    *pj = dot(qv, &kc[base + j * hd..base + (j + 1) * hd]) * scale;
-                }
+                let mut p: Vec<f32> = (0..=pos).map(|j| dot(qv, &kc[base + j * hd..base + (j + 1) * hd]) * scale).collect();
                 let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let mut sum = 0f32;
                 for pj in p.iter_mut() {
@@ -199,17 +213,16 @@ impl Model {
                 if ggml {
                     round_f16(&mut p);
                 }
-                let oh = &mut o[qh * hd..(qh + 1) * hd];
                 for (j, &pj) in p.iter().enumerate() {
                     let vj = &vc[base + j * hd..base + (j + 1) * hd];
                     oh.iter_mut().zip(vj).for_each(|(acc, &vv)| *acc += pj * vv);
                 }
-            }
+            });
             let attn = matvec(&l.wo, &o)?;
             h.iter_mut().zip(&attn).for_each(|(x, y)| *x += y);
             let m = rms_norm(&h, &lw.ffn_norm, eps);
-            let gate = matvec(&l.w_gate, &m)?;
-            let up = matvec(&l.w_up, &m)?;
+            let mut gu = matvec_many(&[&l.w_gate, &l.w_up], &m)?.into_iter();
+            let (gate, up) = (gu.next().unwrap_or_default(), gu.next().unwrap_or_default());
             let f: Vec<f32> = gate.iter().zip(&up).map(|(&gv, &u)| gv / (1.0 + (-gv).exp()) * u).collect();
             let down = matvec(&l.w_down, &f)?;
             h.iter_mut().zip(&down).for_each(|(x, y)| *x += y);

@@ -63,6 +63,32 @@ impl QWeight {
         }
     }
 
+    /// `W_i x` for several weights of one type that read the same vector (q/k/v, gate/up): the
+    /// vector is quantized once and all rows go to the pool as one job.
+    pub fn matvec_many(ws: &[&QWeight], x: &[f32]) -> Vec<Vec<f32>> {
+        let Some(first) = ws.first() else { return Vec::new() };
+        assert!(ws.iter().all(|w| w.ty == first.ty && w.cols == x.len()), "matvec_many: mixed types or shapes");
+        let qx = quantize_q8(x, first.ty == TensorType::Q4_1);
+        // Row offsets of each weight in the concatenated output.
+        let mut starts = Vec::with_capacity(ws.len() + 1);
+        let mut total = 0;
+        for w in ws {
+            starts.push(total);
+            total += w.rows;
+        }
+        starts.push(total);
+        let mut out = vec![0f32; total];
+        let rows_per_task = 16;
+        out.par_chunks_mut(rows_per_task).enumerate().for_each(|(task, chunk)| {
+            for (i, dst) in chunk.iter_mut().enumerate() {
+                let row = task * rows_per_task + i;
+                let w = starts.partition_point(|&s| s <= row) - 1;
+                *dst = ws[w].dot_row(row - starts[w], &qx);
+            }
+        });
+        starts.windows(2).map(|r| out[r[0]..r[1]].to_vec()).collect()
+    }
+
     /// `x: [m, cols]` (row-major) -> `[m, rows]`.
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         assert_eq!(x.len(), m * self.cols, "activation shape");
@@ -371,6 +397,18 @@ mod tests {
                     };
                 }
                 assert!((scalar - got[r]).abs() < 1e-4, "scalar {scalar} vs simd {}", got[r]);
+            }
+        }
+    }
+
+    #[test]
+    fn matvec_many_equals_separate_matvecs() {
+        for ty in [TensorType::Q4_1, TensorType::Q5_0, TensorType::Q8_0] {
+            let ws: Vec<QWeight> = [(40, 64), (17, 64), (33, 64)].iter().enumerate().map(|(i, &(r, c))| random_weight(ty, r, c, i as u64).0).collect();
+            let x: Vec<f32> = (0..64).map(|i| (i as f32 * 0.37).sin()).collect();
+            let many = QWeight::matvec_many(&ws.iter().collect::<Vec<_>>(), &x);
+            for (w, got) in ws.iter().zip(&many) {
+                assert_eq!(got, &w.matmul(&x, 1), "{}", ty.name());
             }
         }
     }
