@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# sos against its peers, in the same run, on the same model and thread count.
+#
+#   bench/run.sh            # both benchmarks
+#   bench/run.sh generate   # decode speed: sos (quant and f32) vs llama.cpp (llama-cpp-python)
+#   bench/run.sh step       # attack step:  sos (f32) vs PyTorch + transformers
+#
+# Environment: THREADS (default 2), REPEAT (default 3: the whole sequence, ours then the peer,
+# is repeated; the summary gives medians and the median of the per-repeat ratios), PYTHON
+# (default python3), RESULTS (default bench/results/latest), SKIP_INSTALL=1 (do not pip install
+# missing peers), SKIP_BUILD=1, BENCH_MAX_OTHER_CORES / BENCH_WAIT_QUIET (see measure.py).
+# Prints a table and, last, one JSON line with the ratios.
+set -euo pipefail
+
+MODE="${1:-all}"
+case "$MODE" in all | generate | step) ;; *) echo "usage: $0 [all|generate|step]" >&2; exit 2 ;; esac
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$HERE/.." && pwd)"
+PY="${PYTHON:-python3}"
+THREADS="${THREADS:-2}"
+REPEAT="${REPEAT:-3}"
+RESULTS="${RESULTS:-$HERE/results/latest}"
+SOS="$ROOT/target/release/sos"
+LLAMA_CPP_PYTHON_VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
+
+# Generation shape (matches the defaults of `sos bench generate`).
+PROMPT_TOKENS=100 NEW_TOKENS=128 GEN_RUNS=3
+# Step shape (matches the defaults of `sos bench step`).
+BATCH=8 SEQ=64 SOFT=8 TARGETS=16 STEP_RUNS=5
+
+log() { echo "[bench] $*" >&2; }
+
+# --- peers ------------------------------------------------------------------------------------
+pip_busy_with() { pgrep -f "pip install.*${1%%[=<>]*}" >/dev/null 2>&1; }
+
+ensure_pkg() { # ensure_pkg <import name> <pip spec...>
+  local mod="$1"; shift
+  if "$PY" -c "import $mod" >/dev/null 2>&1; then return 0; fi
+  # A build of this package may already be running (llama-cpp-python compiles for 15-30 min).
+  while pip_busy_with "$1"; do
+    log "waiting for a running 'pip install $1' to finish..."
+    sleep 30
+  done
+  if "$PY" -c "import $mod" >/dev/null 2>&1; then return 0; fi
+  if [[ "${SKIP_INSTALL:-0}" == 1 ]]; then log "missing python module '$mod' (SKIP_INSTALL=1)"; exit 1; fi
+  log "pip install $*"
+  "$PY" -m pip install "$@" >&2
+}
+
+if [[ "$MODE" != step ]]; then
+  ensure_pkg numpy numpy
+  ensure_pkg llama_cpp "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"
+fi
+if [[ "$MODE" != generate ]]; then
+  ensure_pkg torch torch
+  ensure_pkg transformers transformers
+  ensure_pkg gguf gguf
+  ensure_pkg accelerate accelerate # transformers needs it to load a GGUF
+fi
+
+# --- sos --------------------------------------------------------------------------------------
+if [[ "${SKIP_BUILD:-0}" != 1 ]]; then
+  for i in 1 2 3 4 5; do
+    if (cd "$ROOT" && cargo build --release -p sos >&2); then break; fi
+    if [[ $i == 5 ]]; then log "cargo build failed 5 times"; exit 1; fi
+    log "cargo build failed (someone may be mid-edit); retrying in 60 s"
+    sleep 60
+  done
+fi
+[[ -x "$SOS" ]] || { log "no $SOS"; exit 1; }
+# Measure a snapshot: someone may rebuild target/release/sos while this runs.
+mkdir -p "$RESULTS"
+rm -rf "$RESULTS"/r[0-9]* "$RESULTS"/*.json
+cp "$SOS" "$RESULTS/sos.bin"
+SOS="$RESULTS/sos.bin"
+MODEL="$("$SOS" model fetch | tail -n 1)"
+[[ -f "$MODEL" ]] || { log "sos model fetch did not print a file: $MODEL"; exit 1; }
+log "model: $MODEL"
+
+# Every engine gets the same number of threads.
+export RAYON_NUM_THREADS="$THREADS" OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS"
+M=("$PY" "$HERE/measure.py")
+
+"$PY" - "$RESULTS/meta.json" "$THREADS" "$MODEL" "$ROOT" "$SOS" <<'EOF'
+import hashlib, json, os, platform, subprocess, sys, datetime
+out, threads, model, root, sos = sys.argv[1:]
+cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+git = lambda *a: subprocess.run(["git", "-C", root, *a], capture_output=True, text=True).stdout.strip()
+rev = git("rev-parse", "--short", "HEAD")
+dirty = bool(git("status", "--porcelain", "--", "crates", "Cargo.toml", "Cargo.lock"))
+json.dump({"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "threads": int(threads),
+           "cpus": os.cpu_count(), "cpu": cpu, "python": platform.python_version(), "model": model,
+           "sos_git": rev, "sos_git_dirty": dirty,
+           "sos_sha256": hashlib.sha256(open(sos, "rb").read()).hexdigest()[:16]}, open(out, "w"))
+EOF
+
+for ((r = 1; r <= REPEAT; r++)); do
+  D="$RESULTS/r$r"
+  mkdir -p "$D"
+  if [[ "$MODE" != step ]]; then
+    log "[$r/$REPEAT] sos bench generate --exec quant"
+    "${M[@]}" --out "$D/sos_generate_quant.json" -- "$SOS" bench generate -m "$MODEL" --exec quant \
+      --prompt-tokens "$PROMPT_TOKENS" --new-tokens "$NEW_TOKENS" --runs "$GEN_RUNS" --json
+    log "[$r/$REPEAT] llama.cpp generate (same prompt ids)"
+    "${M[@]}" --out "$D/llamacpp_generate.json" -- "$PY" "$HERE/llamacpp_generate.py" --model "$MODEL" \
+      --prompt-ids "$D/sos_generate_quant.json" --new-tokens "$NEW_TOKENS" --threads "$THREADS" --runs "$GEN_RUNS"
+    log "[$r/$REPEAT] sos bench generate --exec f32"
+    "${M[@]}" --out "$D/sos_generate_f32.json" -- "$SOS" bench generate -m "$MODEL" --exec f32 \
+      --prompt-tokens "$PROMPT_TOKENS" --new-tokens "$NEW_TOKENS" --runs "$GEN_RUNS" --json
+  fi
+  if [[ "$MODE" != generate ]]; then
+    log "[$r/$REPEAT] sos bench step"
+    "${M[@]}" --out "$D/sos_step.json" -- "$SOS" bench step -m "$MODEL" --batch "$BATCH" --seq "$SEQ" \
+      --soft "$SOFT" --targets "$TARGETS" --runs "$STEP_RUNS" --json
+    log "[$r/$REPEAT] torch step (loading the GGUF through transformers takes a while; not timed)"
+    "${M[@]}" --out "$D/torch_step.json" -- "$PY" "$HERE/torch_step.py" --model "$MODEL" --batch "$BATCH" \
+      --seq "$SEQ" --soft "$SOFT" --targets "$TARGETS" --runs "$STEP_RUNS" --threads "$THREADS"
+  fi
+done
+
+echo
+"$PY" "$HERE/summarize.py" "$RESULTS"
