@@ -170,23 +170,34 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
 }
 
-fn simd() -> bool {
+/// Which x86 kernels this CPU runs (checked once per call; std caches the CPUID answers).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Isa {
+    Scalar,
+    Avx2,
+    Vnni,
+}
+
+fn isa() -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c")
+        use std::is_x86_feature_detected as has;
+        if has!("avx2") && has!("fma") && has!("f16c") {
+            return if has!("avxvnni") { Isa::Vnni } else { Isa::Avx2 };
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    Isa::Scalar
 }
 
 /// Q4_1 row against Q8_1 activations: `sum_b d_w d_x <q_w, q_x> + m_w s_x`.
 fn dot_q4_1_q8_1(w: &[u8], x: &Q8Row) -> f32 {
+    // SAFETY: `isa()` detected the features each variant is compiled for; `QWeight::new`
+    // checked the row length.
     #[cfg(target_arch = "x86_64")]
-    if simd() {
-        // SAFETY: the features were just detected; `QWeight::new` checked the row length.
-        return unsafe { avx2::dot_q4_1_q8_1(w, x) };
+    match isa() {
+        Isa::Vnni => return unsafe { x86::vnni::dot_q4_1_q8_1(w, x) },
+        Isa::Avx2 => return unsafe { x86::avx2::dot_q4_1_q8_1(w, x) },
+        Isa::Scalar => {}
     }
     let mut sumf = 0f32;
     for (b, blk) in w.chunks_exact(20).enumerate() {
@@ -204,10 +215,13 @@ fn q5_0_value(qs: &[u8], qh: u32, j: usize) -> i32 {
 }
 
 fn dot_q5_0_q8_0(w: &[u8], x: &Q8Row) -> f32 {
+    // SAFETY: `isa()` detected the features each variant is compiled for; `QWeight::new`
+    // checked the row length.
     #[cfg(target_arch = "x86_64")]
-    if simd() {
-        // SAFETY: as above.
-        return unsafe { avx2::dot_q5_0_q8_0(w, x) };
+    match isa() {
+        Isa::Vnni => return unsafe { x86::vnni::dot_q5_0_q8_0(w, x) },
+        Isa::Avx2 => return unsafe { x86::avx2::dot_q5_0_q8_0(w, x) },
+        Isa::Scalar => {}
     }
     let mut sumf = 0f32;
     for (b, blk) in w.chunks_exact(22).enumerate() {
@@ -220,10 +234,13 @@ fn dot_q5_0_q8_0(w: &[u8], x: &Q8Row) -> f32 {
 }
 
 fn dot_q8_0_q8_0(w: &[u8], x: &Q8Row) -> f32 {
+    // SAFETY: `isa()` detected the features each variant is compiled for; `QWeight::new`
+    // checked the row length.
     #[cfg(target_arch = "x86_64")]
-    if simd() {
-        // SAFETY: as above.
-        return unsafe { avx2::dot_q8_0_q8_0(w, x) };
+    match isa() {
+        Isa::Vnni => return unsafe { x86::vnni::dot_q8_0_q8_0(w, x) },
+        Isa::Avx2 => return unsafe { x86::avx2::dot_q8_0_q8_0(w, x) },
+        Isa::Scalar => {}
     }
     let mut sumf = 0f32;
     for (b, blk) in w.chunks_exact(34).enumerate() {
@@ -234,106 +251,120 @@ fn dot_q8_0_q8_0(w: &[u8], x: &Q8Row) -> f32 {
     sumf
 }
 
+/// The x86 kernels, instantiated twice: with AVX2 (`maddubs` + `madd`) and with AVX-VNNI
+/// (`vpdpbusd`, one instruction for the same sums; the products never saturate here: at most
+/// 2 * 15 * 127 or 2 * 127 * 127 per pair).
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use super::{Q8Row, QK};
-    use std::arch::x86_64::*;
+macro_rules! x86_kernels {
+    ($name:ident, $feat:literal, |$a:ident, $b:ident| $udot:expr) => {
+        pub mod $name {
+            use super::super::{Q8Row, QK};
+            use std::arch::x86_64::*;
 
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let lo = _mm256_castps256_ps128(v);
-        let hi = _mm256_extractf128_ps(v, 1);
-        let s = _mm_add_ps(lo, hi);
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
-    }
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn hsum(v: __m256) -> f32 {
+                let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+                _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+            }
 
-    /// The two f16 values at `p` as f32 lanes 0 and 1.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn f16x2(p: *const u8) -> __m128 {
-        _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const i32)))
-    }
+            /// The two f16 values at `p` as f32 lanes 0 and 1.
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn f16x2(p: *const u8) -> __m128 {
+                _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const i32)))
+            }
 
-    /// 16 bytes of nibbles -> 32 bytes: low nibbles (values 0..16) then high nibbles (16..32).
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn nibbles(p: *const u8) -> __m256i {
-        let q = _mm_loadu_si128(p as *const __m128i);
-        let low = _mm_set1_epi8(0x0F);
-        _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), low), _mm_and_si128(q, low))
-    }
+            /// 16 bytes of nibbles -> 32 bytes: low nibbles (values 0..16), then high (16..32).
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn nibbles(p: *const u8) -> __m256i {
+                let q = _mm_loadu_si128(p as *const __m128i);
+                let low = _mm_set1_epi8(0x0F);
+                _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), low), _mm_and_si128(q, low))
+            }
 
-    /// Signed bytes `a` times signed bytes `b`, summed in pairs of four into 8 f32 lanes.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_i8(a: __m256i, b: __m256i) -> __m256 {
-        let dot = _mm256_maddubs_epi16(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a));
-        _mm256_cvtepi32_ps(_mm256_madd_epi16(dot, _mm256_set1_epi16(1)))
-    }
+            /// Unsigned bytes `a` times signed bytes `b`, summed in fours into 8 f32 lanes.
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn udot($a: __m256i, $b: __m256i) -> __m256 {
+                _mm256_cvtepi32_ps($udot)
+            }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q4_1_q8_1(w: &[u8], x: &Q8Row) -> f32 {
-        let nb = w.len() / 20;
-        debug_assert!(x.q.len() >= nb * QK && x.d.len() >= nb && x.s.len() >= nb);
-        let mut acc = _mm256_setzero_ps();
-        let mut summs = 0f32;
-        let ones = _mm256_set1_epi16(1);
-        let (wp, xq, xd, xs) = (w.as_ptr(), x.q.as_ptr(), x.d.as_ptr(), x.s.as_ptr());
-        for b in 0..nb {
-            let blk = wp.add(b * 20);
-            let dm = f16x2(blk);
-            let (dw, mw) = (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)));
-            summs += mw * *xs.add(b);
-            let qx = _mm256_loadu_si256(xq.add(b * QK) as *const __m256i);
-            // Weights are unsigned nibbles: maddubs takes them as the unsigned operand directly.
-            let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(nibbles(blk.add(4)), qx), ones);
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * *xd.add(b)), _mm256_cvtepi32_ps(dot), acc);
+            /// Signed bytes times signed bytes, via |a| and b with a's sign.
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn sdot(a: __m256i, b: __m256i) -> __m256 {
+                udot(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a))
+            }
+
+            #[target_feature(enable = $feat)]
+            pub unsafe fn dot_q4_1_q8_1(w: &[u8], x: &Q8Row) -> f32 {
+                let nb = w.len() / 20;
+                debug_assert!(x.q.len() >= nb * QK && x.d.len() >= nb && x.s.len() >= nb);
+                // One accumulator, blocks in order: ggml's summation order, so that results
+                // (and greedy choices at near-ties) match llama.cpp's.
+                let mut acc = _mm256_setzero_ps();
+                let mut summs = 0f32;
+                let (wp, xq, xd, xs) = (w.as_ptr(), x.q.as_ptr(), x.d.as_ptr(), x.s.as_ptr());
+                for b in 0..nb {
+                    let blk = wp.add(b * 20);
+                    let dm = f16x2(blk);
+                    summs += _mm_cvtss_f32(_mm_movehdup_ps(dm)) * *xs.add(b);
+                    let qx = _mm256_loadu_si256(xq.add(b * QK) as *const __m256i);
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(_mm_cvtss_f32(dm) * *xd.add(b)), udot(nibbles(blk.add(4)), qx), acc);
+                }
+                hsum(acc) + summs
+            }
+
+            /// Q5_0 against Q8_0: bytes whose fifth bit is clear get 0xF0, which turns
+            /// `nibble - 16` into the signed byte directly.
+            #[target_feature(enable = $feat)]
+            pub unsafe fn dot_q5_0_q8_0(w: &[u8], x: &Q8Row) -> f32 {
+                let nb = w.len() / 22;
+                debug_assert!(x.q.len() >= nb * QK && x.d.len() >= nb);
+                let mut acc = _mm256_setzero_ps();
+                let high = _mm256_set1_epi8(0xF0u8 as i8);
+                // Byte i of the expansion tests bit i: pick byte i/8 of the word, mask bit i%8.
+                let shuf = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+                let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+                let (wp, xq, xd) = (w.as_ptr(), x.q.as_ptr(), x.d.as_ptr());
+                for b in 0..nb {
+                    let blk = wp.add(b * 22);
+                    let dw = _mm_cvtss_f32(f16x2(blk));
+                    let qh = std::ptr::read_unaligned(blk.add(2) as *const i32);
+                    let set = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(qh), shuf), bit), bit);
+                    let qw = _mm256_or_si256(nibbles(blk.add(6)), _mm256_andnot_si256(set, high));
+                    let qx = _mm256_loadu_si256(xq.add(b * QK) as *const __m256i);
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * *xd.add(b)), sdot(qw, qx), acc);
+                }
+                hsum(acc)
+            }
+
+            #[target_feature(enable = $feat)]
+            pub unsafe fn dot_q8_0_q8_0(w: &[u8], x: &Q8Row) -> f32 {
+                let nb = w.len() / 34;
+                debug_assert!(x.q.len() >= nb * QK && x.d.len() >= nb);
+                let mut acc = _mm256_setzero_ps();
+                let (wp, xq, xd) = (w.as_ptr(), x.q.as_ptr(), x.d.as_ptr());
+                for b in 0..nb {
+                    let blk = wp.add(b * 34);
+                    let dw = _mm_cvtss_f32(f16x2(blk));
+                    let qw = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+                    let qx = _mm256_loadu_si256(xq.add(b * QK) as *const __m256i);
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * *xd.add(b)), sdot(qw, qx), acc);
+                }
+                hsum(acc)
+            }
         }
-        hsum(acc) + summs
-    }
+    };
+}
 
-    /// Q5_0 against Q8_0: bytes whose fifth bit is clear get 0xF0, which turns `nibble - 16`
-    /// into the signed byte directly.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q5_0_q8_0(w: &[u8], x: &Q8Row) -> f32 {
-        let nb = w.len() / 22;
-        debug_assert!(x.q.len() >= nb * QK && x.d.len() >= nb);
-        let mut acc = _mm256_setzero_ps();
-        let high = _mm256_set1_epi8(0xF0u8 as i8);
-        // Byte i of the expansion tests bit i: pick byte i/8 of the word, mask bit i%8.
-        let shuf = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
-        let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
-        let (wp, xq, xd) = (w.as_ptr(), x.q.as_ptr(), x.d.as_ptr());
-        for b in 0..nb {
-            let blk = wp.add(b * 22);
-            let dw = _mm_cvtss_f32(f16x2(blk));
-            let qh = std::ptr::read_unaligned(blk.add(2) as *const i32);
-            let set = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(qh), shuf), bit), bit);
-            let qw = _mm256_or_si256(nibbles(blk.add(6)), _mm256_andnot_si256(set, high));
-            let qx = _mm256_loadu_si256(xq.add(b * QK) as *const __m256i);
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * *xd.add(b)), dot_i8(qw, qx), acc);
-        }
-        hsum(acc)
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q8_0_q8_0(w: &[u8], x: &Q8Row) -> f32 {
-        let nb = w.len() / 34;
-        debug_assert!(x.q.len() >= nb * QK && x.d.len() >= nb);
-        let mut acc = _mm256_setzero_ps();
-        let (wp, xq, xd) = (w.as_ptr(), x.q.as_ptr(), x.d.as_ptr());
-        for b in 0..nb {
-            let blk = wp.add(b * 34);
-            let dw = _mm_cvtss_f32(f16x2(blk));
-            let qw = _mm256_loadu_si256(blk.add(2) as *const __m256i);
-            let qx = _mm256_loadu_si256(xq.add(b * QK) as *const __m256i);
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * *xd.add(b)), dot_i8(qw, qx), acc);
-        }
-        hsum(acc)
-    }
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    x86_kernels!(avx2, "avx2,fma,f16c", |a, b| _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1)));
+    x86_kernels!(vnni, "avx2,fma,f16c,avxvnni", |a, b| _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), a, b));
 }
 
 #[cfg(test)]
@@ -397,6 +428,32 @@ mod tests {
                     };
                 }
                 assert!((scalar - got[r]).abs() < 1e-4, "scalar {scalar} vs simd {}", got[r]);
+                // Every x86 variant this CPU can run gives the same value.
+                #[cfg(target_arch = "x86_64")]
+                {
+                    let mut variants: Vec<(&str, f32)> = Vec::new();
+                    let f = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c");
+                    // SAFETY: only run when the features are present.
+                    unsafe {
+                        if f {
+                            variants.push(("avx2", match ty {
+                                TensorType::Q4_1 => x86::avx2::dot_q4_1_q8_1(wr, &qx),
+                                TensorType::Q5_0 => x86::avx2::dot_q5_0_q8_0(wr, &qx),
+                                _ => x86::avx2::dot_q8_0_q8_0(wr, &qx),
+                            }));
+                        }
+                        if f && std::is_x86_feature_detected!("avxvnni") {
+                            variants.push(("vnni", match ty {
+                                TensorType::Q4_1 => x86::vnni::dot_q4_1_q8_1(wr, &qx),
+                                TensorType::Q5_0 => x86::vnni::dot_q5_0_q8_0(wr, &qx),
+                                _ => x86::vnni::dot_q8_0_q8_0(wr, &qx),
+                            }));
+                        }
+                    }
+                    for (name, v) in variants {
+                        assert!((scalar - v).abs() < 1e-4, "{name}: {v} vs scalar {scalar}");
+                    }
+                }
             }
         }
     }
