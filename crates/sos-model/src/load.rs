@@ -223,9 +223,9 @@ impl Loader<'_> {
         Ok((bytes, info.ty))
     }
 
-    fn qtensor(&self, g: &Gguf, name: &str, shape: &[usize]) -> Result<QTensor> {
+    fn qtensor(&self, g: &Gguf, name: &str, shape: &[usize], device: &Device) -> Result<QTensor> {
         let (bytes, ty) = self.raw(g, name, shape)?;
-        candle_core::quantized::ggml_file::qtensor_from_ggml(ty.to_candle(), &bytes, shape.to_vec(), &Device::Cpu)
+        candle_core::quantized::ggml_file::qtensor_from_ggml(ty.to_candle(), &bytes, shape.to_vec(), device)
             .map_err(|e| Error::format(self.origin, format!("tensor `{name}`: {e}")))
     }
 
@@ -235,13 +235,13 @@ impl Loader<'_> {
         if QWeight::supports(ty) && self.device.is_cpu() {
             return Ok(Linear::Kernel(QWeight::new(ty, out, inp, &bytes)?));
         }
-        Ok(Linear::Quant(QMatMul::from_qtensor(self.qtensor(g, name, &[out, inp])?)?))
+        Ok(Linear::Quant(QMatMul::from_qtensor(self.qtensor(g, name, &[out, inp], self.device)?)?))
     }
 
     /// A float tensor in f32 on the target device.
     fn dense(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let t = match self.src {
-            Weights::Gguf(g) => self.qtensor(g, name, shape)?.dequantize(&Device::Cpu)?,
+            Weights::Gguf(g) => self.qtensor(g, name, shape, &Device::Cpu)?.dequantize(&Device::Cpu)?,
             Weights::SafeTensors(st) => {
                 let t = st.tensor(&hf_name(name))?;
                 self.check_shape(name, t.dims(), shape)?;
