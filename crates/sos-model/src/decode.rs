@@ -26,8 +26,8 @@ impl DecodeCache {
     pub fn from_prefill(model: &Model, kv: &KvCache, extra: usize) -> Result<Self> {
         let c = &model.cfg;
         let len = kv.len();
-        let cap = len + extra;
-        model.check_len(cap.min(model.cos.dim(0)?))?;
+        // Room for `extra` more positions, but never past the model's context.
+        let cap = (len + extra).min(model.cos.dim(0)?);
         let mut k = Vec::with_capacity(c.n_layer);
         let mut v = Vec::with_capacity(c.n_layer);
         for layer in kv.layers() {
@@ -166,7 +166,7 @@ impl Model {
     pub fn decode_step(&self, w: &DecodeWeights, cache: &mut DecodeCache, x: &[f32]) -> Result<Vec<f32>> {
         let c = &self.cfg;
         if cache.len >= cache.cap {
-            return Err(Error::Invalid(format!("decode cache full ({} positions)", cache.cap)));
+            return Err(Error::Invalid(format!("sequence of {} positions exceeds the decode cache or the model's context ({})", cache.len + 1, cache.cap)));
         }
         let (hd, kvh) = (c.head_dim, c.n_kv_head);
         let g = c.n_head / kvh;

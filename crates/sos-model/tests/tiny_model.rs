@@ -171,3 +171,25 @@ fn quantized_exec_runs_and_refuses_gradients() {
     let err = lm.model.forward_train(&x, None).err().expect("quant must refuse gradients").to_string();
     assert!(err.contains("--exec f32"), "{err}");
 }
+
+#[test]
+fn generation_past_the_context_is_an_error() {
+    let lm = load(&TinySpec::default(), "ctx", false, Exec::F32);
+    let m = &lm.model;
+    let prompt = sample_ids(3, sos_model::tiny::MAX_SEQ - 4, 200);
+    let x = m.embed_ids(&prompt).unwrap();
+    let mut seen = 0;
+    let err = generate(m, &x, 20, &[], Sampling::default(), |_| {
+        seen += 1;
+        Ok(true)
+    })
+    .err()
+    .expect("must stop at the context length");
+    assert!(err.to_string().contains("context"), "{err}");
+    // 252 prompt positions + 4 fed tokens fill the 256 positions; the 5th token is predicted
+    // from the last one and cannot be fed back.
+    assert_eq!(seen, 5, "every token the context allows is generated first");
+    // A prompt longer than the context is refused before any work.
+    let too_long = m.embed_ids(&sample_ids(4, sos_model::tiny::MAX_SEQ + 1, 200)).unwrap();
+    assert!(generate(m, &too_long, 1, &[], Sampling::default(), |_| Ok(true)).is_err());
+}
