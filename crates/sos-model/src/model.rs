@@ -390,12 +390,4 @@ impl Model {
         let flat: Vec<u32> = seqs.iter().flat_map(|s| s.iter().copied().chain(std::iter::repeat(0).take(t - s.len()))).collect();
         Ok(self.embed_ids(&flat)?.reshape((seqs.len(), t, self.cfg.d_model))?)
     }
-
-    /// Log-softmax along the last dimension, computed stably.
-    pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
-        let max = logits.max_keepdim(D::Minus1)?;
-        let shifted = logits.broadcast_sub(&max)?;
-        let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-        Ok(shifted.broadcast_sub(&lse)?)
-    }
 }

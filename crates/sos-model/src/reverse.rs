@@ -192,14 +192,17 @@ impl Model {
         let hs = hidden.reshape((b * t, d))?.index_select(&idx, 0)?;
         let (hn, r) = rms_forward(&hs, &self.norm, self.cfg.rms_eps)?;
         let logits = self.lm_head.forward(&hn)?;
-        let logp = Model::log_softmax(&logits)?;
+        // One exp over the vocabulary serves both the loss and its gradient.
+        let shifted = logits.broadcast_sub(&logits.max_keepdim(D::Minus1)?)?;
+        let e = shifted.exp()?;
+        let sum = e.sum_keepdim(D::Minus1)?;
         let tgt = Tensor::new(targets, dev)?.unsqueeze(1)?;
-        let picked = logp.gather(&tgt, 1)?; // [n, 1]
+        let picked = (shifted.gather(&tgt, 1)? - sum.log()?)?; // log p(target), [n, 1]
         let n = rows.len() as f64;
         let loss = -picked.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? / n;
         // d loss / d logits = (softmax - onehot) / n
-        let onehot = Tensor::zeros_like(&logp)?.scatter_add(&tgt, &Tensor::ones_like(&picked)?, 1)?;
-        let dlogits = ((logp.exp()? - onehot)? / n)?;
+        let onehot = Tensor::zeros_like(&e)?.scatter_add(&tgt, &Tensor::ones_like(&picked)?, 1)?;
+        let dlogits = ((e.broadcast_div(&sum)? - onehot)? / n)?;
         let dhn = self.lm_head.backward_input(&dlogits)?;
         let dhs = rms_backward(&hs, &r, &self.norm, &dhn)?;
         let dh = Tensor::zeros((b * t, d), hidden.dtype(), dev)?.index_add(&idx, &dhs, 0)?;
