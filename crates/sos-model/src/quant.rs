@@ -53,14 +53,9 @@ impl QWeight {
     }
 
     /// One weight row against one quantized activation row.
-    fn dot_row(&self, r: usize, x: &Q8Row) -> f32 {
+    fn dot_row(&self, isa: Isa, r: usize, x: &Q8Row) -> f32 {
         let rb = self.row_bytes();
-        let w = &self.data[r * rb..(r + 1) * rb];
-        match self.ty {
-            TensorType::Q4_1 => dot_q4_1_q8_1(w, x),
-            TensorType::Q5_0 => dot_q5_0_q8_0(w, x),
-            _ => dot_q8_0_q8_0(w, x),
-        }
+        dot(isa, self.ty, &self.data[r * rb..(r + 1) * rb], x)
     }
 
     /// `W_i x` for several weights of one type that read the same vector (q/k/v, gate/up): the
@@ -69,6 +64,7 @@ impl QWeight {
         let Some(first) = ws.first() else { return Vec::new() };
         assert!(ws.iter().all(|w| w.ty == first.ty && w.cols == x.len()), "matvec_many: mixed types or shapes");
         let qx = quantize_q8(x, first.ty == TensorType::Q4_1);
+        let isa = Isa::detect();
         // Row offsets of each weight in the concatenated output.
         let mut starts = Vec::with_capacity(ws.len() + 1);
         let mut total = 0;
@@ -83,7 +79,7 @@ impl QWeight {
             for (i, dst) in chunk.iter_mut().enumerate() {
                 let row = task * rows_per_task + i;
                 let w = starts.partition_point(|&s| s <= row) - 1;
-                *dst = ws[w].dot_row(row - starts[w], &qx);
+                *dst = ws[w].dot_row(isa, row - starts[w], &qx);
             }
         });
         starts.windows(2).map(|r| out[r[0]..r[1]].to_vec()).collect()
@@ -94,6 +90,7 @@ impl QWeight {
         assert_eq!(x.len(), m * self.cols, "activation shape");
         let with_sum = self.ty == TensorType::Q4_1;
         let qx: Vec<Q8Row> = x.chunks(self.cols).map(|r| quantize_q8(r, with_sum)).collect();
+        let isa = Isa::detect();
         // Transposed result [rows, m]: each task owns whole weight rows and reads each once.
         let mut out_t = vec![0f32; self.rows * m];
         let rows_per_task = 16;
@@ -101,7 +98,7 @@ impl QWeight {
             let r0 = task * rows_per_task;
             for (i, dst) in chunk.chunks_mut(m).enumerate() {
                 for (j, q) in qx.iter().enumerate() {
-                    dst[j] = self.dot_row(r0 + i, q);
+                    dst[j] = self.dot_row(isa, r0 + i, q);
                 }
             }
         });
@@ -170,35 +167,61 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
 }
 
-/// Which x86 kernels this CPU runs (checked once per call; std caches the CPUID answers).
-#[derive(Clone, Copy, PartialEq, Eq)]
+/// Which kernels this CPU runs: detected once per product, not per row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Isa {
     Scalar,
     Avx2,
     Vnni,
 }
 
-fn isa() -> Isa {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::is_x86_feature_detected as has;
-        if has!("avx2") && has!("fma") && has!("f16c") {
-            return if has!("avxvnni") { Isa::Vnni } else { Isa::Avx2 };
-        }
+impl Isa {
+    fn detect() -> Isa {
+        *Self::available().last().expect("scalar is always available")
     }
-    Isa::Scalar
+
+    /// Every variant this CPU can run, slowest first.
+    fn available() -> Vec<Isa> {
+        let mut v = vec![Isa::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::is_x86_feature_detected as has;
+            if has!("avx2") && has!("fma") && has!("f16c") {
+                v.push(Isa::Avx2);
+                if has!("avxvnni") {
+                    v.push(Isa::Vnni);
+                }
+            }
+        }
+        v
+    }
 }
 
-/// Q4_1 row against Q8_1 activations: `sum_b d_w d_x <q_w, q_x> + m_w s_x`.
-fn dot_q4_1_q8_1(w: &[u8], x: &Q8Row) -> f32 {
-    // SAFETY: `isa()` detected the features each variant is compiled for; `QWeight::new`
-    // checked the row length.
+/// One weight row (raw ggml blocks of type `ty`) against one quantized activation row.
+fn dot(isa: Isa, ty: TensorType, w: &[u8], x: &Q8Row) -> f32 {
+    // SAFETY: `isa` comes from `Isa::available`, which detected the features each variant is
+    // compiled for; `QWeight::new` checked the row length.
     #[cfg(target_arch = "x86_64")]
-    match isa() {
-        Isa::Vnni => return unsafe { x86::vnni::dot_q4_1_q8_1(w, x) },
-        Isa::Avx2 => return unsafe { x86::avx2::dot_q4_1_q8_1(w, x) },
-        Isa::Scalar => {}
+    unsafe {
+        match (isa, ty) {
+            (Isa::Vnni, TensorType::Q4_1) => return x86::vnni::dot_q4_1_q8_1(w, x),
+            (Isa::Vnni, TensorType::Q5_0) => return x86::vnni::dot_q5_0_q8_0(w, x),
+            (Isa::Vnni, _) => return x86::vnni::dot_q8_0_q8_0(w, x),
+            (Isa::Avx2, TensorType::Q4_1) => return x86::avx2::dot_q4_1_q8_1(w, x),
+            (Isa::Avx2, TensorType::Q5_0) => return x86::avx2::dot_q5_0_q8_0(w, x),
+            (Isa::Avx2, _) => return x86::avx2::dot_q8_0_q8_0(w, x),
+            (Isa::Scalar, _) => {}
+        }
     }
+    match ty {
+        TensorType::Q4_1 => dot_q4_1_q8_1(w, x),
+        TensorType::Q5_0 => dot_q5_0_q8_0(w, x),
+        _ => dot_q8_0_q8_0(w, x),
+    }
+}
+
+/// Scalar Q4_1 row against Q8_1 activations: `sum_b d_w d_x <q_w, q_x> + m_w s_x`.
+fn dot_q4_1_q8_1(w: &[u8], x: &Q8Row) -> f32 {
     let mut sumf = 0f32;
     for (b, blk) in w.chunks_exact(20).enumerate() {
         let q = &x.q[b * QK..(b + 1) * QK];
@@ -215,14 +238,6 @@ fn q5_0_value(qs: &[u8], qh: u32, j: usize) -> i32 {
 }
 
 fn dot_q5_0_q8_0(w: &[u8], x: &Q8Row) -> f32 {
-    // SAFETY: `isa()` detected the features each variant is compiled for; `QWeight::new`
-    // checked the row length.
-    #[cfg(target_arch = "x86_64")]
-    match isa() {
-        Isa::Vnni => return unsafe { x86::vnni::dot_q5_0_q8_0(w, x) },
-        Isa::Avx2 => return unsafe { x86::avx2::dot_q5_0_q8_0(w, x) },
-        Isa::Scalar => {}
-    }
     let mut sumf = 0f32;
     for (b, blk) in w.chunks_exact(22).enumerate() {
         let q = &x.q[b * QK..(b + 1) * QK];
@@ -234,14 +249,6 @@ fn dot_q5_0_q8_0(w: &[u8], x: &Q8Row) -> f32 {
 }
 
 fn dot_q8_0_q8_0(w: &[u8], x: &Q8Row) -> f32 {
-    // SAFETY: `isa()` detected the features each variant is compiled for; `QWeight::new`
-    // checked the row length.
-    #[cfg(target_arch = "x86_64")]
-    match isa() {
-        Isa::Vnni => return unsafe { x86::vnni::dot_q8_0_q8_0(w, x) },
-        Isa::Avx2 => return unsafe { x86::avx2::dot_q8_0_q8_0(w, x) },
-        Isa::Scalar => {}
-    }
     let mut sumf = 0f32;
     for (b, blk) in w.chunks_exact(34).enumerate() {
         let q = &x.q[b * QK..(b + 1) * QK];
@@ -407,52 +414,19 @@ mod tests {
                     assert!((g - exact).abs() < 0.05, "{}: row {r} got {g} want {exact}", ty.name());
                 }
             }
-            // Scalar fallback equals the SIMD path up to summation order.
+            // Every variant this CPU can run agrees with the scalar one (up to summation
+            // order), and the scalar one is itself close to the exact product.
             let qx = quantize_q8(&x[..cols], ty == TensorType::Q4_1);
             let rb = raw.len() / rows;
             for r in 0..rows {
                 let wr = &raw[r * rb..(r + 1) * rb];
-                let mut scalar = 0f32;
-                for (b, blk) in wr.chunks_exact(ty.block().1 as usize).enumerate() {
-                    let q = &qx.q[b * QK..(b + 1) * QK];
-                    scalar += match ty {
-                        TensorType::Q4_1 => {
-                            let s: i32 = (0..16).map(|j| (blk[4 + j] & 15) as i32 * q[j] as i32 + (blk[4 + j] >> 4) as i32 * q[j + 16] as i32).sum();
-                            f16_at(blk, 0) * qx.d[b] * s as f32 + f16_at(blk, 2) * qx.s[b]
-                        }
-                        TensorType::Q5_0 => {
-                            let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
-                            f16_at(blk, 0) * qx.d[b] * (0..QK).map(|j| q5_0_value(&blk[6..], qh, j) * q[j] as i32).sum::<i32>() as f32
-                        }
-                        _ => f16_at(blk, 0) * qx.d[b] * (0..QK).map(|j| blk[2 + j] as i8 as i32 * q[j] as i32).sum::<i32>() as f32,
-                    };
-                }
-                assert!((scalar - got[r]).abs() < 1e-4, "scalar {scalar} vs simd {}", got[r]);
-                // Every x86 variant this CPU can run gives the same value.
-                #[cfg(target_arch = "x86_64")]
-                {
-                    let mut variants: Vec<(&str, f32)> = Vec::new();
-                    let f = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c");
-                    // SAFETY: only run when the features are present.
-                    unsafe {
-                        if f {
-                            variants.push(("avx2", match ty {
-                                TensorType::Q4_1 => x86::avx2::dot_q4_1_q8_1(wr, &qx),
-                                TensorType::Q5_0 => x86::avx2::dot_q5_0_q8_0(wr, &qx),
-                                _ => x86::avx2::dot_q8_0_q8_0(wr, &qx),
-                            }));
-                        }
-                        if f && std::is_x86_feature_detected!("avxvnni") {
-                            variants.push(("vnni", match ty {
-                                TensorType::Q4_1 => x86::vnni::dot_q4_1_q8_1(wr, &qx),
-                                TensorType::Q5_0 => x86::vnni::dot_q5_0_q8_0(wr, &qx),
-                                _ => x86::vnni::dot_q8_0_q8_0(wr, &qx),
-                            }));
-                        }
-                    }
-                    for (name, v) in variants {
-                        assert!((scalar - v).abs() < 1e-4, "{name}: {v} vs scalar {scalar}");
-                    }
+                let scalar = dot(Isa::Scalar, ty, wr, &qx);
+                let exact: f32 = (0..cols).map(|k| x[k] * wf[r * cols + k]).sum();
+                assert!((scalar - exact).abs() < 0.05, "{}: scalar {scalar} want {exact}", ty.name());
+                assert!((scalar - got[r]).abs() < 1e-4, "scalar {scalar} vs matmul {}", got[r]);
+                for isa in Isa::available() {
+                    let v = dot(isa, ty, wr, &qx);
+                    assert!((scalar - v).abs() < 1e-4, "{isa:?}: {v} vs scalar {scalar}");
                 }
             }
         }
