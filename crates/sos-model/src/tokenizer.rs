@@ -39,9 +39,7 @@ impl Tokenizer {
         self.bos = bos.and_then(|b| self.inner.token_to_id(b)).or(self.bos);
         if let Some(e) = eos.and_then(|e| self.inner.token_to_id(e)) {
             self.eos = Some(e);
-            if !self.stop_ids.contains(&e) {
-                self.stop_ids.push(e);
-            }
+            self.add_stop_id(e);
         }
         self.add_bos = add_bos;
         self
@@ -54,17 +52,16 @@ impl Tokenizer {
     }
 
     fn finish(inner: tokenizers::Tokenizer, bos: Option<u32>, eos: Option<u32>, add_bos: bool) -> Self {
-        let mut stop_ids: Vec<u32> = eos.into_iter().collect();
         // Only as special tokens: in some vocabularies `</s>` is also plain text.
         let specials = inner.get_added_tokens_decoder();
-        for t in TURN_END_TOKENS {
-            if let Some(id) = inner.token_to_id(t) {
-                if specials.get(&id).is_some_and(|a| a.special) && !stop_ids.contains(&id) {
-                    stop_ids.push(id);
-                }
-            }
-        }
-        Tokenizer { inner, bos, eos, stop_ids, add_bos }
+        let turn_ends: Vec<u32> = TURN_END_TOKENS
+            .iter()
+            .filter_map(|t| inner.token_to_id(t))
+            .filter(|id| specials.get(id).is_some_and(|a| a.special))
+            .collect();
+        let mut tok = Tokenizer { inner, bos, eos, stop_ids: Vec::new(), add_bos };
+        eos.into_iter().chain(turn_ends).for_each(|id| tok.add_stop_id(id));
+        tok
     }
 
     pub fn from_gguf(g: &Gguf) -> Result<Self> {
