@@ -138,10 +138,15 @@ pub struct Model {
 /// (f64, used by the finite-difference tests).
 pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     if x.dtype() == DType::F64 {
-        let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
-        return Ok(x.broadcast_mul(&r)?.broadcast_mul(w)?);
+        return Ok(rms_forward(x, w, eps)?.0);
     }
     Ok(candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)?)
+}
+
+/// `y = x * r * w` with `r = 1/sqrt(mean(x^2) + eps)`; returns `(y, r)` (the reverse pass keeps `r`).
+pub(crate) fn rms_forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+    let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    Ok((x.broadcast_mul(&r)?.broadcast_mul(w)?, r))
 }
 
 pub(crate) fn bias_add(x: Tensor, b: &Option<Tensor>) -> Result<Tensor> {

@@ -13,7 +13,7 @@
 
 use candle_core::{Tensor, D};
 
-use crate::model::{KvCache, Layer, Model};
+use crate::model::{rms_forward, KvCache, Layer, Model};
 use crate::{Error, Result};
 
 /// Activations one layer's backward needs, for the `r` trainable positions.
@@ -37,12 +37,6 @@ pub struct Tape {
     from: usize,
     /// Hidden states after the last layer, before the final norm: `[b, r, d]`.
     pub hidden: Tensor,
-}
-
-/// `y = x * r * w` with `r = 1/sqrt(mean(x^2) + eps)`; returns `(y, r)`.
-fn rms_forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
-    let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
-    Ok((x.broadcast_mul(&r)?.broadcast_mul(w)?, r))
 }
 
 /// `dx = r * g - x * r^3 * mean(g * x)` with `g = dy * w`.
