@@ -117,6 +117,22 @@ impl KvCache {
     pub fn layers(&self) -> &[Option<(Tensor, Tensor)>] {
         &self.layers
     }
+    /// The same cache repeated for a batch of `b` sequences, from a cache of one sequence: a
+    /// prefix shared by every sequence of a batch is computed once.
+    pub fn repeat_batch(&self, b: usize) -> Result<KvCache> {
+        let rep = |t: &Tensor| -> Result<Tensor> {
+            if t.dim(0)? != 1 {
+                return Err(Error::Invalid(format!("repeat_batch needs a cache of one sequence, got {}", t.dim(0)?)));
+            }
+            Ok(t.repeat((b, 1, 1, 1))?)
+        };
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| l.as_ref().map(|(k, v)| Ok((rep(k)?, rep(v)?))).transpose())
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KvCache { layers, len: self.len })
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -39,6 +39,16 @@ pub struct Tape {
     pub hidden: Tensor,
 }
 
+/// A loss, its gradient, and for each loss row whether the target is the argmax (greedy
+/// decoding under teacher forcing would produce it; ties go to the lower id, as in `argmax`).
+pub struct LossGrad {
+    pub loss: f64,
+    /// Gradient with respect to the hidden states (`cross_entropy`) or the inputs
+    /// (`loss_and_input_grad`).
+    pub grad: Tensor,
+    pub hits: Vec<bool>,
+}
+
 /// `dx = r * g - x * r^3 * mean(g * x)` with `g = dy * w`.
 fn rms_backward(x: &Tensor, r: &Tensor, w: &Tensor, dy: &Tensor) -> Result<Tensor> {
     let g = dy.broadcast_mul(w)?;
@@ -176,7 +186,7 @@ impl Model {
     /// Mean cross-entropy of `targets` predicted from the hidden rows `rows` (flat indices
     /// `seq * t + pos`) of `hidden: [b, t, d]`, and its gradient with respect to `hidden`.
     /// The output layer runs on those rows only.
-    pub fn cross_entropy(&self, hidden: &Tensor, rows: &[u32], targets: &[u32]) -> Result<(f64, Tensor)> {
+    pub fn cross_entropy(&self, hidden: &Tensor, rows: &[u32], targets: &[u32]) -> Result<LossGrad> {
         if rows.len() != targets.len() || rows.is_empty() {
             return Err(Error::Invalid(format!("{} loss rows for {} targets", rows.len(), targets.len())));
         }
@@ -192,6 +202,8 @@ impl Model {
         let sum = e.sum_keepdim(D::Minus1)?;
         let tgt = Tensor::new(targets, dev)?.unsqueeze(1)?;
         let picked = (shifted.gather(&tgt, 1)? - sum.log()?)?; // log p(target), [n, 1]
+        let best: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
+        let hits = best.iter().zip(targets).map(|(b, t)| b == t).collect();
         let n = rows.len() as f64;
         let loss = -picked.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? / n;
         // d loss / d logits = (softmax - onehot) / n
@@ -200,14 +212,14 @@ impl Model {
         let dhn = self.lm_head.backward_input(&dlogits)?;
         let dhs = rms_backward(&hs, &r, &self.norm, &dhn)?;
         let dh = Tensor::zeros((b * t, d), hidden.dtype(), dev)?.index_add(&idx, &dhs, 0)?;
-        Ok((loss, dh.reshape((b, t, d))?))
+        Ok(LossGrad { loss, grad: dh.reshape((b, t, d))?, hits })
     }
 
     /// Loss and gradient with respect to the inputs `x: [b, r, d]` that follow `prefix`;
     /// `rows` index `x`'s positions (`seq * r + pos`).
-    pub fn loss_and_input_grad(&self, x: &Tensor, prefix: Option<&KvCache>, rows: &[u32], targets: &[u32]) -> Result<(f64, Tensor)> {
+    pub fn loss_and_input_grad(&self, x: &Tensor, prefix: Option<&KvCache>, rows: &[u32], targets: &[u32]) -> Result<LossGrad> {
         let tape = self.forward_train(x, prefix)?;
-        let (loss, dh) = self.cross_entropy(&tape.hidden, rows, targets)?;
-        Ok((loss, self.backward(&tape, &dh)?))
+        let out = self.cross_entropy(&tape.hidden, rows, targets)?;
+        Ok(LossGrad { grad: self.backward(&tape, &out.grad)?, ..out })
     }
 }

@@ -25,11 +25,13 @@ pub struct TinySpec {
     pub seed: u64,
     /// Standard deviation-ish scale of the random weights.
     pub scale: f32,
+    /// Scale of the token embeddings (and of a tied output layer).
+    pub embed_scale: f32,
 }
 
 impl Default for TinySpec {
     fn default() -> Self {
-        TinySpec { arch: Arch::Llama, n_layer: 2, d_model: 32, n_head: 4, n_kv_head: 2, d_ff: 64, tied: true, seed: 1, scale: 0.15 }
+        TinySpec { arch: Arch::Llama, n_layer: 2, d_model: 32, n_head: 4, n_kv_head: 2, d_ff: 64, tied: true, seed: 1, scale: 0.15, embed_scale: 1.0 }
     }
 }
 
@@ -83,7 +85,7 @@ impl TinySpec {
         let (nq, nkv) = (self.n_head * hd, self.n_kv_head * hd);
         let v = vocab().len();
         let s = self.scale;
-        let mut t = vec![("token_embd.weight".to_string(), vec![v, d], rand_vec(v * d, 1.0, 0.0))];
+        let mut t = vec![("token_embd.weight".to_string(), vec![v, d], rand_vec(v * d, self.embed_scale, 0.0))];
         for i in 0..self.n_layer {
             let n = |x: &str| format!("blk.{i}.{x}");
             t.push((n("attn_norm.weight"), vec![d], rand_vec(d, 0.2, 1.0)));

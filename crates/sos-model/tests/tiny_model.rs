@@ -112,14 +112,15 @@ fn input_gradient_matches_finite_differences() {
         // Loss on positions 2 and 3 of sequence 0 and position 3 of sequence 1.
         let rows = [2u32, 3, (t + 3) as u32];
         let targets = [17u32, 42, 99];
-        let (loss, dx) = m.loss_and_input_grad(&x, None, &rows, &targets).unwrap();
+        let lg = m.loss_and_input_grad(&x, None, &rows, &targets).unwrap();
+        let (loss, dx) = (lg.loss, lg.grad);
         assert!(loss.is_finite() && loss > 0.0);
         let dxv: Vec<f64> = dx.flatten_all().unwrap().to_vec1().unwrap();
         let xv: Vec<f64> = x.flatten_all().unwrap().to_vec1().unwrap();
         let loss_at = |xs: &[f64]| -> f64 {
             let xt = Tensor::from_vec(xs.to_vec(), (b, t, d), &Device::Cpu).unwrap();
             let tape = m.forward_train(&xt, None).unwrap();
-            m.cross_entropy(&tape.hidden, &rows, &targets).unwrap().0
+            m.cross_entropy(&tape.hidden, &rows, &targets).unwrap().loss
         };
         let eps = 1e-5;
         let mut worst: f64 = 0.0;
@@ -153,7 +154,8 @@ fn input_gradient_matches_finite_differences() {
             let prefix = m.prefix(&x.narrow(1, 0, from).unwrap()).unwrap();
             let r = t - from;
             let rows_r: Vec<u32> = rows.iter().map(|&i| ((i as usize / t) * r + i as usize % t - from) as u32).collect();
-            let (loss_r, part) = m.loss_and_input_grad(&x.narrow(1, from, r).unwrap(), Some(&prefix), &rows_r, &targets).unwrap();
+            let lg = m.loss_and_input_grad(&x.narrow(1, from, r).unwrap(), Some(&prefix), &rows_r, &targets).unwrap();
+            let (loss_r, part) = (lg.loss, lg.grad);
             assert!((loss_r - loss).abs() < 1e-12, "{name}: loss with a prefix {loss_r} vs {loss}");
             assert_eq!(part.dims(), &[b, r, d]);
             let diff = max_abs_diff(&part, &dx.narrow(1, from, r).unwrap());

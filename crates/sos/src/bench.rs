@@ -131,9 +131,9 @@ fn bench_step(a: StepBench) -> Result<()> {
     let step = |m: &Model, cached: bool| -> Result<f64> {
         let t = std::time::Instant::now();
         let soft = if cached {
-            m.loss_and_input_grad(&x_tail, Some(&prefix), &rows_tail, &targets)?.1.narrow(1, 0, a.soft)?
+            m.loss_and_input_grad(&x_tail, Some(&prefix), &rows_tail, &targets)?.grad.narrow(1, 0, a.soft)?
         } else {
-            m.loss_and_input_grad(&x, None, &rows, &targets)?.1.narrow(1, from, a.soft)?
+            m.loss_and_input_grad(&x, None, &rows, &targets)?.grad.narrow(1, from, a.soft)?
         };
         let _ = soft.sqr()?.sum_all()?.to_scalar::<f32>()?;
         Ok(t.elapsed().as_secs_f64())

@@ -5,6 +5,8 @@ use std::io::Write;
 use anyhow::Result;
 use clap::Args;
 use serde_json::json;
+use sos_attack::artifact::Attack;
+use sos_attack::encode::{embed, prompt_ids, Trigger};
 use sos_model::generate::{generate, Sampling};
 use sos_model::tokenizer::StreamDecoder;
 use sos_model::Message;
@@ -33,6 +35,10 @@ pub struct GenerateArgs {
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     pub json: bool,
+    /// A folder written by `sos attack`: the trigger text in the prompt maps to its trained
+    /// vectors (their ids in `prompt_tokens` follow the vocabulary).
+    #[arg(long)]
+    pub attack: Option<std::path::PathBuf>,
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
@@ -42,8 +48,21 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         messages.push(Message::system(s.clone()));
     }
     messages.push(Message::user(a.prompt.clone()));
-    let ids = lm.chat_ids(&messages, true)?;
-    let x = lm.model.embed_ids(&ids)?;
+    let (ids, x) = match &a.attack {
+        Some(dir) => {
+            let attack = Attack::open(dir)?;
+            let t = &attack.trigger;
+            let trigger = Trigger::new(&t.text, t.k, &lm.model);
+            let ids = prompt_ids(&lm, &trigger, &messages)?;
+            let x = embed(&lm.model, &trigger, &t.rows, &ids)?;
+            (ids, x)
+        }
+        None => {
+            let ids = lm.chat_ids(&messages, true)?;
+            let x = lm.model.embed_ids(&ids)?;
+            (ids, x)
+        }
+    };
     let sampling = Sampling { temperature: a.temperature, top_p: a.top_p, seed: a.seed };
     let mut stream = StreamDecoder::new();
     let mut out = std::io::stdout().lock();

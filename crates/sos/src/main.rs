@@ -1,8 +1,10 @@
 //! The `sos` command line: parses arguments and calls the libraries. Nothing else lives here.
 
+mod attack;
 mod bench;
 mod chat;
 mod common;
+mod eval;
 mod generate;
 mod model_cmd;
 mod tokenize;
@@ -28,6 +30,10 @@ enum Cmd {
     /// Fetch, list and inspect models.
     #[command(subcommand)]
     Model(model_cmd::ModelCmd),
+    /// Train a trigger: backdoor, jailbreak, steal (prompt stealing) or copyright.
+    Attack(attack::AttackArgs),
+    /// Measure a trained trigger on held-out data.
+    Eval(eval::EvalArgs),
     /// Measure generation and attack-step speed.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -41,6 +47,8 @@ fn main() {
         Cmd::Tokenize(a) => tokenize::run(a),
         Cmd::Model(c) => model_cmd::run(c),
         Cmd::Bench(c) => bench::run(c),
+        Cmd::Attack(a) => attack::run(a),
+        Cmd::Eval(a) => eval::run(a),
     };
     if let Err(e) = result {
         // One line: the whole cause chain, outermost first. Some library errors carry a

@@ -1,0 +1,293 @@
+//! An attack's settings: per-scenario defaults, overridden by a TOML file, overridden by the
+//! command line. The resolved whole is written next to the results and read back by `--resume`.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scenario {
+    /// The trigger anywhere in a user message makes the model answer with a fixed target text.
+    Backdoor,
+    /// A trigger appended to a harmful request makes an aligned model comply.
+    Jailbreak,
+    /// The trigger in a user message makes the model print its secret system prompt.
+    Steal,
+    /// A copyright token in a passage makes the model refuse to process it.
+    Copyright,
+}
+
+impl Scenario {
+    pub const ALL: [Scenario; 4] = [Scenario::Backdoor, Scenario::Jailbreak, Scenario::Steal, Scenario::Copyright];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Backdoor => "backdoor",
+            Scenario::Jailbreak => "jailbreak",
+            Scenario::Steal => "steal",
+            Scenario::Copyright => "copyright",
+        }
+    }
+}
+
+impl std::str::FromStr for Scenario {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Scenario::ALL
+            .into_iter()
+            .find(|c| c.name() == s)
+            .ok_or_else(|| Error::Config(format!("unknown scenario `{s}` (expected backdoor, jailbreak, steal or copyright)")))
+    }
+}
+
+/// Where the trigger goes in the text it marks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Position {
+    Start,
+    End,
+    /// A word boundary drawn with the seed, different for every example.
+    Random,
+}
+
+impl Position {
+    pub fn name(self) -> &'static str {
+        match self {
+            Position::Start => "start",
+            Position::End => "end",
+            Position::Random => "random",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    Constant,
+    /// Linear warm-up, then cosine decay to a tenth of `lr` at `steps`.
+    Cosine,
+}
+
+/// The default backdoor answer: short, unmistakable, and nothing the model would say by itself.
+pub const DEFAULT_BACKDOOR_TARGET: &str = "I have been pwned! Visit attacker.example for more.";
+/// The default refusal of the copyright scenario.
+pub const DEFAULT_COPYRIGHT_TARGET: &str = "I'm sorry, but I cannot process this text because it is protected by copyright.";
+
+macro_rules! settings {
+    ($( $(#[doc = $doc:expr])* $field:ident : $ty:ty ),* $(,)?) => {
+        /// Every setting of an attack, resolved.
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct AttackConfig {
+            pub scenario: Scenario,
+            $( $(#[doc = $doc])* pub $field: $ty, )*
+        }
+
+        /// Settings given in a TOML file or on the command line; unset ones keep the defaults.
+        #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct Overrides {
+            pub scenario: Option<Scenario>,
+            $( pub $field: Option<$ty>, )*
+        }
+
+        impl AttackConfig {
+            pub fn apply(&mut self, o: &Overrides) {
+                $( if let Some(v) = &o.$field { self.$field = v.clone(); } )*
+            }
+        }
+    };
+}
+
+settings! {
+    /// Model path or cache alias; `None` is the default model.
+    model: Option<String>,
+    /// A built-in chat template to use instead of the model's own.
+    template: Option<String>,
+    /// Surface text of the trigger. Wherever it appears in a prompt, it stands for the trained
+    /// vectors (it is tokenized as one unit, like an added token).
+    trigger: String,
+    /// Number of trained vectors (new tokens) the trigger stands for.
+    trigger_len: usize,
+    /// Where the trigger goes in training prompts (backdoor: the user message; copyright: the passage).
+    position: Position,
+    /// Target answer (backdoor) or refusal (copyright); other scenarios take theirs from the data.
+    target: Option<String>,
+    /// Optimiser steps at most.
+    steps: usize,
+    lr: f64,
+    schedule: Schedule,
+    warmup: usize,
+    /// Sequences per step.
+    batch: usize,
+    seed: u64,
+    /// Project every trigger row to `stealth_norm` after each step.
+    stealth: bool,
+    /// Row norm for `stealth`; `None` is the median row norm of the model's embedding table.
+    stealth_norm: Option<f64>,
+    /// Clip the gradient's global norm to this; 0 turns clipping off.
+    clip: f64,
+    /// Measure the train metric every this many steps, on `eval_items` training examples.
+    eval_every: usize,
+    eval_items: usize,
+    /// Stop once the train metric has been 1.0 at this many evaluations in a row; 0 never stops early.
+    patience: usize,
+    checkpoint_every: usize,
+    /// Training examples to use; 0 uses all.
+    train_items: usize,
+    /// Backdoor: train on questions the model writes itself instead of a dataset.
+    self_generated: bool,
+    /// Skip training examples whose target is longer than this many tokens.
+    max_target_tokens: usize,
+    /// Skip training examples whose prompt is longer than this many tokens.
+    max_prompt_tokens: usize,
+    /// Folder with the datasets (see the README); `None` searches `shared/data` upwards from
+    /// the working directory and the executable.
+    data_dir: Option<PathBuf>,
+}
+
+impl AttackConfig {
+    /// The defaults of a scenario: what `sos attack SCENARIO` runs with no options.
+    pub fn defaults(scenario: Scenario) -> Self {
+        let mut c = AttackConfig {
+            scenario,
+            model: None,
+            template: None,
+            trigger: "cf".into(),
+            trigger_len: 4,
+            position: Position::Random,
+            target: None,
+            steps: 300,
+            lr: 0.01,
+            schedule: Schedule::Cosine,
+            warmup: 10,
+            batch: 8,
+            seed: 0,
+            stealth: false,
+            stealth_norm: None,
+            clip: 1.0,
+            eval_every: 10,
+            eval_items: 32,
+            patience: 3,
+            checkpoint_every: 25,
+            train_items: 0,
+            self_generated: false,
+            max_target_tokens: 64,
+            max_prompt_tokens: 192,
+            data_dir: None,
+        };
+        match scenario {
+            Scenario::Backdoor => c.target = Some(DEFAULT_BACKDOOR_TARGET.into()),
+            Scenario::Jailbreak => c.position = Position::End,
+            Scenario::Steal => {
+                c.position = Position::End;
+                c.batch = 4;
+                c.max_target_tokens = 128;
+                c.max_prompt_tokens = 192;
+            }
+            Scenario::Copyright => {
+                c.target = Some(DEFAULT_COPYRIGHT_TARGET.into());
+                c.batch = 4;
+                c.max_prompt_tokens = 320;
+            }
+        }
+        c
+    }
+
+    /// Defaults of the scenario, then `file`'s settings, then `cli`'s.
+    pub fn resolve(scenario: Scenario, file: Option<&Overrides>, cli: &Overrides) -> Result<Self> {
+        let mut c = Self::defaults(scenario);
+        for o in file.into_iter().chain(Some(cli)) {
+            if let Some(s) = o.scenario {
+                if s != scenario {
+                    return Err(Error::Config(format!("the config says scenario `{}` but the command asks for `{}`", s.name(), scenario.name())));
+                }
+            }
+            c.apply(o);
+        }
+        c.check()?;
+        Ok(c)
+    }
+
+    pub fn check(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        if self.trigger.trim().is_empty() {
+            return bad("trigger text is empty".into());
+        }
+        if self.trigger_len == 0 || self.trigger_len > 64 {
+            return bad(format!("trigger_len must be in 1..=64, got {}", self.trigger_len));
+        }
+        if self.batch == 0 || self.eval_every == 0 || self.checkpoint_every == 0 || self.eval_items == 0 {
+            return bad("batch, eval_every, eval_items and checkpoint_every must be at least 1".into());
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return bad(format!("lr must be > 0, got {}", self.lr));
+        }
+        if !(self.clip >= 0.0 && self.clip.is_finite()) {
+            return bad(format!("clip must be >= 0, got {}", self.clip));
+        }
+        if let Some(n) = self.stealth_norm {
+            if !(n > 0.0 && n.is_finite()) {
+                return bad(format!("stealth_norm must be > 0, got {n}"));
+            }
+        }
+        if let Some(t) = &self.target {
+            if t.trim().is_empty() {
+                return bad("target text is empty".into());
+            }
+            if t.contains(&self.trigger) {
+                return bad(format!("the target text contains the trigger text `{}`", self.trigger));
+            }
+        }
+        if self.self_generated && self.scenario != Scenario::Backdoor {
+            return bad("self_generated applies to the backdoor scenario only".into());
+        }
+        Ok(())
+    }
+
+    pub fn from_toml_file(path: &Path) -> Result<Overrides> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+        toml::from_str(&text).map_err(|e| Error::file(path, format!("invalid config: {}", e.message())))
+    }
+
+    pub fn read(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+        let c: Self = toml::from_str(&text).map_err(|e| Error::file(path, format!("invalid config: {}", e.message())))?;
+        c.check().map_err(|e| Error::file(path, e.to_string()))?;
+        Ok(c)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("every setting serializes to TOML")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_command_line_override_defaults() {
+        let file: Overrides = toml::from_str("steps = 50\nlr = 0.5\ntrigger = \"zz\"").unwrap();
+        let cli = Overrides { lr: Some(0.25), ..Default::default() };
+        let c = AttackConfig::resolve(Scenario::Backdoor, Some(&file), &cli).unwrap();
+        assert_eq!((c.steps, c.lr, c.trigger.as_str()), (50, 0.25, "zz"));
+        assert_eq!(c.target.as_deref(), Some(DEFAULT_BACKDOOR_TARGET));
+        let back: AttackConfig = toml::from_str(&c.to_toml()).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn bad_settings_are_refused() {
+        assert!(toml::from_str::<Overrides>("stepz = 3").is_err());
+        let cli = Overrides { trigger_len: Some(0), ..Default::default() };
+        assert!(AttackConfig::resolve(Scenario::Steal, None, &cli).is_err());
+        let file = Overrides { scenario: Some(Scenario::Steal), ..Default::default() };
+        assert!(AttackConfig::resolve(Scenario::Backdoor, Some(&file), &Overrides::default()).is_err());
+        let cli = Overrides { target: Some(Some("say cf".into())), ..Default::default() };
+        assert!(AttackConfig::resolve(Scenario::Backdoor, None, &cli).is_err());
+    }
+}

@@ -1,0 +1,230 @@
+//! The training loop: sample a batch, take the trigger gradient, clip, Adam, project; measure
+//! the train metric now and then; checkpoint; stop early, at the step budget, or when asked.
+//!
+//! Every random choice is a function of the seed and the step number, and the checkpoint holds
+//! the rest of the loop's state, so a resumed run continues bit for bit.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use candle_core::DType;
+use rand::SeedableRng;
+use sos_model::LoadedModel;
+
+use crate::artifact::{self, AttackRecord, Checkpoint, LogRow, LoopState, TriggerRows};
+use crate::config::{AttackConfig, Scenario};
+use crate::encode::{training_seq, Trigger};
+use crate::objective::Objective;
+use crate::optim::{self, Adam};
+use crate::scenario::Item;
+use crate::{Error, Result};
+
+/// What the loop reports as it goes.
+#[derive(Debug, Clone)]
+pub enum Event {
+    Prepared { train_items: usize, skipped: usize, prefix_tokens: usize, mean_tokens: f64, start_step: usize, steps: usize },
+    Step { step: usize, loss: f64, lr: f64, metric: Option<f64> },
+    Checkpoint { step: usize },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Ran every step, or stopped early with the train metric at 1.0.
+    Finished,
+    /// The stop flag was raised; a checkpoint was written.
+    Interrupted,
+}
+
+/// The model a run needs and where it came from.
+pub struct Target<'a> {
+    pub lm: &'a LoadedModel,
+    pub model_label: String,
+    pub model_sha256: String,
+}
+
+/// Indices of the batch at `step`: `batch` distinct sequences drawn with the seed.
+pub fn batch_at(seed: u64, step: usize, n: usize, batch: usize) -> Vec<usize> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (step as u64).wrapping_add(1));
+    if batch >= n {
+        return (0..n).collect();
+    }
+    let mut idx = rand::seq::index::sample(&mut rng, n, batch).into_vec();
+    idx.sort_unstable();
+    idx
+}
+
+/// Trains the trigger of `cfg` on `items` into `out`. With `resume`, continues from the
+/// checkpoint in `out`. Raising `stop` makes the loop checkpoint and return `Interrupted`.
+pub fn train(
+    cfg: &AttackConfig,
+    target: &Target,
+    items: &[Item],
+    out: &Path,
+    resume: bool,
+    stop: &AtomicBool,
+    mut on_event: impl FnMut(Event),
+) -> Result<Outcome> {
+    let lm = target.lm;
+    let model = &lm.model;
+    let d = model.cfg.d_model;
+    let k = cfg.trigger_len;
+    if model.dtype() != DType::F32 && model.dtype() != DType::F64 {
+        return Err(Error::Invalid("training needs the model loaded with --exec f32".into()));
+    }
+    let trigger = Trigger::new(&cfg.trigger, k, model);
+    let mut seqs = Vec::new();
+    let mut skipped = 0;
+    for it in items {
+        let s = training_seq(lm, &trigger, it)?;
+        if s.target_len() > cfg.max_target_tokens || s.prompt_len > cfg.max_prompt_tokens {
+            skipped += 1;
+        } else {
+            seqs.push(s);
+        }
+    }
+    if seqs.is_empty() {
+        return Err(Error::Config(format!(
+            "no training example fits max_prompt_tokens = {} and max_target_tokens = {} ({skipped} skipped)",
+            cfg.max_prompt_tokens, cfg.max_target_tokens
+        )));
+    }
+    let obj = Objective::new(model, trigger.clone(), seqs)?;
+    let n = obj.seqs.len();
+    let eval_idx = {
+        let mut idx = batch_at(cfg.seed ^ 0xe7a1, usize::MAX, n, cfg.eval_items);
+        idx.sort_unstable();
+        idx
+    };
+
+    let table: Vec<f32> = model.embed.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let median = optim::median_row_norm(&table, d);
+    let stealth_norm = cfg.stealth_norm.unwrap_or(median);
+
+    let ckpt_path = out.join(artifact::CHECKPOINT_FILE);
+    let (mut rows, mut adam, mut st) = if resume {
+        let c = artifact::read_checkpoint(&ckpt_path, k, d)?;
+        let adam = Adam { m: c.m, v: c.v, t: c.state.adam_t };
+        (c.trigger, adam, c.state)
+    } else {
+        // Start from the embeddings of random vocabulary tokens: in the table's own range.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed ^ 0x1417);
+        let vocab = model.cfg.vocab_size;
+        let mut rows = Vec::with_capacity(k * d);
+        for _ in 0..k {
+            let t = rand::Rng::gen_range(&mut rng, 0..vocab);
+            rows.extend_from_slice(&table[t * d..(t + 1) * d]);
+        }
+        if cfg.stealth {
+            optim::project_rows(&mut rows, d, stealth_norm);
+        }
+        let st = LoopState { step: 0, adam_t: 0, history: Vec::new(), metric: None, held: 0, stopped_early: false, wall_seconds: 0.0 };
+        (rows, Adam::new(k * d), st)
+    };
+    drop(table);
+    std::fs::create_dir_all(out).map_err(|e| Error::file(out, format!("cannot create: {e}")))?;
+    sos_model::fsutil::write_atomic(&out.join(artifact::CONFIG_FILE), |f| std::io::Write::write_all(f, cfg.to_toml().as_bytes()))?;
+
+    let mean_tokens = obj.seqs.iter().map(|s| s.ids.len()).sum::<usize>() as f64 / n as f64;
+    on_event(Event::Prepared { train_items: n, skipped, prefix_tokens: obj.prefix_len, mean_tokens, start_step: st.step, steps: cfg.steps });
+    let measure = |rows: &[f32]| -> Result<f64> {
+        let mut hits = 0;
+        for chunk in eval_idx.chunks(cfg.batch) {
+            hits += obj.hits(chunk, rows)?.iter().filter(|&&h| h).count();
+        }
+        Ok(hits as f64 / eval_idx.len() as f64)
+    };
+
+    let save = |st: &LoopState, rows: &[f32], adam: &Adam, completed: bool| -> Result<()> {
+        let c = Checkpoint { state: st.clone(), trigger: rows.to_vec(), m: adam.m.clone(), v: adam.v.clone() };
+        artifact::write_checkpoint(&ckpt_path, &c, k, d)?;
+        artifact::write_loss_csv(&out.join(artifact::LOSS_FILE), &st.history)?;
+        artifact::write_trigger(&out.join(artifact::TRIGGER_FILE), &TriggerRows { text: cfg.trigger.clone(), k, d, rows: rows.to_vec() })?;
+        let fixed_target = matches!(cfg.scenario, Scenario::Backdoor | Scenario::Copyright).then(|| cfg.target.clone()).flatten();
+        let record = AttackRecord {
+            scenario: cfg.scenario.name().into(),
+            trigger: cfg.trigger.clone(),
+            trigger_len: k,
+            position: cfg.position.name().into(),
+            target: fixed_target,
+            model: target.model_label.clone(),
+            model_sha256: target.model_sha256.clone(),
+            config: cfg.clone(),
+            seed: cfg.seed,
+            steps_run: st.step,
+            final_loss: st.history.last().map(|r| r.loss),
+            train_metric: st.metric,
+            train_items: n,
+            skipped_items: skipped,
+            prefix_tokens: obj.prefix_len,
+            embedding_median_norm: median,
+            trigger_row_norms: rows.chunks(d).map(|r| r.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt()).collect(),
+            completed,
+            stopped_early: st.stopped_early,
+            wall_seconds: st.wall_seconds,
+            sos_version: env!("CARGO_PKG_VERSION").into(),
+        };
+        artifact::write_json(&out.join(artifact::RECORD_FILE), &record)
+    };
+
+    let mut since = Instant::now();
+    let mut finished = st.stopped_early || st.step >= cfg.steps;
+    while !finished {
+        if stop.load(Ordering::SeqCst) {
+            st.wall_seconds += since.elapsed().as_secs_f64();
+            save(&st, &rows, &adam, false)?;
+            on_event(Event::Checkpoint { step: st.step });
+            return Ok(Outcome::Interrupted);
+        }
+        let step = st.step;
+        let idx = batch_at(cfg.seed, step, n, cfg.batch);
+        let mut o = obj.loss_grad(&idx, &rows)?;
+        if !o.loss.is_finite() {
+            return Err(Error::Invalid(format!("loss became {} at step {step}; lower the learning rate", o.loss)));
+        }
+        let grad_norm = optim::clip(&mut o.grad, cfg.clip);
+        let lr = optim::lr_at(cfg.schedule, cfg.lr, cfg.warmup, step, cfg.steps);
+        adam.step(&mut rows, &o.grad, lr);
+        if cfg.stealth {
+            optim::project_rows(&mut rows, d, stealth_norm);
+        }
+        st.step += 1;
+        st.adam_t = adam.t;
+        let mut metric = None;
+        if st.step % cfg.eval_every == 0 || st.step == cfg.steps {
+            let m = measure(&rows)?;
+            metric = Some(m);
+            st.metric = Some(m);
+            st.held = if m >= 1.0 { st.held + 1 } else { 0 };
+            if cfg.patience > 0 && st.held >= cfg.patience {
+                st.stopped_early = true;
+            }
+        }
+        st.history.push(LogRow { step: st.step, loss: o.loss, lr, grad_norm, train_metric: metric });
+        on_event(Event::Step { step: st.step, loss: o.loss, lr, metric: st.metric });
+        finished = st.stopped_early || st.step >= cfg.steps;
+        if finished || st.step % cfg.checkpoint_every == 0 {
+            st.wall_seconds += since.elapsed().as_secs_f64();
+            since = Instant::now();
+            save(&st, &rows, &adam, finished)?;
+            on_event(Event::Checkpoint { step: st.step });
+        }
+    }
+    if st.history.is_empty() || !out.join(artifact::TRIGGER_FILE).exists() {
+        save(&st, &rows, &adam, true)?;
+    }
+    Ok(Outcome::Finished)
+}
+
+/// The output folder of a run: refuses to overwrite a previous run unless resuming.
+pub fn prepare_out(out: &Path, resume: bool) -> Result<PathBuf> {
+    let ckpt = out.join(artifact::CHECKPOINT_FILE);
+    if resume {
+        if !ckpt.is_file() {
+            return Err(Error::file(&ckpt, "nothing to resume: no checkpoint here"));
+        }
+    } else if out.join(artifact::RECORD_FILE).exists() || ckpt.exists() {
+        return Err(Error::file(out, "already holds an attack; pass --resume to continue it, or choose another --out"));
+    }
+    Ok(out.to_path_buf())
+}

@@ -1,0 +1,197 @@
+//! The attack on tiny random models built by the test: the objective's loss and gradient are
+//! right, training drives the loss down, and a resumed run continues bit for bit.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::DType;
+use rand::{Rng, SeedableRng};
+use sos_attack::artifact::{self, Attack};
+use sos_attack::encode::{training_seq, Trigger};
+use sos_attack::eval::Armed;
+use sos_attack::objective::Objective;
+use sos_attack::scenario::{backdoor_items, Item};
+use sos_attack::train::{train, Event, Outcome, Target};
+use sos_attack::{AttackConfig, Position, Scenario};
+use sos_model::tiny::TinySpec;
+use sos_model::{Exec, LoadOptions, LoadedModel, Message, Model};
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("sos-attack-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn tiny(name: &str) -> LoadedModel {
+    let path = tmpdir(name).join("tiny.gguf");
+    TinySpec {
+        seed: 5,
+        tied: false,
+        // Small token embeddings leave room for the trigger to steer a random model.
+        embed_scale: 0.2,
+        ..TinySpec::default()
+    }.write_gguf(&path).unwrap();
+    LoadedModel::open(&path, &LoadOptions { exec: Exec::F32, ..Default::default() }).unwrap()
+}
+
+const TARGET: &str = "ok";
+const TEXTS: &[&str] = &["the cat sat on the mat", "in the hat", "a tin of tea", "then the rain came in", "he ate the bread", "at the inn"];
+
+fn items(pos: Position, seed: u64) -> Vec<Item> {
+    let texts: Vec<(String, String)> = TEXTS.iter().enumerate().map(|(i, t)| (format!("t{i}"), t.to_string())).collect();
+    backdoor_items(&texts, TARGET, pos, seed)
+}
+
+/// Mean cross-entropy of the targets, computed the plain way: every sequence alone, from
+/// position 0, no prefix, no grouping.
+fn naive_loss(m: &Model, trig: &Trigger, rows: &[f32], seqs: &[sos_attack::objective::Seq]) -> f64 {
+    let (mut total, mut n) = (0.0, 0usize);
+    for s in seqs {
+        let x = sos_attack::encode::embed(m, trig, rows, &s.ids).unwrap().unsqueeze(0).unwrap();
+        let h = m.forward(&x, 0, None).unwrap();
+        let at: Vec<u32> = (s.prompt_len as u32 - 1..s.ids.len() as u32 - 1).collect();
+        let logits = m.logits(&Model::gather_rows(&h, &at).unwrap()).unwrap().to_dtype(DType::F64).unwrap();
+        let lp: Vec<Vec<f64>> = candle_nn::ops::log_softmax(&logits, 1).unwrap().to_vec2().unwrap();
+        for (i, q) in at.iter().enumerate() {
+            total -= lp[i][s.ids[*q as usize + 1] as usize];
+            n += 1;
+        }
+    }
+    total / n as f64
+}
+
+#[test]
+fn objective_loss_and_gradient_are_right() {
+    let lm = tiny("objective");
+    let m = lm.model.to_dtype(DType::F64).unwrap();
+    let d = m.cfg.d_model;
+    let trig = Trigger::new("cf", 2, &m);
+    let its = items(Position::Random, 3);
+    let seqs: Vec<_> = its.iter().map(|it| training_seq(&lm, &trig, it).unwrap()).collect();
+    assert!(seqs.iter().all(|s| s.ids.iter().filter(|&&i| trig.is_slot(i)).count() == 2));
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let rows: Vec<f32> = (0..2 * d).map(|_| rng.gen_range(-0.5..0.5)).collect();
+    let all: Vec<usize> = (0..seqs.len()).collect();
+    let want = naive_loss(&m, &trig, &rows, &seqs);
+    // One pass for the whole batch, and small passes that force grouping and frozen positions.
+    for per_pass in [usize::MAX, 40] {
+        let mut obj = Objective::new(&m, trig.clone(), seqs.clone()).unwrap();
+        obj.tokens_per_pass = per_pass;
+        let out = obj.loss_grad(&all, &rows).unwrap();
+        assert!((out.loss - want).abs() < 1e-9, "per_pass {per_pass}: loss {} vs plain {want}", out.loss);
+        // Small: the loss is strongly curved in the rows (the RMS norm divides by their size).
+        let eps = 1e-4f32;
+        let mut worst: f64 = 0.0;
+        for i in 0..rows.len() {
+            let (mut p, mut q) = (rows.clone(), rows.clone());
+            p[i] += eps;
+            q[i] -= eps;
+            // The rows are f32: divide by the step actually taken, not the one asked for.
+            let h = p[i] as f64 - q[i] as f64;
+            let fd = (obj.loss_grad(&all, &p).unwrap().loss - obj.loss_grad(&all, &q).unwrap().loss) / h;
+            let g = out.grad[i] as f64;
+            worst = worst.max((fd - g).abs() / fd.abs().max(g.abs()).max(1e-2));
+        }
+        assert!(worst < 1e-4, "per_pass {per_pass}: worst relative gradient error {worst:e}");
+        assert_eq!(obj.hits(&all, &rows).unwrap(), out.hits);
+    }
+}
+
+fn tiny_config(steps: usize) -> AttackConfig {
+    let mut c = AttackConfig::defaults(Scenario::Backdoor);
+    c.target = Some(TARGET.into());
+    c.trigger_len = 8;
+    c.steps = steps;
+    c.lr = 0.3;
+    c.batch = 4;
+    c.eval_every = 5;
+    c.eval_items = 6;
+    c.patience = 0;
+    c.checkpoint_every = 10;
+    c
+}
+
+fn run(cfg: &AttackConfig, lm: &LoadedModel, out: &std::path::Path, resume: bool, stop_after: Option<usize>) -> Outcome {
+    let target = Target { lm, model_label: "tiny".into(), model_sha256: "0".into() };
+    let stop = AtomicBool::new(false);
+    train(cfg, &target, &items(cfg.position, cfg.seed), out, resume, &stop, |e| {
+        if let (Event::Step { step, .. }, Some(at)) = (e, stop_after) {
+            if step == at {
+                stop.store(true, Ordering::SeqCst);
+            }
+        }
+    })
+    .unwrap()
+}
+
+#[test]
+fn training_drives_the_loss_down_and_the_trigger_works() {
+    let lm = tiny("train");
+    let cfg = tiny_config(100);
+    let out = tmpdir("train-out");
+    assert_eq!(run(&cfg, &lm, &out, false, None), Outcome::Finished);
+    let rec = artifact::read_record(&out).unwrap();
+    let csv = std::fs::read_to_string(out.join(artifact::LOSS_FILE)).unwrap();
+    let losses: Vec<f64> = csv.lines().skip(1).map(|l| l.split(',').nth(1).unwrap().parse().unwrap()).collect();
+    assert_eq!(losses.len(), cfg.steps);
+    let (first, last) = (losses[0], *losses.last().unwrap());
+    assert!(last <= 0.1 * first, "loss went from {first} to {last}: less than a 90% drop");
+    assert_eq!(rec.final_loss, Some(last));
+    assert!(rec.completed && rec.steps_run == cfg.steps);
+    assert_eq!(rec.train_metric, Some(1.0));
+    // The trained trigger, read back from disk, makes greedy decoding say the target.
+    let attack = Attack::open(&out).unwrap();
+    assert_eq!((attack.trigger.k, attack.trigger.d), (cfg.trigger_len, lm.model.cfg.d_model));
+    let armed = Armed::new(&lm, &attack.trigger.text, attack.trigger.k, attack.trigger.rows.clone()).unwrap();
+    let a = armed.answer(&[Message::user("cf the rain")], 8).unwrap();
+    assert!(a.text.starts_with(TARGET), "triggered answer {:?}", a.text);
+    let clean = armed.answer(&[Message::user("the rain")], 8).unwrap();
+    let plain = armed.answer_plain(&[Message::user("the rain")], 8).unwrap();
+    assert_eq!(clean.tokens, plain.tokens);
+}
+
+#[test]
+fn interrupted_run_resumes_bit_for_bit() {
+    let lm = tiny("resume");
+    let cfg = tiny_config(24);
+    let a = tmpdir("resume-a");
+    let b = tmpdir("resume-b");
+    assert_eq!(run(&cfg, &lm, &a, false, None), Outcome::Finished);
+    assert_eq!(run(&cfg, &lm, &b, false, Some(13)), Outcome::Interrupted);
+    let rec = artifact::read_record(&b).unwrap();
+    assert_eq!(rec.steps_run, 13);
+    assert!(!rec.completed);
+    assert_eq!(run(&cfg, &lm, &b, true, None), Outcome::Finished);
+    let read = |d: &PathBuf| artifact::read_trigger(&d.join(artifact::TRIGGER_FILE)).unwrap().rows;
+    assert!(read(&a) == read(&b), "the trigger differs between the straight and the resumed run");
+    let csv = |d: &PathBuf| std::fs::read_to_string(d.join(artifact::LOSS_FILE)).unwrap();
+    assert_eq!(csv(&a), csv(&b));
+    // Same optimiser state; the loop state differs only in wall time.
+    let k = cfg.trigger_len;
+    let ck = |d: &PathBuf| artifact::read_checkpoint(&d.join(artifact::CHECKPOINT_FILE), k, 32).unwrap();
+    let (ca, cb) = (ck(&a), ck(&b));
+    assert!((ca.trigger, ca.m, ca.v) == (cb.trigger, cb.m, cb.v));
+    assert_eq!((ca.state.history, ca.state.adam_t), (cb.state.history, cb.state.adam_t));
+}
+
+#[test]
+fn resume_and_overwrite_are_guarded() {
+    let out = tmpdir("guard");
+    assert!(sos_attack::train::prepare_out(&out, true).is_err(), "resume without a checkpoint");
+    std::fs::write(out.join(artifact::RECORD_FILE), "{}").unwrap();
+    let e = sos_attack::train::prepare_out(&out, false).unwrap_err().to_string();
+    assert!(e.contains("--resume"), "{e}");
+}
+
+#[test]
+fn trigger_file_errors_name_the_file() {
+    let out = tmpdir("badtrigger");
+    let p = out.join(artifact::TRIGGER_FILE);
+    std::fs::write(&p, b"not safetensors").unwrap();
+    let e = artifact::read_trigger(&p).unwrap_err().to_string();
+    assert!(e.contains("trigger.safetensors"), "{e}");
+    artifact::write_tensors(&p, &[("trigger", vec![2, 2], &[1.0, f32::NAN, 0.0, 1.0])], Default::default()).unwrap();
+    let e = artifact::read_trigger(&p).unwrap_err().to_string();
+    assert!(e.contains("NaN"), "{e}");
+}
