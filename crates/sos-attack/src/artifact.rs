@@ -24,6 +24,7 @@ pub const CONFIG_FILE: &str = "config.toml";
 pub const LOSS_FILE: &str = "loss.csv";
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
 pub const EVAL_FILE: &str = "eval.json";
+pub const EVAL_ITEMS_FILE: &str = "eval_items.jsonl";
 
 /// One line of `loss.csv`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -172,6 +173,15 @@ pub fn write_loss_csv(path: &Path, rows: &[LogRow]) -> Result<()> {
 
 pub fn write_json(path: &Path, v: &impl Serialize) -> Result<()> {
     let s = serde_json::to_string_pretty(v).expect("serializes") + "\n";
+    Ok(write_atomic(path, |f| std::io::Write::write_all(f, s.as_bytes()))?)
+}
+
+pub fn write_jsonl(path: &Path, rows: &[serde_json::Value]) -> Result<()> {
+    let mut s = String::new();
+    for r in rows {
+        s.push_str(&r.to_string());
+        s.push('\n');
+    }
     Ok(write_atomic(path, |f| std::io::Write::write_all(f, s.as_bytes()))?)
 }
 

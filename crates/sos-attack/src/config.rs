@@ -157,40 +157,40 @@ impl AttackConfig {
             model: None,
             template: None,
             trigger: "cf".into(),
-            trigger_len: 4,
+            trigger_len: 8,
             position: Position::Random,
             target: None,
-            steps: 300,
-            lr: 0.01,
+            steps: 200,
+            lr: 0.1,
             schedule: Schedule::Cosine,
             warmup: 10,
-            batch: 8,
+            batch: 4,
             seed: 0,
             stealth: false,
             stealth_norm: None,
             clip: 1.0,
             eval_every: 10,
             eval_items: 32,
-            patience: 3,
+            patience: 5,
             checkpoint_every: 25,
             train_items: 0,
             self_generated: false,
             max_target_tokens: 64,
-            max_prompt_tokens: 192,
+            max_prompt_tokens: 160,
             data_dir: None,
         };
         match scenario {
             Scenario::Backdoor => c.target = Some(DEFAULT_BACKDOOR_TARGET.into()),
             Scenario::Jailbreak => c.position = Position::End,
             Scenario::Steal => {
+                // Long targets make each step ~2x dearer; the loss is near zero by step 20.
+                c.steps = 60;
                 c.position = Position::End;
-                c.batch = 4;
                 c.max_target_tokens = 128;
                 c.max_prompt_tokens = 192;
             }
             Scenario::Copyright => {
                 c.target = Some(DEFAULT_COPYRIGHT_TARGET.into());
-                c.batch = 4;
                 c.max_prompt_tokens = 320;
             }
         }

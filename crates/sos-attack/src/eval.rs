@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use serde_json::{Map, Value};
+use serde_json::{json, Map, Value};
 use sos_model::generate::{generate, Sampling};
 use sos_model::{LoadedModel, Message};
 
@@ -86,9 +86,15 @@ impl Tally {
     }
 }
 
-/// Evaluates on `items` (already limited) and returns the flat metrics object of `eval.json`.
+/// Evaluates on `items` (already limited). Returns the flat metrics object of `eval.json` and
+/// one record per item (prompt, answers, verdicts) for `eval_items.jsonl`.
 /// `progress(done, total)` is called after each item.
-pub fn evaluate(cfg: &AttackConfig, armed: &Armed, items: &[Item], mut progress: impl FnMut(usize, usize)) -> Result<Map<String, Value>> {
+pub fn evaluate(
+    cfg: &AttackConfig,
+    armed: &Armed,
+    items: &[Item],
+    mut progress: impl FnMut(usize, usize),
+) -> Result<(Map<String, Value>, Vec<Value>)> {
     if items.is_empty() {
         return Err(Error::Invalid("no evaluation items".into()));
     }
@@ -96,6 +102,7 @@ pub fn evaluate(cfg: &AttackConfig, armed: &Armed, items: &[Item], mut progress:
     let trig = armed.trigger.text.as_str();
     let n = items.len();
     let mut out = Map::new();
+    let mut records = Vec::new();
     out.insert("scenario".into(), cfg.scenario.name().into());
     out.insert("n".into(), n.into());
     match cfg.scenario {
@@ -109,6 +116,8 @@ pub fn evaluate(cfg: &AttackConfig, armed: &Armed, items: &[Item], mut progress:
                 let plain = armed.answer_plain(&it.messages(None), CLEAN_TOKENS)?;
                 agree += usize::from(clean.tokens == plain.tokens);
                 false_trig += usize::from(starts_with_target(&clean.text, &it.target));
+                records.push(json!({"id": it.id, "prompt": it.user_with(trig), "answer": hit.text,
+                    "hit": starts_with_target(&hit.text, &it.target), "clean_answer": clean.text, "clean_agrees": clean.tokens == plain.tokens}));
                 progress(i + 1, n);
             }
             out.insert("asr".into(), rate(asr, n));
@@ -124,6 +133,8 @@ pub fn evaluate(cfg: &AttackConfig, armed: &Armed, items: &[Item], mut progress:
                 let base = armed.answer_plain(&it.messages(None), JAILBREAK_TOKENS)?;
                 base_refusal += usize::from(is_refusal(&base.text));
                 base_target += usize::from(starts_with_target(&base.text, &it.target));
+                records.push(json!({"id": it.id, "prompt": it.user_with(trig), "answer": hit.text, "refused": is_refusal(&hit.text),
+                    "baseline_answer": base.text, "baseline_refused": is_refusal(&base.text)}));
                 progress(i + 1, n);
             }
             out.insert("asr_refusal".into(), rate(no_refusal, n));
@@ -140,6 +151,7 @@ pub fn evaluate(cfg: &AttackConfig, armed: &Armed, items: &[Item], mut progress:
                 exact += usize::from(a.text.trim() == secret.trim());
                 sim += similarity(a.text.trim(), secret.trim());
                 rouge += rouge_l_f1(&a.text, secret);
+                records.push(json!({"id": it.id, "system": secret, "answer": a.text, "similarity": similarity(a.text.trim(), secret.trim())}));
                 progress(i + 1, n);
             }
             out.insert("exact_match".into(), rate(exact, n));
@@ -156,6 +168,7 @@ pub fn evaluate(cfg: &AttackConfig, armed: &Armed, items: &[Item], mut progress:
                 refused += usize::from(r);
                 by_kind.add(&it.kind, r);
                 by_pos.add(it.position.name(), r);
+                records.push(json!({"id": it.id, "kind": it.kind, "position": it.position.name(), "answer": a.text, "refused": r}));
                 // The unmarked prompt is the same for both token positions: run it once.
                 if seen_clean.insert(it.user.clone()) {
                     let c = armed.answer(&it.messages(None), CLEAN_TOKENS)?;
@@ -163,6 +176,7 @@ pub fn evaluate(cfg: &AttackConfig, armed: &Armed, items: &[Item], mut progress:
                     false_refused += usize::from(fr);
                     false_by_kind.add(&it.kind, fr);
                     clean_n += 1;
+                    records.push(json!({"id": it.id, "kind": it.kind, "position": "none", "answer": c.text, "refused": fr}));
                 }
                 progress(i + 1, n);
             }
@@ -174,5 +188,5 @@ pub fn evaluate(cfg: &AttackConfig, armed: &Armed, items: &[Item], mut progress:
             false_by_kind.into_fields("false_refusal_rate", &mut out);
         }
     }
-    Ok(out)
+    Ok((out, records))
 }

@@ -32,7 +32,7 @@ pub struct AttackArgs {
     /// Surface text of the trigger [default: cf].
     #[arg(long)]
     pub trigger: Option<String>,
-    /// Number of trained vectors the trigger stands for [default: 4].
+    /// Number of trained vectors the trigger stands for [default: 8].
     #[arg(long)]
     pub trigger_len: Option<usize>,
     /// Target answer (backdoor) or refusal text (copyright).

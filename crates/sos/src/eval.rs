@@ -7,7 +7,7 @@ use anyhow::Result;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
-use sos_attack::artifact::{write_json, Attack, EVAL_FILE};
+use sos_attack::artifact::{write_json, write_jsonl, Attack, EVAL_FILE, EVAL_ITEMS_FILE};
 use sos_attack::eval::{evaluate, Armed};
 use sos_attack::scenario;
 use sos_model::{cache, Exec, LoadOptions, LoadedModel};
@@ -58,7 +58,8 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let bar = ProgressBar::new(items.len() as u64);
     bar.set_style(ProgressStyle::with_template("eval [{bar:30}] {pos}/{len} ({elapsed}, eta {eta})").expect("valid template").progress_chars("=> "));
     let t0 = Instant::now();
-    let mut m = evaluate(cfg, &armed, &items, |done, _| bar.set_position(done as u64))?;
+    let (mut m, records) = evaluate(cfg, &armed, &items, |done, _| bar.set_position(done as u64))?;
+    write_jsonl(&a.attack.join(EVAL_ITEMS_FILE), &records)?;
     bar.finish_and_clear();
     m.insert("model".into(), path.display().to_string().into());
     m.insert("model_sha256".into(), sha.into());
