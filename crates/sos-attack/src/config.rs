@@ -181,7 +181,12 @@ impl AttackConfig {
         };
         match scenario {
             Scenario::Backdoor => c.target = Some(DEFAULT_BACKDOOR_TARGET.into()),
-            Scenario::Jailbreak => c.position = Position::End,
+            Scenario::Jailbreak => {
+                // The train metric plateaus near 0.8 after ~50 steps (measured on Qwen2.5 0.5B);
+                // the refusal-free rate is already 1.0 there.
+                c.steps = 70;
+                c.position = Position::End;
+            }
             Scenario::Steal => {
                 // Long targets make each step ~2x dearer; the loss is near zero by step 20.
                 c.steps = 60;

@@ -76,7 +76,8 @@ impl AttackArgs {
             seed: self.seed,
             stealth: self.stealth.then_some(true),
             self_generated: self.self_generated.then_some(true),
-            data_dir: self.data_dir.clone().map(Some),
+            // Absolute, so `sos eval` finds the data from any working directory.
+            data_dir: self.data_dir.clone().map(|p| Some(p.canonicalize().unwrap_or(p))),
             ..Default::default()
         }
     }
