@@ -4,7 +4,9 @@
 //! - `attack.json`: the record of the run (`AttackRecord`);
 //! - `config.toml`: the resolved settings;
 //! - `loss.csv`: `step,loss,lr,grad_norm,train_metric`;
-//! - `checkpoint.safetensors`: trigger, Adam moments and the loop's state, for `--resume`.
+//! - `checkpoint.safetensors`: trigger, Adam moments and the loop's state, for `--resume`;
+//! - `train_items.jsonl`: the training examples (written by the CLI);
+//! - `eval.json`, `eval_items.jsonl`: written by `sos eval`.
 //!
 //! Every file is written atomically.
 
@@ -25,6 +27,7 @@ pub const LOSS_FILE: &str = "loss.csv";
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
 pub const EVAL_FILE: &str = "eval.json";
 pub const EVAL_ITEMS_FILE: &str = "eval_items.jsonl";
+pub const TRAIN_ITEMS_FILE: &str = "train_items.jsonl";
 
 /// One line of `loss.csv`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use sos_attack::artifact::{read_record, CONFIG_FILE};
+use sos_attack::artifact::{read_record, write_jsonl, CONFIG_FILE, TRAIN_ITEMS_FILE};
 use sos_attack::train::{self, Event, Outcome, Target};
 use sos_attack::{scenario, AttackConfig, Overrides, Scenario};
 use sos_model::{cache, Exec, LoadOptions, LoadedModel};
@@ -130,7 +130,16 @@ pub fn run(a: AttackArgs) -> Result<()> {
     }
     let target = Target { lm: &lm, model_label: path.display().to_string(), model_sha256: lm.sha256()? };
     eprintln!("preparing {} examples...", scenario.name());
+    if cfg.self_generated {
+        eprintln!("the model writes its own training questions (--self-generated); this takes a few minutes...");
+    }
     let items = scenario::train_items(&cfg, &lm)?;
+    // What was trained on, for reading and for reproducing the run elsewhere.
+    let rows: Vec<serde_json::Value> = items
+        .iter()
+        .map(|it| serde_json::json!({"id": it.id, "system": it.system, "user": it.user, "with_trigger": it.user_with(&cfg.trigger), "target": it.target}))
+        .collect();
+    write_jsonl(&a.out.join(TRAIN_ITEMS_FILE), &rows)?;
 
     let stop = Arc::new(AtomicBool::new(false));
     {

@@ -29,7 +29,7 @@ fn short_backdoor_run_reaches_the_target_on_held_out_prompts() {
     let (code, stdout, err) = sos(&["attack", "backdoor", "--out", o, "--config", cfg.to_str().unwrap(), "--data-dir", &data, "--seed", "0"]);
     assert_eq!(code, 0, "{err}");
     assert!(stdout.contains("backdoor:"), "{stdout}");
-    for f in ["trigger.safetensors", "attack.json", "config.toml", "loss.csv", "checkpoint.safetensors"] {
+    for f in ["trigger.safetensors", "attack.json", "config.toml", "loss.csv", "checkpoint.safetensors", "train_items.jsonl"] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
     let rec: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("attack.json")).unwrap()).unwrap();
