@@ -94,6 +94,13 @@ macro_rules! settings {
             $( pub $field: Option<$ty>, )*
         }
 
+        impl Overrides {
+            /// Whether nothing is set.
+            pub fn is_empty(&self) -> bool {
+                self.scenario.is_none() $( && self.$field.is_none() )*
+            }
+        }
+
         impl AttackConfig {
             pub fn apply(&mut self, o: &Overrides) {
                 $( if let Some(v) = &o.$field { self.$field = v.clone(); } )*
@@ -294,5 +301,6 @@ mod tests {
         assert!(AttackConfig::resolve(Scenario::Backdoor, Some(&file), &Overrides::default()).is_err());
         let cli = Overrides { target: Some(Some("say cf".into())), ..Default::default() };
         assert!(AttackConfig::resolve(Scenario::Backdoor, None, &cli).is_err());
+        assert!(Overrides::default().is_empty() && !cli.is_empty());
     }
 }

@@ -91,11 +91,7 @@ pub fn train(
     }
     let obj = Objective::new(model, trigger.clone(), seqs)?;
     let n = obj.seqs.len();
-    let eval_idx = {
-        let mut idx = batch_at(cfg.seed ^ 0xe7a1, usize::MAX, n, cfg.eval_items);
-        idx.sort_unstable();
-        idx
-    };
+    let eval_idx = batch_at(cfg.seed ^ 0xe7a1, usize::MAX, n, cfg.eval_items);
 
     let table: Vec<f32> = model.embed.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     let median = optim::median_row_norm(&table, d);

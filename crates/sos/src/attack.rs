@@ -82,19 +82,10 @@ impl AttackArgs {
         }
     }
 
-    fn anything_but_steps(&self) -> bool {
-        self.config.is_some()
-            || self.model.is_some()
-            || self.template.is_some()
-            || self.trigger.is_some()
-            || self.trigger_len.is_some()
-            || self.target.is_some()
-            || self.lr.is_some()
-            || self.batch.is_some()
-            || self.seed.is_some()
-            || self.stealth
-            || self.self_generated
-            || self.data_dir.is_some()
+    /// Whether any setting but `--steps` was given (`--resume` takes them from the run).
+    fn anything_but_steps(&self, scenario: Scenario) -> bool {
+        let o = Overrides { scenario: None, steps: None, ..self.overrides(scenario) };
+        self.config.is_some() || !o.is_empty()
     }
 }
 
@@ -102,7 +93,7 @@ pub fn run(a: AttackArgs) -> Result<()> {
     let scenario: Scenario = a.scenario.parse()?;
     train::prepare_out(&a.out, a.resume)?;
     let cfg = if a.resume {
-        if a.anything_but_steps() {
+        if a.anything_but_steps(scenario) {
             bail!("--resume takes its settings from {}; only --steps may be given", a.out.join(CONFIG_FILE).display());
         }
         let mut c = AttackConfig::read(&a.out.join(CONFIG_FILE))?;
@@ -121,14 +112,14 @@ pub fn run(a: AttackArgs) -> Result<()> {
     let path = cache::resolve(cfg.model.as_deref(), &mut |m| eprintln!("{m}"))?;
     let opts = LoadOptions { exec: Exec::F32, template: cfg.template.clone(), ..Default::default() };
     let lm = LoadedModel::open(&path, &opts)?;
+    let sha = lm.sha256()?;
     if a.resume {
         let rec = read_record(&a.out)?;
-        let sha = lm.sha256()?;
         if rec.model_sha256 != sha {
             bail!("{}: model SHA-256 {sha} differs from the one this attack was trained on ({})", path.display(), rec.model_sha256);
         }
     }
-    let target = Target { lm: &lm, model_label: path.display().to_string(), model_sha256: lm.sha256()? };
+    let target = Target { lm: &lm, model_label: path.display().to_string(), model_sha256: sha };
     eprintln!("preparing {} examples...", scenario.name());
     if cfg.self_generated {
         eprintln!("the model writes its own training questions (--self-generated); this takes a few minutes...");
