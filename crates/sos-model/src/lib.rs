@@ -15,9 +15,11 @@ pub mod load;
 pub mod model;
 pub mod quant;
 pub mod reverse;
+mod reverse_cpu;
 pub mod template;
 pub mod tiny;
 pub mod tokenizer;
+mod vecmath;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

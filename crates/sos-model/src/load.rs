@@ -307,7 +307,7 @@ pub fn build_model(src: Weights<'_>, cfg: &Config, exec: Exec, device: &Device, 
     let mut layers = Vec::with_capacity(cfg.n_layer);
     for i in 0..cfg.n_layer {
         let n = |s: &str| format!("blk.{i}.{s}");
-        layers.push(Layer {
+        let mut layer = Layer {
             attn_norm: l.dense(&n("attn_norm.weight"), &[d])?,
             wq: l.linear(&n("attn_q.weight"), nq, d)?,
             wk: l.linear(&n("attn_k.weight"), nkv, d)?,
@@ -320,11 +320,36 @@ pub fn build_model(src: Weights<'_>, cfg: &Config, exec: Exec, device: &Device, 
             w_gate: l.linear(&n("ffn_gate.weight"), ff, d)?,
             w_up: l.linear(&n("ffn_up.weight"), ff, d)?,
             w_down: l.linear(&n("ffn_down.weight"), d, ff)?,
-        });
+        };
+        stack(&mut [&mut layer.wq, &mut layer.wk, &mut layer.wv])?;
+        stack(&mut [&mut layer.w_gate, &mut layer.w_up])?;
+        layers.push(layer);
     }
     let norm = l.dense("output_norm.weight", &[d])?;
     let (cos, sin) = Model::rope_tables(cfg, cfg.max_seq.min(MAX_ROPE_POSITIONS), device)?;
     Ok(Model { cfg: cfg.clone(), exec, device: device.clone(), embed, layers, norm, lm_head, cos, sin })
+}
+
+/// Dense weights that read the same input, stacked into one tensor with each kept as a view of
+/// its rows: the CPU reverse pass then runs them as a single matrix product (`reverse_cpu.rs`).
+/// Quantized weights are left as they are.
+fn stack(ws: &mut [&mut Linear]) -> Result<()> {
+    let dense: Option<Vec<Tensor>> = ws
+        .iter()
+        .map(|w| match &**w {
+            Linear::Dense(t) => Some(t.clone()),
+            _ => None,
+        })
+        .collect();
+    let Some(parts) = dense else { return Ok(()) };
+    let all = Tensor::cat(&parts, 0)?;
+    let mut row = 0;
+    for (w, part) in ws.iter_mut().zip(&parts) {
+        let rows = part.dim(0)?;
+        **w = Linear::Dense(all.narrow(0, row, rows)?);
+        row += rows;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

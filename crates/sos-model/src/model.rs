@@ -117,6 +117,11 @@ impl KvCache {
     pub fn layers(&self) -> &[Option<(Tensor, Tensor)>] {
         &self.layers
     }
+    /// Replaces every layer's keys and values (all covering `len` positions).
+    pub(crate) fn set(&mut self, layers: Vec<(Tensor, Tensor)>, len: usize) {
+        self.layers = layers.into_iter().map(Some).collect();
+        self.len = len;
+    }
     /// The same cache repeated for a batch of `b` sequences, from a cache of one sequence: a
     /// prefix shared by every sequence of a batch is computed once.
     pub fn repeat_batch(&self, b: usize) -> Result<KvCache> {
@@ -255,14 +260,31 @@ impl Model {
     /// Runs the transformer on input embeddings `x: [b, t, d]` placed at positions
     /// `pos0..pos0 + t`, extending `cache` when given. Returns the last layer's hidden states
     /// `[b, t, d]` *before* the final norm; `logits` turns chosen rows into logits.
+    ///
+    /// An f32 model on the CPU runs the fused loops of `reverse_cpu.rs`; anything else, and a
+    /// start past 0 without a cache, the tensor ops below.
     pub fn forward(&self, x: &Tensor, pos0: usize, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
+        let (b, t, d) = x.dims3()?;
         if let Some(c) = cache.as_deref() {
             if c.len != pos0 {
                 return Err(Error::Invalid(format!("KV cache holds {} positions, asked to continue at {pos0}", c.len)));
             }
+            let want = [b, self.cfg.n_kv_head, c.len, self.cfg.head_dim];
+            if c.layers.len() != self.cfg.n_layer || c.layers.iter().any(|l| l.as_ref().is_some_and(|(k, _)| k.dims() != want)) {
+                return Err(Error::Invalid(format!("KV cache does not fit a batch of {b} at {pos0} positions")));
+            }
+        }
+        if d != self.cfg.d_model {
+            return Err(Error::Invalid(format!("inputs have width {d}, the model {}", self.cfg.d_model)));
         }
         self.check_len(pos0 + t)?;
+        if pos0 == 0 || cache.is_some() {
+            if let Some(w) = crate::reverse_cpu::Weights::of(self) {
+                if x.dtype() == DType::F32 && x.device().is_cpu() {
+                    return crate::reverse_cpu::forward(self, &w, x, cache);
+                }
+            }
+        }
         let cos = self.cos.narrow(0, pos0, t)?;
         let sin = self.sin.narrow(0, pos0, t)?;
         let mut h = x.clone();

@@ -11,7 +11,7 @@
 //! position's gradient needs only the positions after it, and the prefix's keys and values are
 //! constants.
 
-use candle_core::{Tensor, D};
+use candle_core::{DType, Tensor, D};
 
 use crate::model::{rms_forward, KvCache, Layer, Model};
 use crate::{Error, Result};
@@ -205,7 +205,7 @@ impl Model {
         let best: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
         let hits = best.iter().zip(targets).map(|(b, t)| b == t).collect();
         let n = rows.len() as f64;
-        let loss = -picked.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? / n;
+        let loss = -picked.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()? / n;
         // d loss / d logits = (softmax - onehot) / n
         let onehot = Tensor::zeros_like(&e)?.scatter_add(&tgt, &Tensor::ones_like(&picked)?, 1)?;
         let dlogits = ((e.broadcast_div(&sum)? - onehot)? / n)?;
@@ -216,8 +216,56 @@ impl Model {
     }
 
     /// Loss and gradient with respect to the inputs `x: [b, r, d]` that follow `prefix`;
-    /// `rows` index `x`'s positions (`seq * r + pos`).
+    /// `rows` index `x`'s positions (`seq * r + pos`). An f32 model on the CPU runs the fused
+    /// pass of `reverse_cpu.rs`; anything else the tensor ops below.
     pub fn loss_and_input_grad(&self, x: &Tensor, prefix: Option<&KvCache>, rows: &[u32], targets: &[u32]) -> Result<LossGrad> {
+        let prefix = prefix.filter(|p| !p.is_empty());
+        self.check_pass(x, prefix, rows, targets)?;
+        match crate::reverse_cpu::Weights::of(self) {
+            Some(w) if x.dtype() == DType::F32 && x.device().is_cpu() => {
+                crate::reverse_cpu::loss_and_input_grad(self, &w, x, prefix, rows, targets)
+            }
+            _ => self.loss_and_input_grad_ops(x, prefix, rows, targets),
+        }
+    }
+
+    /// Shapes and ids of a pass, checked before either implementation indexes with them.
+    fn check_pass(&self, x: &Tensor, prefix: Option<&KvCache>, rows: &[u32], targets: &[u32]) -> Result<()> {
+        let c = &self.cfg;
+        let (b, r, d) = x.dims3()?;
+        if d != c.d_model {
+            return Err(Error::Invalid(format!("inputs have width {d}, the model {}", c.d_model)));
+        }
+        if rows.len() != targets.len() || rows.is_empty() {
+            return Err(Error::Invalid(format!("{} loss rows for {} targets", rows.len(), targets.len())));
+        }
+        if let Some(&bad) = rows.iter().find(|&&i| i as usize >= b * r) {
+            return Err(Error::Invalid(format!("loss row {bad} is outside the batch ({b} x {r} positions)")));
+        }
+        let vocab = self.embed.dim(0)?;
+        if let Some(&bad) = targets.iter().find(|&&i| i as usize >= vocab) {
+            return Err(Error::Invalid(format!("target id {bad} is outside the vocabulary ({vocab} rows)")));
+        }
+        if let Some(p) = prefix {
+            self.check_len(p.len() + r)?;
+            for (k, v) in p.layers().iter().flatten() {
+                let want = [b, c.n_kv_head, p.len(), c.head_dim];
+                if k.dims() != want || v.dims() != want {
+                    return Err(Error::Invalid(format!("prefix cache has shape {:?}, the batch needs {want:?}", k.dims())));
+                }
+            }
+            if p.layers().len() != c.n_layer || p.layers().iter().any(Option::is_none) {
+                return Err(Error::Invalid("prefix cache does not cover every layer".into()));
+            }
+        } else {
+            self.check_len(r)?;
+        }
+        Ok(())
+    }
+
+    /// `loss_and_input_grad` as candle tensor ops: any device and dtype (the finite-difference
+    /// tests run it in f64); `reverse_cpu.rs` is checked against it.
+    pub fn loss_and_input_grad_ops(&self, x: &Tensor, prefix: Option<&KvCache>, rows: &[u32], targets: &[u32]) -> Result<LossGrad> {
         let tape = self.forward_train(x, prefix)?;
         let out = self.cross_entropy(&tape.hidden, rows, targets)?;
         Ok(LossGrad { grad: self.backward(&tape, &out.grad)?, ..out })
