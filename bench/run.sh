@@ -4,6 +4,7 @@
 #   bench/run.sh            # both benchmarks
 #   bench/run.sh generate   # decode speed: sos (quant and f32) vs llama.cpp (llama-cpp-python)
 #   bench/run.sh step       # attack step:  sos (f32) vs PyTorch + transformers
+#   bench/run.sh attack     # time for the default backdoor to reach train metric 1.0: sos vs PyTorch
 #
 # Environment: THREADS (default 2), REPEAT (default 3: the whole sequence, ours then the peer,
 # is repeated; the summary gives medians and the median of the per-repeat ratios), PYTHON
@@ -13,7 +14,7 @@
 set -euo pipefail
 
 MODE="${1:-all}"
-case "$MODE" in all | generate | step) ;; *) echo "usage: $0 [all|generate|step]" >&2; exit 2 ;; esac
+case "$MODE" in all | generate | step | attack) ;; *) echo "usage: $0 [all|generate|step|attack]" >&2; exit 2 ;; esac
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
@@ -48,11 +49,11 @@ ensure_pkg() { # ensure_pkg <import name> <pip spec...>
   "$PY" -m pip install "$@" >&2
 }
 
-if [[ "$MODE" != step ]]; then
+if [[ "$MODE" == all || "$MODE" == generate ]]; then
   ensure_pkg numpy numpy
   ensure_pkg llama_cpp "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"
 fi
-if [[ "$MODE" != generate ]]; then
+if [[ "$MODE" != generate ]]; then  # step, attack, all
   ensure_pkg torch torch
   ensure_pkg transformers transformers
   ensure_pkg gguf gguf
@@ -98,7 +99,7 @@ EOF
 for ((r = 1; r <= REPEAT; r++)); do
   D="$RESULTS/r$r"
   mkdir -p "$D"
-  if [[ "$MODE" != step ]]; then
+  if [[ "$MODE" == all || "$MODE" == generate ]]; then
     log "[$r/$REPEAT] sos bench generate --exec quant"
     "${M[@]}" --out "$D/sos_generate_quant.json" -- "$SOS" bench generate -m "$MODEL" --exec quant \
       --prompt-tokens "$PROMPT_TOKENS" --new-tokens "$NEW_TOKENS" --runs "$GEN_RUNS" --json
@@ -109,13 +110,20 @@ for ((r = 1; r <= REPEAT; r++)); do
     "${M[@]}" --out "$D/sos_generate_f32.json" -- "$SOS" bench generate -m "$MODEL" --exec f32 \
       --prompt-tokens "$PROMPT_TOKENS" --new-tokens "$NEW_TOKENS" --runs "$GEN_RUNS" --json
   fi
-  if [[ "$MODE" != generate ]]; then
+  if [[ "$MODE" == all || "$MODE" == step ]]; then
     log "[$r/$REPEAT] sos bench step"
     "${M[@]}" --out "$D/sos_step.json" -- "$SOS" bench step -m "$MODEL" --batch "$BATCH" --seq "$SEQ" \
       --soft "$SOFT" --targets "$TARGETS" --runs "$STEP_RUNS" --json
     log "[$r/$REPEAT] torch step (loading the GGUF through transformers takes a while; not timed)"
     "${M[@]}" --out "$D/torch_step.json" -- "$PY" "$HERE/torch_step.py" --model "$MODEL" --batch "$BATCH" \
       --seq "$SEQ" --soft "$SOFT" --targets "$TARGETS" --runs "$STEP_RUNS" --threads "$THREADS"
+  fi
+  if [[ "$MODE" == all || "$MODE" == attack ]]; then
+    log "[$r/$REPEAT] sos bench attack (default backdoor until train metric 1.0; a few minutes)"
+    "${M[@]}" --out "$D/sos_attack.json" -- "$SOS" bench attack -m "$MODEL" --export "$D/problem.json" --json
+    log "[$r/$REPEAT] torch attack (same problem: ids, starting trigger, batches, settings)"
+    "${M[@]}" --out "$D/torch_attack.json" -- "$PY" "$HERE/torch_attack.py" --problem "$D/problem.json" \
+      --model "$MODEL" --threads "$THREADS"
   fi
 done
 

@@ -15,7 +15,8 @@ import os
 import statistics
 import sys
 
-NAMES = ("sos_generate_quant", "sos_generate_f32", "llamacpp_generate", "sos_step", "torch_step")
+NAMES = ("sos_generate_quant", "sos_generate_f32", "llamacpp_generate", "sos_step", "torch_step", "sos_attack",
+         "torch_attack")
 
 
 def load(path):
@@ -35,7 +36,7 @@ def fmt(v, nd=2):
 
 def metrics(r):
     """Per-repeat numbers from one repeat's measurement objects (None where missing)."""
-    sq, sf, lc, ss, ts = (r.get(n) for n in NAMES)
+    sq, sf, lc, ss, ts, sa, ta = (r.get(n) for n in NAMES)
     g = lambda o, k: o.get(k) if o else None  # noqa: E731
     m = {
         "sos_tps": g(sq, "tokens_per_second"), "sos_pps": g(sq, "prompt_tokens_per_second"),
@@ -51,6 +52,11 @@ def metrics(r):
         "sos_step_rss": g(ss, "peak_rss_mib"),
         "torch_full": g(ts, "seconds_per_step"), "torch_cached": g(ts, "seconds_per_step_cached"),
         "torch_rss": g(ts, "peak_rss_mib"),
+        # Time (s) and steps until the train metric first reached 1.0, and mean seconds per step.
+        "sos_att": g(sa, "seconds_to_target"), "torch_att": g(ta, "seconds_to_target"),
+        "sos_att_steps": g(sa, "steps_to_target"), "torch_att_steps": g(ta, "steps_to_target"),
+        "sos_att_sps": g(sa, "seconds_per_step"), "torch_att_sps": g(ta, "seconds_per_step"),
+        "sos_att_rss": g(sa, "peak_rss_mib"), "torch_att_rss": g(ta, "peak_rss_mib"),
     }
     div = lambda a, b: a / b if a is not None and b else None  # noqa: E731
     m["generate_ratio"] = div(m["sos_tps"], m["lc_tps"])
@@ -58,6 +64,8 @@ def metrics(r):
     m["prompt_ratio"] = div(m["sos_pps"], m["lc_pps"])
     m["step_ratio"] = div(m["sos_full"], m["torch_full"])
     m["step_ratio_cached"] = div(m["sos_cached"], m["torch_cached"])
+    m["attack_ratio"] = div(m["sos_att"], m["torch_att"])
+    m["attack_step_ratio"] = div(m["sos_att_sps"], m["torch_att_sps"])
     m["other_cores"] = {n: r[n].get("_other_cores") for n in NAMES if r.get(n)}
     return m
 
@@ -80,7 +88,7 @@ def main():
         v = [m[k] for m in per if m[k] is not None]
         return f"{min(v):.{nd}f}..{max(v):.{nd}f}" if len(v) > 1 else "-"
 
-    lc, ts = first["llamacpp_generate"], first["torch_step"]
+    lc, ts = first["llamacpp_generate"], first["torch_step"] or first["torch_attack"]
     lc_name = f"llama.cpp (llama-cpp-python {lc.get('llama_cpp_python')})" if lc else "llama.cpp"
     t_name = (f"torch {ts.get('torch')} + transformers {ts.get('transformers')}"
               + (" [random-init]" if ts.get("weights") == "random-init" else "")) if ts else "torch"
@@ -93,6 +101,12 @@ def main():
         ("step full", t_name, "s/step", "torch_full", 3, None, "torch_rss", "torch_step"),
         ("step cached", "sos (f32)", "s/step", "sos_cached", 3, None, "sos_step_rss", "sos_step"),
         ("step cached", t_name, "s/step", "torch_cached", 3, None, "torch_rss", "torch_step"),
+        ("attack to 1.0", "sos (f32)", "s", "sos_att", 1, None, "sos_att_rss", "sos_attack"),
+        ("attack to 1.0", t_name, "s", "torch_att", 1, None, "torch_att_rss", "torch_attack"),
+        ("attack to 1.0", "sos (f32)", "steps", "sos_att_steps", 0, None, None, "sos_attack"),
+        ("attack to 1.0", t_name, "steps", "torch_att_steps", 0, None, None, "torch_attack"),
+        ("attack step", "sos (f32)", "s/step", "sos_att_sps", 3, None, None, "sos_attack"),
+        ("attack step", t_name, "s/step", "torch_att_sps", 3, None, None, "torch_attack"),
     ]
     head = ("bench", "engine", "metric", "median", "range", "prompt tok/s", "peak RSS MiB", "max other cores")
     table = [head]
@@ -100,7 +114,7 @@ def main():
         if med(k) is None:
             continue
         table.append((b, e, metric, fmt(med(k), nd), rng(k, nd), fmt(med(pk), 1) if pk else "-",
-                      fmt(med(rk), 0), fmt(float(maxo(n)), 2)))
+                      fmt(med(rk), 0) if rk else "-", fmt(float(maxo(n)), 2)))
     w = [max(len(str(r[i])) for r in table) for i in range(len(head))]
     print(f"{len(per)} repeat(s); {meta.get('threads')} threads; {meta.get('date')}; sos {meta.get('sos_git')}"
           + ("-dirty" if meta.get("sos_git_dirty") else ""))
@@ -131,6 +145,15 @@ def main():
             "sos_step_peak_rss_mib": med("sos_step_rss"), "torch_peak_rss_mib": med("torch_rss"),
             "torch_weights": ts and ts.get("weights"),
         })
+    if first["sos_attack"] or first["torch_attack"]:
+        out.update({
+            "sos_seconds_to_target": med("sos_att"), "torch_seconds_to_target": med("torch_att"),
+            "sos_steps_to_target": med("sos_att_steps"), "torch_steps_to_target": med("torch_att_steps"),
+            "attack_ratio": med("attack_ratio"),
+            "sos_attack_seconds_per_step": med("sos_att_sps"), "torch_attack_seconds_per_step": med("torch_att_sps"),
+            "attack_step_ratio": med("attack_step_ratio"),
+            "sos_attack_peak_rss_mib": med("sos_att_rss"), "torch_attack_peak_rss_mib": med("torch_att_rss"),
+        })
     disturbed = sorted({n for r in runs for n in NAMES if r[n] and r[n].get("_disturbed")})
     if disturbed:
         out["disturbed"] = disturbed
@@ -144,6 +167,11 @@ def main():
     if out.get("step_ratio_cached") is not None:
         print(f"step_ratio_cached (same, prefix-cached step, goal <= 1.0):         {out['step_ratio_cached']:.3f}"
               + (f"   per repeat {rng('step_ratio_cached', 3)}" if len(per) > 1 else ""))
+    if out.get("attack_ratio") is not None:
+        print(f"attack_ratio      (sos/torch seconds to train metric 1.0, goal <= 1.0): {out['attack_ratio']:.3f}"
+              + (f"   per repeat {rng('attack_ratio', 3)}" if len(per) > 1 else ""))
+    if out.get("attack_step_ratio") is not None:
+        print(f"attack_step_ratio (sos/torch mean seconds per attack step):          {out['attack_step_ratio']:.3f}")
     if disturbed:
         print(f"WARNING: still disturbed after a rerun (other processes busy): {', '.join(disturbed)}")
     print(json.dumps(out))

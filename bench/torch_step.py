@@ -68,6 +68,33 @@ def random_init_model(torch):
     return LlamaForCausalLM(cfg).to(torch.float32)
 
 
+def load_model(torch, path, random_init=False, kw=None):
+    """The GGUF at `path` dequantized to f32 by transformers, or random-init weights of the same
+    shape if that fails (or `random_init`). Returns (model, weights label, load error or None)."""
+    kw = kw or {}
+    weights, load_error = "gguf-dequantized-f32", None
+    model = None
+    if path and not random_init:
+        try:
+            from transformers import AutoModelForCausalLM
+
+            d, name = os.path.split(os.path.abspath(path))
+            try:
+                model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32, **kw)
+            except TypeError:  # transformers < 4.56 calls it torch_dtype
+                model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, torch_dtype=torch.float32, **kw)
+        except Exception as e:  # noqa: BLE001 - any failure means: fall back, and say why
+            load_error = f"{type(e).__name__}: {e}"[:500]
+            print(f"transformers could not load the GGUF ({load_error}); using random-init weights",
+                  file=sys.stderr)
+    if model is None:
+        weights = "random-init"
+        model = random_init_model(torch)
+        if kw.get("attn_implementation"):
+            model.config._attn_implementation = kw["attn_implementation"]
+    return model, weights, load_error
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="GGUF file (omit, or pass --random-init, for random weights)")
@@ -91,27 +118,8 @@ def main():
     torch.set_num_threads(a.threads)
     kw = {"attn_implementation": a.attn} if a.attn else {}
 
-    weights, load_error = "gguf-dequantized-f32", None
     t_load = time.perf_counter()
-    model = None
-    if a.model and not a.random_init:
-        try:
-            from transformers import AutoModelForCausalLM
-
-            d, name = os.path.split(os.path.abspath(a.model))
-            try:
-                model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32, **kw)
-            except TypeError:  # transformers < 4.56 calls it torch_dtype
-                model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, torch_dtype=torch.float32, **kw)
-        except Exception as e:  # noqa: BLE001 - any failure means: fall back, and say why
-            load_error = f"{type(e).__name__}: {e}"[:500]
-            print(f"transformers could not load the GGUF ({load_error}); using random-init weights",
-                  file=sys.stderr)
-    if model is None:
-        weights = "random-init"
-        model = random_init_model(torch)
-        if kw:
-            model.config._attn_implementation = a.attn
+    model, weights, load_error = load_model(torch, a.model, a.random_init, kw)
     load_seconds = time.perf_counter() - t_load
 
     dtypes = sorted({str(p.dtype) for p in model.parameters()})

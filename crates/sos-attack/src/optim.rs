@@ -11,9 +11,9 @@ pub struct Adam {
     pub t: u64,
 }
 
-const BETA1: f64 = 0.9;
-const BETA2: f64 = 0.999;
-const EPS: f64 = 1e-8;
+pub const BETA1: f64 = 0.9;
+pub const BETA2: f64 = 0.999;
+pub const EPS: f64 = 1e-8;
 
 impl Adam {
     pub fn new(n: usize) -> Self {

@@ -54,18 +54,22 @@ pub fn batch_at(seed: u64, step: usize, n: usize, batch: usize) -> Vec<usize> {
     idx
 }
 
-/// Trains the trigger of `cfg` on `items` into `out`. With `resume`, continues from the
-/// checkpoint in `out`. Raising `stop` makes the loop checkpoint and return `Interrupted`.
-pub fn train(
-    cfg: &AttackConfig,
-    target: &Target,
-    items: &[Item],
-    out: &Path,
-    resume: bool,
-    stop: &AtomicBool,
-    mut on_event: impl FnMut(Event),
-) -> Result<Outcome> {
-    let lm = target.lm;
+/// What a run is computed from: the training sequences, the examples the train metric is
+/// measured on, and the trigger rows it starts from.
+pub struct Problem<'m> {
+    pub obj: Objective<'m>,
+    /// Indices into `obj.seqs` of the train-metric examples.
+    pub eval_idx: Vec<usize>,
+    pub init_rows: Vec<f32>,
+    /// Median row norm of the embedding table, and the norm `--stealth` projects to.
+    pub median_norm: f64,
+    pub stealth_norm: f64,
+    /// Items left out for exceeding `max_prompt_tokens` or `max_target_tokens`.
+    pub skipped: usize,
+}
+
+/// Builds the problem `cfg` poses on `items`; every random choice follows `cfg.seed`.
+pub fn problem<'m>(cfg: &AttackConfig, lm: &'m LoadedModel, items: &[Item]) -> Result<Problem<'m>> {
     let model = &lm.model;
     let d = model.cfg.d_model;
     let k = cfg.trigger_len;
@@ -89,13 +93,40 @@ pub fn train(
             cfg.max_prompt_tokens, cfg.max_target_tokens
         )));
     }
-    let obj = Objective::new(model, trigger.clone(), seqs)?;
-    let n = obj.seqs.len();
-    let eval_idx = batch_at(cfg.seed ^ 0xe7a1, usize::MAX, n, cfg.eval_items);
-
+    let obj = Objective::new(model, trigger, seqs)?;
+    let eval_idx = batch_at(cfg.seed ^ 0xe7a1, usize::MAX, obj.seqs.len(), cfg.eval_items);
     let table: Vec<f32> = model.embed.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    let median = optim::median_row_norm(&table, d);
-    let stealth_norm = cfg.stealth_norm.unwrap_or(median);
+    let median_norm = optim::median_row_norm(&table, d);
+    let stealth_norm = cfg.stealth_norm.unwrap_or(median_norm);
+    // Start from the embeddings of random vocabulary tokens: in the table's own range.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed ^ 0x1417);
+    let mut init_rows = Vec::with_capacity(k * d);
+    for _ in 0..k {
+        let t = rand::Rng::gen_range(&mut rng, 0..model.cfg.vocab_size);
+        init_rows.extend_from_slice(&table[t * d..(t + 1) * d]);
+    }
+    if cfg.stealth {
+        optim::project_rows(&mut init_rows, d, stealth_norm);
+    }
+    Ok(Problem { obj, eval_idx, init_rows, median_norm, stealth_norm, skipped })
+}
+
+/// Trains the trigger of `cfg` on `items` into `out`. With `resume`, continues from the
+/// checkpoint in `out`. Raising `stop` makes the loop checkpoint and return `Interrupted`.
+pub fn train(
+    cfg: &AttackConfig,
+    target: &Target,
+    items: &[Item],
+    out: &Path,
+    resume: bool,
+    stop: &AtomicBool,
+    mut on_event: impl FnMut(Event),
+) -> Result<Outcome> {
+    let model = &target.lm.model;
+    let d = model.cfg.d_model;
+    let k = cfg.trigger_len;
+    let Problem { obj, eval_idx, init_rows, median_norm, stealth_norm, skipped } = problem(cfg, target.lm, items)?;
+    let n = obj.seqs.len();
 
     let ckpt_path = out.join(artifact::CHECKPOINT_FILE);
     let (mut rows, mut adam, mut st) = if resume {
@@ -103,21 +134,9 @@ pub fn train(
         let adam = Adam { m: c.m, v: c.v, t: c.state.adam_t };
         (c.trigger, adam, c.state)
     } else {
-        // Start from the embeddings of random vocabulary tokens: in the table's own range.
-        let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed ^ 0x1417);
-        let vocab = model.cfg.vocab_size;
-        let mut rows = Vec::with_capacity(k * d);
-        for _ in 0..k {
-            let t = rand::Rng::gen_range(&mut rng, 0..vocab);
-            rows.extend_from_slice(&table[t * d..(t + 1) * d]);
-        }
-        if cfg.stealth {
-            optim::project_rows(&mut rows, d, stealth_norm);
-        }
         let st = LoopState { step: 0, adam_t: 0, history: Vec::new(), metric: None, held: 0, stopped_early: false, wall_seconds: 0.0 };
-        (rows, Adam::new(k * d), st)
+        (init_rows, Adam::new(k * d), st)
     };
-    drop(table);
     std::fs::create_dir_all(out).map_err(|e| Error::file(out, format!("cannot create: {e}")))?;
     sos_model::fsutil::write_atomic(&out.join(artifact::CONFIG_FILE), |f| std::io::Write::write_all(f, cfg.to_toml().as_bytes()))?;
 
@@ -153,7 +172,7 @@ pub fn train(
             train_items: n,
             skipped_items: skipped,
             prefix_tokens: obj.prefix_len,
-            embedding_median_norm: median,
+            embedding_median_norm: median_norm,
             trigger_row_norms: rows.chunks(d).map(|r| r.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt()).collect(),
             completed,
             stopped_early: st.stopped_early,

@@ -327,7 +327,7 @@ pub fn build_model(src: Weights<'_>, cfg: &Config, exec: Exec, device: &Device, 
     }
     let norm = l.dense("output_norm.weight", &[d])?;
     let (cos, sin) = Model::rope_tables(cfg, cfg.max_seq.min(MAX_ROPE_POSITIONS), device)?;
-    Ok(Model { cfg: cfg.clone(), exec, device: device.clone(), embed, layers, norm, lm_head, cos, sin })
+    Ok(Model { cfg: cfg.clone(), exec, device: device.clone(), embed, layers, norm, lm_head, cos, sin, transposed: None })
 }
 
 /// Dense weights that read the same input, stacked into one tensor with each kept as a view of

@@ -153,6 +153,24 @@ pub struct Model {
     /// `[max_seq, head_dim / 2]` rotary tables.
     pub cos: Tensor,
     pub sin: Tensor,
+    /// Transposed weights for the fused CPU forward, once `keep_transposes` made them.
+    pub transposed: Option<Transposes>,
+}
+
+/// A layer's dense weights transposed to `[in, out]`, q/k/v and gate/up side by side.
+#[derive(Debug, Clone)]
+pub struct LayerT {
+    pub qkv: Tensor,
+    pub wo: Tensor,
+    pub gate_up: Tensor,
+    pub down: Tensor,
+}
+
+#[derive(Debug, Clone)]
+pub struct Transposes {
+    pub layers: Vec<LayerT>,
+    /// The output layer, `[d, vocab]`.
+    pub lm_head: Tensor,
 }
 
 /// RMSNorm: the fused kernel where candle has one (f32/f16/bf16), the plain formula otherwise
@@ -234,7 +252,39 @@ impl Model {
             lm_head: self.lm_head.to_dtype(dtype)?,
             cos: c(&self.cos)?,
             sin: c(&self.sin)?,
+            transposed: None,
         })
+    }
+
+    /// Keeps a transposed copy of every dense weight, which doubles their memory. The matrix
+    /// products of the fused CPU forward (`reverse_cpu.rs`) then read the weights in the order
+    /// `gemm` wants, instead of repacking every weight on every call: that repacking was ~16 % of
+    /// a backdoor training run (batch 4). The backward reads the original layout. Training calls
+    /// this; inference has no need. Quantized models are left as they are.
+    pub fn keep_transposes(&mut self) -> Result<()> {
+        let t = |ws: &[&Linear]| -> Result<Option<Tensor>> {
+            let parts: Option<Vec<&Tensor>> = ws
+                .iter()
+                .map(|l| match l {
+                    Linear::Dense(w) => Some(w),
+                    _ => None,
+                })
+                .collect();
+            Ok(match parts {
+                Some(p) => Some(Tensor::cat(&p, 0)?.t()?.contiguous()?),
+                None => None,
+            })
+        };
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for l in &self.layers {
+            let parts = (t(&[&l.wq, &l.wk, &l.wv])?, t(&[&l.wo])?, t(&[&l.w_gate, &l.w_up])?, t(&[&l.w_down])?);
+            let (Some(qkv), Some(wo), Some(gate_up), Some(down)) = parts else { return Ok(()) };
+            layers.push(LayerT { qkv, wo, gate_up, down });
+        }
+        if let Some(lm_head) = t(&[&self.lm_head])? {
+            self.transposed = Some(Transposes { layers, lm_head });
+        }
+        Ok(())
     }
 
     /// Embedding rows for token ids: `[n, d]`.

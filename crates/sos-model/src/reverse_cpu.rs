@@ -77,6 +77,8 @@ struct LayerWeights<'a> {
     gate: View<'a>,
     up: View<'a>,
     down: View<'a>,
+    /// `Model::keep_transposes`'s copies, `[in, out]`, for the forward.
+    t: Option<[View<'a>; 4]>,
 }
 
 impl<'a> LayerWeights<'a> {
@@ -100,6 +102,7 @@ impl<'a> LayerWeights<'a> {
             gate: View::dense(&l.w_gate)?,
             up: View::dense(&l.w_up)?,
             down: View::dense(&l.w_down)?,
+            t: None,
         })
     }
 }
@@ -109,6 +112,8 @@ pub(crate) struct Weights<'a> {
     layers: Vec<LayerWeights<'a>>,
     norm: View<'a>,
     lm_head: View<'a>,
+    /// The output layer transposed, `[d, vocab]`, when the model keeps transposes.
+    lm_head_t: Option<View<'a>>,
     cos: View<'a>,
     sin: View<'a>,
 }
@@ -120,14 +125,19 @@ impl<'a> Weights<'a> {
         if !matches!(m.device, Device::Cpu) || m.dtype() != DType::F32 || m.exec != Exec::F32 {
             return None;
         }
+        let mut layers: Vec<LayerWeights> = m.layers.iter().map(LayerWeights::of).collect::<Option<_>>()?;
+        let mut lm_head_t = None;
+        if let Some(t) = &m.transposed {
+            for (lw, lt) in layers.iter_mut().zip(&t.layers) {
+                lw.t = Some([View::of(&lt.qkv)?, View::of(&lt.wo)?, View::of(&lt.gate_up)?, View::of(&lt.down)?]);
+            }
+            lm_head_t = Some(View::of(&t.lm_head)?);
+        }
         Some(Weights {
-            layers: m
-                .layers
-                .iter()
-                .map(LayerWeights::of)
-                .collect::<Option<_>>()?,
+            layers,
             norm: View::of(&m.norm)?,
             lm_head: View::dense(&m.lm_head)?,
+            lm_head_t,
             cos: View::of(&m.cos)?,
             sin: View::of(&m.sin)?,
         })
@@ -486,7 +496,10 @@ fn layer_forward(
     let (n, width, g) = (dm.n(), dm.qkv(), h / kvh);
     let (a, r1) = rms(&x, lw.attn_norm.get(), eps);
     let mut qkv = vec![0f32; n * width];
-    project(&mut qkv, width, &a, &[&lw.wq, &lw.wk, &lw.wv], n, d);
+    match &lw.t {
+        Some([qkv_t, ..]) => matmul(&mut qkv, width, &a, d, qkv_t.get(), n, d, width, false, false),
+        None => project(&mut qkv, width, &a, &[&lw.wq, &lw.wk, &lw.wv], n, d),
+    }
     drop(a);
     bias_rope(
         &mut qkv,
@@ -548,22 +561,18 @@ fn layer_forward(
     to_tokens(&mut ot, h * hd, 0, &o, r, h, hd);
     drop(o);
     let mut x1 = x.clone();
-    matmul(
-        &mut x1,
-        d,
-        &ot,
-        h * hd,
-        lw.wo.get(),
-        n,
-        h * hd,
-        d,
-        true,
-        true,
-    );
+    let (wo, wo_is_t) = match &lw.t {
+        Some([_, wo_t, ..]) => (wo_t.get(), false),
+        None => (lw.wo.get(), true),
+    };
+    matmul(&mut x1, d, &ot, h * hd, wo, n, h * hd, d, wo_is_t, true);
     drop(ot);
     let (m, r2) = rms(&x1, lw.ffn_norm.get(), eps);
     let mut gu = vec![0f32; n * 2 * ff];
-    project(&mut gu, 2 * ff, &m, &[&lw.gate, &lw.up], n, d);
+    match &lw.t {
+        Some([_, _, gu_t, _]) => matmul(&mut gu, 2 * ff, &m, d, gu_t.get(), n, d, 2 * ff, false, false),
+        None => project(&mut gu, 2 * ff, &m, &[&lw.gate, &lw.up], n, d),
+    }
     drop(m);
     let mut f = vec![0f32; n * ff];
     f.par_chunks_mut(ff)
@@ -578,7 +587,11 @@ fn layer_forward(
             })
         });
     let mut out = x1.clone();
-    matmul(&mut out, d, &f, ff, lw.down.get(), n, ff, d, true, true);
+    let (down, down_is_t) = match &lw.t {
+        Some([.., down_t]) => (down_t.get(), false),
+        None => (lw.down.get(), true),
+    };
+    matmul(&mut out, d, &f, ff, down, n, ff, d, down_is_t, true);
     (
         LayerTape {
             x,
@@ -724,7 +737,10 @@ fn cross_entropy(
     let lm = w.lm_head.get();
     let vocab = lm.len() / d;
     let mut logits = vec![0f32; nr * vocab];
-    matmul(&mut logits, vocab, &hn, d, lm, nr, d, vocab, true, false);
+    match &w.lm_head_t {
+        Some(t) => matmul(&mut logits, vocab, &hn, d, t.get(), nr, d, vocab, false, false),
+        None => matmul(&mut logits, vocab, &hn, d, lm, nr, d, vocab, true, false),
+    }
     drop(hn);
     // In place: logits -> d loss / d logits = (softmax - onehot) / nr.
     let per_row: Vec<(f64, bool)> = logits

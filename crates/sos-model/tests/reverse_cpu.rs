@@ -93,6 +93,11 @@ fn fused_cpu_pass_matches_tensor_ops() {
             "{name}: q/k/v are not stacked"
         );
         check_against_ops(name, &lm.model);
+        // With the transposed copies the forward reads instead.
+        let mut mt = lm.model.clone();
+        mt.keep_transposes().unwrap();
+        assert!(mt.transposed.is_some(), "{name}: no transposes kept");
+        check_against_ops(&format!("{name}-transposed"), &mt);
         // The loader stacks q/k/v and gate/up so that each pair runs as one product; weights
         // that are not stacked take one product each.
         let mut m = lm.model.clone();

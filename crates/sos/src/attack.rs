@@ -111,7 +111,9 @@ pub fn run(a: AttackArgs) -> Result<()> {
 
     let path = cache::resolve(cfg.model.as_deref(), &mut |m| eprintln!("{m}"))?;
     let opts = LoadOptions { exec: Exec::F32, template: cfg.template.clone(), ..Default::default() };
-    let lm = LoadedModel::open(&path, &opts)?;
+    let mut lm = LoadedModel::open(&path, &opts)?;
+    // Training runs many forward passes over frozen weights: keep them in both layouts.
+    lm.model.keep_transposes()?;
     let sha = lm.sha256()?;
     if a.resume {
         let rec = read_record(&a.out)?;

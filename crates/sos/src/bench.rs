@@ -2,12 +2,21 @@
 //! Ratios against peers (llama.cpp, PyTorch) come from the scripts under `bench/`, which run
 //! these commands and the peer in the same session.
 
-use anyhow::Result;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 use sos_model::generate::{generate, Sampling};
 use sos_model::Model;
+
+use sos_attack::train::{self, Event, Target};
+use sos_attack::{optim, scenario, AttackConfig, Overrides, Scenario};
+use sos_attack::config::Schedule;
+use sos_model::{cache, Exec, LoadOptions, LoadedModel};
 
 use crate::common::{peak_rss_mib, ModelArgs};
 
@@ -19,6 +28,9 @@ pub enum BenchCmd {
     /// `seconds_per_step` caches the prompt before the soft positions as a prefix (as the attack
     /// does); `seconds_per_step_full` runs every position forward and backward.
     Step(StepBench),
+    /// Time for the default backdoor attack to reach a train metric of 1.0 (its first
+    /// evaluation at 1.0); `--export` writes the exact problem for a peer (bench/torch_attack.py).
+    Attack(AttackBench),
 }
 
 #[derive(Args, Debug)]
@@ -55,6 +67,24 @@ pub struct StepBench {
     pub json: bool,
 }
 
+#[derive(Args, Debug)]
+pub struct AttackBench {
+    /// A .gguf file, a Hugging Face folder, or a cache alias; default: the default model.
+    #[arg(long, short = 'm')]
+    pub model: Option<String>,
+    /// Give up after this many steps [default: the backdoor default, 200].
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Folder with the datasets (default: $SOS_DATA, or shared/data found upwards).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Write the problem (token ids, starting trigger, batches, settings) to this JSON file.
+    #[arg(long)]
+    pub export: Option<PathBuf>,
+    #[arg(long)]
+    pub json: bool,
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -66,6 +96,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Generate(a) => bench_generate(a),
         BenchCmd::Step(a) => bench_step(a),
+        BenchCmd::Attack(a) => bench_attack(a),
     }
 }
 
@@ -104,7 +135,8 @@ fn bench_generate(a: GenBench) -> Result<()> {
 fn bench_step(a: StepBench) -> Result<()> {
     anyhow::ensure!(a.runs >= 1 && a.batch >= 1, "runs and batch must be >= 1");
     anyhow::ensure!(a.soft + a.targets < a.seq, "--soft + --targets must be less than --seq");
-    let lm = a.model.load()?;
+    let mut lm = a.model.load()?;
+    lm.model.keep_transposes()?; // as `sos attack` does
     let m = &lm.model;
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     let vocab = m.cfg.vocab_size as u32;
@@ -174,4 +206,100 @@ fn print_result(v: &serde_json::Value, as_json: bool) {
             println!("{k:<26} {val}");
         }
     }
+}
+
+fn bench_attack(a: AttackBench) -> Result<()> {
+    let overrides = Overrides {
+        model: a.model.clone().map(Some),
+        steps: a.max_steps,
+        data_dir: a.data_dir.clone().map(Some),
+        // Stop at the first evaluation at 1.0, and keep checkpoints out of the timing.
+        patience: Some(1),
+        checkpoint_every: Some(usize::MAX / 2),
+        ..Default::default()
+    };
+    let cfg = AttackConfig::resolve(Scenario::Backdoor, None, &overrides)?;
+    let path = cache::resolve(cfg.model.as_deref(), &mut |m| eprintln!("{m}"))?;
+    let mut lm = LoadedModel::open(&path, &LoadOptions { exec: Exec::F32, ..Default::default() })?;
+    lm.model.keep_transposes()?; // as `sos attack` does
+    let items = scenario::train_items(&cfg, &lm)?;
+    if let Some(file) = &a.export {
+        let p = train::problem(&cfg, &lm, &items)?;
+        let v = problem_json(&cfg, &p, &lm);
+        sos_model::fsutil::write_atomic(file, |f| serde_json::to_writer(f, &v).map_err(std::io::Error::other))
+            .with_context(|| format!("cannot write {}", file.display()))?;
+    }
+    let out = std::env::temp_dir().join(format!("sos-bench-attack-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let target = Target { lm: &lm, model_label: path.display().to_string(), model_sha256: String::new() };
+    let (mut t0, mut reached, mut steps, mut n_train) = (None, None, 0, 0);
+    let mut metrics = Vec::new();
+    let result = train::train(&cfg, &target, &items, &out, false, &AtomicBool::new(false), |e| match e {
+        Event::Prepared { train_items, .. } => {
+            n_train = train_items;
+            t0 = Some(Instant::now());
+        }
+        Event::Step { step, metric, .. } => {
+            steps = step;
+            let secs = t0.map_or(0.0, |t| t.elapsed().as_secs_f64());
+            if let Some(m) = metric {
+                if metrics.last().map(|&(s, _, _)| s) != Some(step) {
+                    metrics.push((step, m, secs));
+                    eprintln!("step {step}: train metric {m:.3} at {secs:.1} s");
+                }
+                if m >= 1.0 && reached.is_none() {
+                    reached = Some((step, secs));
+                }
+            }
+        }
+        Event::Checkpoint { .. } => {}
+    });
+    let _ = std::fs::remove_dir_all(&out);
+    result?;
+    let total = t0.map_or(0.0, |t| t.elapsed().as_secs_f64());
+    let v = json!({
+        "bench": "attack",
+        "model": lm.path.display().to_string(),
+        "threads": rayon_threads(),
+        "scenario": "backdoor",
+        "train_items": n_train,
+        "batch": cfg.batch,
+        "eval_every": cfg.eval_every,
+        "eval_items": cfg.eval_items,
+        "steps_run": steps,
+        "steps_to_target": reached.map(|r| r.0),
+        "seconds_to_target": reached.map(|r| r.1),
+        "seconds_per_step": total / steps.max(1) as f64,
+        "train_metric_history": metrics.iter().map(|&(s, m, t)| json!([s, m, t])).collect::<Vec<_>>(),
+        "peak_rss_mib": peak_rss_mib(),
+    });
+    print_result(&v, a.json);
+    Ok(())
+}
+
+/// The attack `cfg` poses, as plain numbers a peer can rebuild it from: the token ids, which of
+/// them are trigger slots, the starting trigger rows, the batch of every step, the sequences the
+/// train metric is measured on, and the optimiser settings (formulas in bench/README.md).
+fn problem_json(cfg: &AttackConfig, p: &train::Problem, lm: &LoadedModel) -> serde_json::Value {
+    let n = p.obj.seqs.len();
+    json!({
+        "model_sha256_hint": "same GGUF as the sos run",
+        "d_model": lm.model.cfg.d_model,
+        "trigger_base": p.obj.trigger.base,
+        "trigger_len": p.obj.trigger.k,
+        "shared_prefix_len": p.obj.prefix_len,
+        "seqs": p.obj.seqs.iter().map(|s| json!({"ids": s.ids, "prompt_len": s.prompt_len})).collect::<Vec<_>>(),
+        "init_rows": p.init_rows,
+        "eval_idx": p.eval_idx,
+        "batches": (0..cfg.steps).map(|s| train::batch_at(cfg.seed, s, n, cfg.batch)).collect::<Vec<_>>(),
+        "steps": cfg.steps,
+        "lr": cfg.lr,
+        "warmup": cfg.warmup,
+        "schedule": match cfg.schedule { Schedule::Cosine => "cosine", Schedule::Constant => "constant" },
+        "cosine_floor": 0.1,
+        "clip": cfg.clip,
+        "adam": {"beta1": optim::BETA1, "beta2": optim::BETA2, "eps": optim::EPS},
+        "eval_every": cfg.eval_every,
+        "eval_batch": cfg.batch,
+    })
 }
