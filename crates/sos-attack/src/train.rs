@@ -142,11 +142,11 @@ pub fn train(
 
     let mean_tokens = obj.seqs.iter().map(|s| s.ids.len()).sum::<usize>() as f64 / n as f64;
     on_event(Event::Prepared { train_items: n, skipped, prefix_tokens: obj.prefix_len, mean_tokens, start_step: st.step, steps: cfg.steps });
+    // All at once: `hits` groups the examples by length into passes of up to
+    // `tokens_per_pass` positions, which pads less and multiplies bigger matrices than batches
+    // of `cfg.batch` (measured: 5.9 s -> 4.8 s per evaluation of 32 backdoor examples).
     let measure = |rows: &[f32]| -> Result<f64> {
-        let mut hits = 0;
-        for chunk in eval_idx.chunks(cfg.batch) {
-            hits += obj.hits(chunk, rows)?.iter().filter(|&&h| h).count();
-        }
+        let hits = obj.hits(&eval_idx, rows)?.iter().filter(|&&h| h).count();
         Ok(hits as f64 / eval_idx.len() as f64)
     };
 

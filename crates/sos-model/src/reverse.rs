@@ -221,6 +221,16 @@ impl Model {
     pub fn loss_and_input_grad(&self, x: &Tensor, prefix: Option<&KvCache>, rows: &[u32], targets: &[u32]) -> Result<LossGrad> {
         let prefix = prefix.filter(|p| !p.is_empty());
         self.check_pass(x, prefix, rows, targets)?;
+        // Positions after the last loss row feed nothing the loss sees (attention is causal), and
+        // their gradient is zero: leave them out of the pass.
+        let (b, r, d) = x.dims3()?;
+        let keep = rows.iter().map(|&i| i as usize % r + 1).max().unwrap_or(r);
+        if keep < r {
+            let rows_kept: Vec<u32> = rows.iter().map(|&i| ((i as usize / r) * keep + i as usize % r) as u32).collect();
+            let out = self.loss_and_input_grad(&x.narrow(1, 0, keep)?.contiguous()?, prefix, &rows_kept, targets)?;
+            let zeros = Tensor::zeros((b, r - keep, d), out.grad.dtype(), out.grad.device())?;
+            return Ok(LossGrad { grad: Tensor::cat(&[&out.grad, &zeros], 1)?, ..out });
+        }
         match crate::reverse_cpu::Weights::of(self) {
             Some(w) if x.dtype() == DType::F32 && x.device().is_cpu() => {
                 crate::reverse_cpu::loss_and_input_grad(self, &w, x, prefix, rows, targets)

@@ -242,11 +242,11 @@ fn bench_attack(a: AttackBench) -> Result<()> {
         Event::Step { step, metric, .. } => {
             steps = step;
             let secs = t0.map_or(0.0, |t| t.elapsed().as_secs_f64());
-            if let Some(m) = metric {
-                if metrics.last().map(|&(s, _, _)| s) != Some(step) {
-                    metrics.push((step, m, secs));
-                    eprintln!("step {step}: train metric {m:.3} at {secs:.1} s");
-                }
+            // The event carries the latest metric; a new one is measured on these steps.
+            let measured = step % cfg.eval_every == 0 || step == cfg.steps;
+            if let (Some(m), true) = (metric, measured) {
+                metrics.push((step, m, secs));
+                eprintln!("step {step}: train metric {m:.3} at {secs:.1} s");
                 if m >= 1.0 && reached.is_none() {
                     reached = Some((step, secs));
                 }
