@@ -136,14 +136,14 @@ def main():
             "llamacpp_peak_rss_mib": med("lc_rss"),
             "llamacpp_use_extra_bufts": lc and lc.get("use_extra_bufts"),
         })
-    if first["sos_step"] or ts:
+    if first["sos_step"] or first["torch_step"]:
         out.update({
             "sos_seconds_per_step": med("sos_full"), "torch_seconds_per_step": med("torch_full"),
             "step_ratio": med("step_ratio"),
             "sos_seconds_per_step_cached": med("sos_cached"), "torch_seconds_per_step_cached": med("torch_cached"),
             "step_ratio_cached": med("step_ratio_cached"),
             "sos_step_peak_rss_mib": med("sos_step_rss"), "torch_peak_rss_mib": med("torch_rss"),
-            "torch_weights": ts and ts.get("weights"),
+            "torch_weights": first["torch_step"] and first["torch_step"].get("weights"),
         })
     if first["sos_attack"] or first["torch_attack"]:
         out.update({
