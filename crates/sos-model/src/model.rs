@@ -262,6 +262,10 @@ impl Model {
     /// a backdoor training run (batch 4). The backward reads the original layout. Training calls
     /// this; inference has no need. Quantized models are left as they are.
     pub fn keep_transposes(&mut self) -> Result<()> {
+        // Only the fused CPU pass reads them.
+        if !self.device.is_cpu() || self.dtype() != DType::F32 || self.exec != Exec::F32 {
+            return Ok(());
+        }
         let t = |ws: &[&Linear]| -> Result<Option<Tensor>> {
             let parts: Option<Vec<&Tensor>> = ws
                 .iter()
@@ -326,6 +330,9 @@ impl Model {
         }
         if d != self.cfg.d_model {
             return Err(Error::Invalid(format!("inputs have width {d}, the model {}", self.cfg.d_model)));
+        }
+        if t == 0 {
+            return Err(Error::Invalid("forward over an input of no positions".into()));
         }
         self.check_len(pos0 + t)?;
         if pos0 == 0 || cache.is_some() {

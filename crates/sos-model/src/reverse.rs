@@ -252,7 +252,10 @@ impl Model {
         if let Some(&bad) = rows.iter().find(|&&i| i as usize >= b * r) {
             return Err(Error::Invalid(format!("loss row {bad} is outside the batch ({b} x {r} positions)")));
         }
-        let vocab = self.embed.dim(0)?;
+        let vocab = match &self.lm_head {
+            crate::model::Linear::Dense(w) => w.dim(0)?,
+            _ => self.cfg.vocab_size,
+        };
         if let Some(&bad) = targets.iter().find(|&&i| i as usize >= vocab) {
             return Err(Error::Invalid(format!("target id {bad} is outside the vocabulary ({vocab} rows)")));
         }

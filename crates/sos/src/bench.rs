@@ -72,7 +72,8 @@ pub struct AttackBench {
     /// A .gguf file, a Hugging Face folder, or a cache alias; default: the default model.
     #[arg(long, short = 'm')]
     pub model: Option<String>,
-    /// Give up after this many steps [default: the backdoor default, 200].
+    /// Step budget of the run, which is also the length of its cosine schedule, so it changes
+    /// the learning rate of every step [default: the backdoor default, 200].
     #[arg(long)]
     pub max_steps: Option<usize>,
     /// Folder with the datasets (default: $SOS_DATA, or shared/data found upwards).
@@ -220,7 +221,7 @@ fn bench_attack(a: AttackBench) -> Result<()> {
     };
     let cfg = AttackConfig::resolve(Scenario::Backdoor, None, &overrides)?;
     let path = cache::resolve(cfg.model.as_deref(), &mut |m| eprintln!("{m}"))?;
-    let mut lm = LoadedModel::open(&path, &LoadOptions { exec: Exec::F32, ..Default::default() })?;
+    let mut lm = LoadedModel::open(&path, &LoadOptions { exec: Exec::F32, template: cfg.template.clone(), ..Default::default() })?;
     lm.model.keep_transposes()?; // as `sos attack` does
     let items = scenario::train_items(&cfg, &lm)?;
     if let Some(file) = &a.export {
@@ -232,7 +233,7 @@ fn bench_attack(a: AttackBench) -> Result<()> {
     let out = std::env::temp_dir().join(format!("sos-bench-attack-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
     let target = Target { lm: &lm, model_label: path.display().to_string(), model_sha256: String::new() };
-    let (mut t0, mut reached, mut steps, mut n_train) = (None, None, 0, 0);
+    let (mut t0, mut reached, mut steps, mut n_train, mut last) = (None, None, 0, 0, 0.0);
     let mut metrics = Vec::new();
     let result = train::train(&cfg, &target, &items, &out, false, &AtomicBool::new(false), |e| match e {
         Event::Prepared { train_items, .. } => {
@@ -242,6 +243,7 @@ fn bench_attack(a: AttackBench) -> Result<()> {
         Event::Step { step, metric, .. } => {
             steps = step;
             let secs = t0.map_or(0.0, |t| t.elapsed().as_secs_f64());
+            last = secs;
             // The event carries the latest metric; a new one is measured on these steps.
             let measured = step % cfg.eval_every == 0 || step == cfg.steps;
             if let (Some(m), true) = (metric, measured) {
@@ -256,7 +258,6 @@ fn bench_attack(a: AttackBench) -> Result<()> {
     });
     let _ = std::fs::remove_dir_all(&out);
     result?;
-    let total = t0.map_or(0.0, |t| t.elapsed().as_secs_f64());
     let v = json!({
         "bench": "attack",
         "model": lm.path.display().to_string(),
@@ -269,7 +270,8 @@ fn bench_attack(a: AttackBench) -> Result<()> {
         "steps_run": steps,
         "steps_to_target": reached.map(|r| r.0),
         "seconds_to_target": reached.map(|r| r.1),
-        "seconds_per_step": total / steps.max(1) as f64,
+        // Evaluations included, the final checkpoint write not.
+        "seconds_per_step": last / steps.max(1) as f64,
         "train_metric_history": metrics.iter().map(|&(s, m, t)| json!([s, m, t])).collect::<Vec<_>>(),
         "peak_rss_mib": peak_rss_mib(),
     });
