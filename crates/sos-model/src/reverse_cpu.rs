@@ -176,29 +176,49 @@ fn gemm_st(
         "gemm_st shapes"
     );
     // SAFETY: the assert keeps every element the strides reach inside the slices.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            ldc as isize,
-            acc,
-            a.as_ptr(),
-            a_s.1 as isize,
-            a_s.0 as isize,
-            b.as_ptr(),
-            b_s.1 as isize,
-            b_s.0 as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        )
-    }
+    unsafe { gemm_raw(c.as_mut_ptr(), ldc, a.as_ptr(), a_s, b.as_ptr(), b_s, m, k, n, acc) }
+}
+
+/// The one call into `gemm`: `c (+)= a b` with element `(i, j)` of `c` at `c[i * ldc + j]`, of `a`
+/// at `a[i * a_s.0 + j * a_s.1]`, of `b` at `b[i * b_s.0 + j * b_s.1]`, on one thread.
+///
+/// # Safety
+/// Every element those strides reach for `i < m`, `j < n` (and `k`) must lie inside the
+/// allocations behind the pointers, and no other thread may touch the elements of `c` written.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_raw(
+    c: *mut f32,
+    ldc: usize,
+    a: *const f32,
+    a_s: (usize, usize),
+    b: *const f32,
+    b_s: (usize, usize),
+    m: usize,
+    k: usize,
+    n: usize,
+    acc: bool,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        c,
+        1,
+        ldc as isize,
+        acc,
+        a,
+        a_s.1 as isize,
+        a_s.0 as isize,
+        b,
+        b_s.1 as isize,
+        b_s.0 as isize,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        Parallelism::None,
+    )
 }
 
 /// `c = a b`, or `c += a b` with `acc`, for `a: [m, k]` and `c: [m, n]` row-major with row
@@ -247,29 +267,7 @@ fn matmul(
         let cp = cp;
         // SAFETY: the asserts above keep every element the strides reach inside the slices, and
         // the parts write disjoint column ranges of `c`.
-        unsafe {
-            gemm::gemm(
-                m,
-                j1 - j0,
-                k,
-                cp.0.add(j0),
-                1,
-                ldc as isize,
-                acc,
-                a.as_ptr(),
-                1,
-                lda as isize,
-                b.as_ptr().add(j0 * b_cs),
-                b_cs as isize,
-                b_rs as isize,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                Parallelism::None,
-            )
-        }
+        unsafe { gemm_raw(cp.0.add(j0), ldc, a.as_ptr(), (lda, 1), b.as_ptr().add(j0 * b_cs), (b_rs, b_cs), m, k, j1 - j0, acc) }
     };
     if parts == 1 {
         run(0);
