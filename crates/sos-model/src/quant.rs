@@ -81,13 +81,15 @@ impl QWeight {
         };
         out.par_chunks_mut(rows_per_task).enumerate().for_each(|(task, chunk)| {
             let (r0, n) = (task * rows_per_task, chunk.len());
-            let mut pairs = chunk.chunks_exact_mut(2);
-            for (p, dst) in (&mut pairs).enumerate() {
-                let row = r0 + 2 * p;
-                (dst[0], dst[1]) = dot2(isa, first.ty, row_bytes(row), row_bytes(row + 1), &qx);
+            let mut groups = chunk.chunks_exact_mut(ROWS);
+            for (g, dst) in (&mut groups).enumerate() {
+                let row = r0 + ROWS * g;
+                dst.copy_from_slice(&dotn(isa, first.ty, std::array::from_fn(|i| row_bytes(row + i)), &qx));
             }
-            if let [last] = pairs.into_remainder() {
-                *last = dot(isa, first.ty, row_bytes(r0 + n - 1), &qx);
+            let rest = groups.into_remainder();
+            let r_rest = r0 + n - rest.len();
+            for (i, dst) in rest.iter_mut().enumerate() {
+                *dst = dot(isa, first.ty, row_bytes(r_rest + i), &qx);
             }
         });
         starts.windows(2).map(|r| out[r[0]..r[1]].to_vec()).collect()
@@ -104,15 +106,19 @@ impl QWeight {
         let rows_per_task = 16;
         out_t.par_chunks_mut(rows_per_task * m).enumerate().for_each(|(task, chunk)| {
             let (r0, rows) = (task * rows_per_task, chunk.len() / m);
-            // Rows in pairs (two independent accumulator chains), the odd one alone.
-            for i in (0..rows - rows % 2).step_by(2) {
+            // Rows in groups of `ROWS` (independent accumulator chains), the rest one by one.
+            let grouped = rows - rows % ROWS;
+            for i in (0..grouped).step_by(ROWS) {
                 for (j, q) in qx.iter().enumerate() {
-                    (chunk[i * m + j], chunk[(i + 1) * m + j]) = dot2(isa, self.ty, self.row(r0 + i), self.row(r0 + i + 1), q);
+                    let v = dotn(isa, self.ty, std::array::from_fn(|g| self.row(r0 + i + g)), q);
+                    for (g, v) in v.into_iter().enumerate() {
+                        chunk[(i + g) * m + j] = v;
+                    }
                 }
             }
-            if rows % 2 == 1 {
+            for i in grouped..rows {
                 for (j, q) in qx.iter().enumerate() {
-                    chunk[(rows - 1) * m + j] = dot(isa, self.ty, self.row(r0 + rows - 1), q);
+                    chunk[i * m + j] = dot(isa, self.ty, self.row(r0 + i), q);
                 }
             }
         });
@@ -234,20 +240,23 @@ fn dot(isa: Isa, ty: TensorType, w: &[u8], x: &Q8Row) -> f32 {
     }
 }
 
-/// Two weight rows of type `ty` against one activation row; each result equals `dot` on its row.
-fn dot2(isa: Isa, ty: TensorType, w0: &[u8], w1: &[u8], x: &Q8Row) -> (f32, f32) {
-    // SAFETY: as in `dot`; both rows have the length `QWeight::new` checked.
+/// Rows processed together by `dotn`.
+const ROWS: usize = 4;
+
+/// `ROWS` weight rows of type `ty` against one activation row; each result equals `dot` on its row.
+fn dotn(isa: Isa, ty: TensorType, w: [&[u8]; ROWS], x: &Q8Row) -> [f32; ROWS] {
+    // SAFETY: as in `dot`; every row has the length `QWeight::new` checked.
     #[cfg(target_arch = "x86_64")]
     unsafe {
         match (isa, ty) {
-            (Isa::Vnni, TensorType::Q4_1) => return x86::vnni::dot2_q4_1_q8_1(w0, w1, x),
-            (Isa::Vnni, TensorType::Q8_0) => return x86::vnni::dot2_q8_0_q8_0(w0, w1, x),
-            (Isa::Avx2, TensorType::Q4_1) => return x86::avx2::dot2_q4_1_q8_1(w0, w1, x),
-            (Isa::Avx2, TensorType::Q8_0) => return x86::avx2::dot2_q8_0_q8_0(w0, w1, x),
+            (Isa::Vnni, TensorType::Q4_1) => return x86::vnni::dotn_q4_1_q8_1(w, x),
+            (Isa::Vnni, TensorType::Q8_0) => return x86::vnni::dotn_q8_0_q8_0(w, x),
+            (Isa::Avx2, TensorType::Q4_1) => return x86::avx2::dotn_q4_1_q8_1(w, x),
+            (Isa::Avx2, TensorType::Q8_0) => return x86::avx2::dotn_q8_0_q8_0(w, x),
             _ => {}
         }
     }
-    (dot(isa, ty, w0, x), dot(isa, ty, w1, x))
+    w.map(|r| dot(isa, ty, r, x))
 }
 
 /// Scalar Q4_1 row against Q8_1 activations: `sum_b d_w d_x <q_w, q_x> + m_w s_x`.
@@ -355,46 +364,56 @@ macro_rules! x86_kernels {
                 hsum(acc) + summs
             }
 
-            /// Two Q4_1 rows against the same activations. Each row keeps its own accumulator
-            /// and block order, so each result equals `dot_q4_1_q8_1` on that row; the two
+            /// `N` Q4_1 rows against the same activations. Each row keeps its own accumulator
+            /// and block order, so each result equals `dot_q4_1_q8_1` on that row; the
             /// independent chains fill the wait on each fused multiply-add.
             #[target_feature(enable = $feat)]
-            pub unsafe fn dot2_q4_1_q8_1(w0: &[u8], w1: &[u8], x: &Q8Row) -> (f32, f32) {
-                let nb = w0.len() / 20;
-                debug_assert!(w1.len() == w0.len() && x.q.len() >= nb * QK && x.d.len() >= nb && x.s.len() >= nb);
-                let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-                let (mut summs0, mut summs1) = (0f32, 0f32);
-                let (p0, p1, xq, xd, xs) = (w0.as_ptr(), w1.as_ptr(), x.q.as_ptr(), x.d.as_ptr(), x.s.as_ptr());
+            pub unsafe fn dotn_q4_1_q8_1<const N: usize>(w: [&[u8]; N], x: &Q8Row) -> [f32; N] {
+                let nb = w[0].len() / 20;
+                debug_assert!(w.iter().all(|r| r.len() == w[0].len()) && x.q.len() >= nb * QK && x.d.len() >= nb && x.s.len() >= nb);
+                let mut acc = [_mm256_setzero_ps(); N];
+                let mut summs = [0f32; N];
+                let p = w.map(|r| r.as_ptr());
+                let (xq, xd, xs) = (x.q.as_ptr(), x.d.as_ptr(), x.s.as_ptr());
                 for b in 0..nb {
-                    let (b0, b1) = (p0.add(b * 20), p1.add(b * 20));
-                    let (dm0, dm1) = (f16x2(b0), f16x2(b1));
                     let (d, s) = (*xd.add(b), *xs.add(b));
-                    summs0 += _mm_cvtss_f32(_mm_movehdup_ps(dm0)) * s;
-                    summs1 += _mm_cvtss_f32(_mm_movehdup_ps(dm1)) * s;
                     let qx = _mm256_loadu_si256(xq.add(b * QK) as *const __m256i);
-                    acc0 = _mm256_fmadd_ps(_mm256_set1_ps(_mm_cvtss_f32(dm0) * d), udot(nibbles(b0.add(4)), qx), acc0);
-                    acc1 = _mm256_fmadd_ps(_mm256_set1_ps(_mm_cvtss_f32(dm1) * d), udot(nibbles(b1.add(4)), qx), acc1);
+                    for i in 0..N {
+                        let blk = p[i].add(b * 20);
+                        let dm = f16x2(blk);
+                        summs[i] += _mm_cvtss_f32(_mm_movehdup_ps(dm)) * s;
+                        acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(_mm_cvtss_f32(dm) * d), udot(nibbles(blk.add(4)), qx), acc[i]);
+                    }
                 }
-                (hsum(acc0) + summs0, hsum(acc1) + summs1)
+                let mut out = [0f32; N];
+                for i in 0..N {
+                    out[i] = hsum(acc[i]) + summs[i];
+                }
+                out
             }
 
-            /// Two Q8_0 rows against the same activations, as `dot2_q4_1_q8_1`.
+            /// `N` Q8_0 rows against the same activations, as `dotn_q4_1_q8_1`.
             #[target_feature(enable = $feat)]
-            pub unsafe fn dot2_q8_0_q8_0(w0: &[u8], w1: &[u8], x: &Q8Row) -> (f32, f32) {
-                let nb = w0.len() / 34;
-                debug_assert!(w1.len() == w0.len() && x.q.len() >= nb * QK && x.d.len() >= nb);
-                let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-                let (p0, p1, xq, xd) = (w0.as_ptr(), w1.as_ptr(), x.q.as_ptr(), x.d.as_ptr());
+            pub unsafe fn dotn_q8_0_q8_0<const N: usize>(w: [&[u8]; N], x: &Q8Row) -> [f32; N] {
+                let nb = w[0].len() / 34;
+                debug_assert!(w.iter().all(|r| r.len() == w[0].len()) && x.q.len() >= nb * QK && x.d.len() >= nb);
+                let mut acc = [_mm256_setzero_ps(); N];
+                let p = w.map(|r| r.as_ptr());
+                let (xq, xd) = (x.q.as_ptr(), x.d.as_ptr());
                 for b in 0..nb {
-                    let (b0, b1) = (p0.add(b * 34), p1.add(b * 34));
                     let d = *xd.add(b);
                     let qx = _mm256_loadu_si256(xq.add(b * QK) as *const __m256i);
-                    let q0 = _mm256_loadu_si256(b0.add(2) as *const __m256i);
-                    let q1 = _mm256_loadu_si256(b1.add(2) as *const __m256i);
-                    acc0 = _mm256_fmadd_ps(_mm256_set1_ps(_mm_cvtss_f32(f16x2(b0)) * d), sdot(q0, qx), acc0);
-                    acc1 = _mm256_fmadd_ps(_mm256_set1_ps(_mm_cvtss_f32(f16x2(b1)) * d), sdot(q1, qx), acc1);
+                    for i in 0..N {
+                        let blk = p[i].add(b * 34);
+                        let qw = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+                        acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(_mm_cvtss_f32(f16x2(blk)) * d), sdot(qw, qx), acc[i]);
+                    }
                 }
-                (hsum(acc0), hsum(acc1))
+                let mut out = [0f32; N];
+                for i in 0..N {
+                    out[i] = hsum(acc[i]);
+                }
+                out
             }
 
             /// Q5_0 against Q8_0: bytes whose fifth bit is clear get 0xF0, which turns
@@ -499,11 +518,11 @@ mod tests {
                 for isa in Isa::available() {
                     let v = dot(isa, ty, wr, &qx);
                     assert!((scalar - v).abs() < 1e-4, "{isa:?}: {v} vs scalar {scalar}");
-                    // Rows in pairs give each row's own result, bit for bit (the greedy
+                    // Rows in groups give each row's own result, bit for bit (the greedy
                     // agreement with llama.cpp depends on the summation order).
-                    let other = &raw[((r + 7) % rows) * rb..((r + 7) % rows + 1) * rb];
-                    let pair = dot2(isa, ty, wr, other, &qx);
-                    assert_eq!(pair, (v, dot(isa, ty, other, &qx)), "{isa:?} {}: pair differs", ty.name());
+                    let group: [&[u8]; ROWS] = std::array::from_fn(|g| &raw[((r + 7 * g) % rows) * rb..((r + 7 * g) % rows + 1) * rb]);
+                    let each = group.map(|w| dot(isa, ty, w, &qx));
+                    assert_eq!(dotn(isa, ty, group, &qx), each, "{isa:?} {}: grouped rows differ", ty.name());
                 }
             }
         }
