@@ -334,17 +334,10 @@ pub fn build_model(src: Weights<'_>, cfg: &Config, exec: Exec, device: &Device, 
 /// its rows: the CPU reverse pass then runs them as a single matrix product (`reverse_cpu.rs`).
 /// Quantized weights are left as they are.
 fn stack(ws: &mut [&mut Linear]) -> Result<()> {
-    let dense: Option<Vec<Tensor>> = ws
-        .iter()
-        .map(|w| match &**w {
-            Linear::Dense(t) => Some(t.clone()),
-            _ => None,
-        })
-        .collect();
-    let Some(parts) = dense else { return Ok(()) };
-    let all = Tensor::cat(&parts, 0)?;
+    let Some(all) = Linear::stacked(&ws.iter().map(|w| &**w).collect::<Vec<_>>())? else { return Ok(()) };
     let mut row = 0;
-    for (w, part) in ws.iter_mut().zip(&parts) {
+    for w in ws.iter_mut() {
+        let Linear::Dense(part) = &**w else { unreachable!("stacked returns None unless every weight is dense") };
         let rows = part.dim(0)?;
         **w = Linear::Dense(all.narrow(0, row, rows)?);
         row += rows;

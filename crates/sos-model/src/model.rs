@@ -71,6 +71,21 @@ impl Linear {
             )),
         }
     }
+    /// The weights of `ws` stacked row-wise into one `[sum out, in]` tensor; `None` when any of
+    /// them is quantized.
+    pub(crate) fn stacked(ws: &[&Linear]) -> Result<Option<Tensor>> {
+        let parts: Option<Vec<&Tensor>> = ws
+            .iter()
+            .map(|l| match l {
+                Linear::Dense(w) => Some(w),
+                Linear::Quant(_) | Linear::Kernel(_) => None,
+            })
+            .collect();
+        Ok(match parts {
+            Some(p) => Some(Tensor::cat(&p, 0)?),
+            None => None,
+        })
+    }
     fn to_dtype(&self, dtype: DType) -> Result<Self> {
         Ok(match self {
             Linear::Dense(w) => Linear::Dense(w.to_dtype(dtype)?),
@@ -121,6 +136,21 @@ impl KvCache {
     pub(crate) fn set(&mut self, layers: Vec<(Tensor, Tensor)>, len: usize) {
         self.layers = layers.into_iter().map(Some).collect();
         self.len = len;
+    }
+    /// Errs unless the cache can continue a batch of `b` sequences of model `cfg`: one entry per
+    /// layer, each `[b, kv_heads, len, head_dim]` (entries may be missing only while empty).
+    /// `what` names the cache in the message.
+    pub(crate) fn check_fits(&self, what: &str, cfg: &Config, b: usize) -> Result<()> {
+        let want = [b, cfg.n_kv_head, self.len, cfg.head_dim];
+        for (k, v) in self.layers.iter().flatten() {
+            if k.dims() != want || v.dims() != want {
+                return Err(Error::Invalid(format!("{what} has shape {:?}, the batch needs {want:?}", k.dims())));
+            }
+        }
+        if self.layers.len() != cfg.n_layer || (self.len > 0 && self.layers.iter().any(Option::is_none)) {
+            return Err(Error::Invalid(format!("{what} does not cover every layer")));
+        }
+        Ok(())
     }
     /// The same cache repeated for a batch of `b` sequences, from a cache of one sequence: a
     /// prefix shared by every sequence of a batch is computed once.
@@ -267,15 +297,8 @@ impl Model {
             return Ok(());
         }
         let t = |ws: &[&Linear]| -> Result<Option<Tensor>> {
-            let parts: Option<Vec<&Tensor>> = ws
-                .iter()
-                .map(|l| match l {
-                    Linear::Dense(w) => Some(w),
-                    _ => None,
-                })
-                .collect();
-            Ok(match parts {
-                Some(p) => Some(Tensor::cat(&p, 0)?.t()?.contiguous()?),
+            Ok(match Linear::stacked(ws)? {
+                Some(w) => Some(w.t()?.contiguous()?),
                 None => None,
             })
         };
@@ -323,10 +346,7 @@ impl Model {
             if c.len != pos0 {
                 return Err(Error::Invalid(format!("KV cache holds {} positions, asked to continue at {pos0}", c.len)));
             }
-            let want = [b, self.cfg.n_kv_head, c.len, self.cfg.head_dim];
-            if c.layers.len() != self.cfg.n_layer || c.layers.iter().any(|l| l.as_ref().is_some_and(|(k, _)| k.dims() != want)) {
-                return Err(Error::Invalid(format!("KV cache does not fit a batch of {b} at {pos0} positions")));
-            }
+            c.check_fits("KV cache", &self.cfg, b)?;
         }
         if d != self.cfg.d_model {
             return Err(Error::Invalid(format!("inputs have width {d}, the model {}", self.cfg.d_model)));

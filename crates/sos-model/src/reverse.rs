@@ -261,15 +261,7 @@ impl Model {
         }
         if let Some(p) = prefix {
             self.check_len(p.len() + r)?;
-            for (k, v) in p.layers().iter().flatten() {
-                let want = [b, c.n_kv_head, p.len(), c.head_dim];
-                if k.dims() != want || v.dims() != want {
-                    return Err(Error::Invalid(format!("prefix cache has shape {:?}, the batch needs {want:?}", k.dims())));
-                }
-            }
-            if p.layers().len() != c.n_layer || p.layers().iter().any(Option::is_none) {
-                return Err(Error::Invalid("prefix cache does not cover every layer".into()));
-            }
+            p.check_fits("prefix cache", c, b)?;
         } else {
             self.check_len(r)?;
         }
