@@ -6,10 +6,13 @@
 //! round-half-even, integer dot products per block, one f32 scale per block pair.
 //! Output rows are split across the rayon pool.
 
+use std::ops::Range;
+
 use half::f16;
 use rayon::prelude::*;
 
 use crate::gguf::TensorType;
+use crate::vecmath::{prefetch, PREFETCH_AHEAD};
 use crate::{Error, Result};
 
 const QK: usize = 32;
@@ -26,7 +29,7 @@ pub struct QWeight {
 }
 
 /// Activations quantized to 8 bits per 32-block: scale `d`, `s = d * sum(q)` (Q8_1 only), values.
-struct Q8Row {
+pub(crate) struct Q8Row {
     d: Vec<f32>,
     s: Vec<f32>,
     q: Vec<i8>,
@@ -58,41 +61,53 @@ impl QWeight {
         &self.data[r * rb..(r + 1) * rb]
     }
 
+    /// `x` quantized the way this weight's kernels read it (Q8_1 for Q4_1, Q8_0 otherwise).
+    pub(crate) fn quantize(&self, x: &[f32]) -> Q8Row {
+        assert_eq!(x.len(), self.cols, "activation length");
+        quantize_q8(x, self.ty == TensorType::Q4_1)
+    }
+
+    /// Prefetches the `ROWS` rows' worth of bytes that start `PREFETCH_AHEAD` beyond row `r`.
+    #[inline]
+    fn prefetch_rows(&self, r: usize, row_bytes: usize) {
+        let at = (r * row_bytes + PREFETCH_AHEAD).min(self.data.len());
+        prefetch(&self.data[at..(at + ROWS * row_bytes).min(self.data.len())]);
+    }
+
+    /// Rows `rows` of `W x` into `out`, for `qx` from `quantize`: rows in groups of `ROWS`
+    /// (independent accumulator chains), the rest one by one.
+    pub(crate) fn rows_into(&self, qx: &Q8Row, rows: Range<usize>, out: &mut [f32]) {
+        assert!(rows.end <= self.rows && out.len() == rows.len(), "rows_into: bad range");
+        let isa = Isa::detect();
+        let mut groups = out.chunks_exact_mut(ROWS);
+        let rb = self.row_bytes();
+        for (g, dst) in (&mut groups).enumerate() {
+            let r = rows.start + g * ROWS;
+            self.prefetch_rows(r, rb);
+            dst.copy_from_slice(&dotn(isa, self.ty, std::array::from_fn(|i| self.row(r + i)), qx));
+        }
+        let rest = groups.into_remainder();
+        let r = rows.end - rest.len();
+        for (i, dst) in rest.iter_mut().enumerate() {
+            *dst = dot(isa, self.ty, self.row(r + i), qx);
+        }
+    }
+
     /// `W_i x` for several weights of one type that read the same vector (q/k/v, gate/up): the
     /// vector is quantized once and all rows go to the pool as one job.
     pub fn matvec_many(ws: &[&QWeight], x: &[f32]) -> Vec<Vec<f32>> {
         let Some(first) = ws.first() else { return Vec::new() };
         assert!(ws.iter().all(|w| w.ty == first.ty && w.cols == x.len()), "matvec_many: mixed types or shapes");
-        let qx = quantize_q8(x, first.ty == TensorType::Q4_1);
-        let isa = Isa::detect();
-        // Row offsets of each weight in the concatenated output.
-        let mut starts = Vec::with_capacity(ws.len() + 1);
-        let mut total = 0;
-        for w in ws {
-            starts.push(total);
-            total += w.rows;
-        }
-        starts.push(total);
-        let mut out = vec![0f32; total];
-        let rows_per_task = 16;
-        let row_bytes = |row: usize| {
-            let w = starts.partition_point(|&s| s <= row) - 1;
-            ws[w].row(row - starts[w])
-        };
-        out.par_chunks_mut(rows_per_task).enumerate().for_each(|(task, chunk)| {
-            let (r0, n) = (task * rows_per_task, chunk.len());
-            let mut groups = chunk.chunks_exact_mut(ROWS);
-            for (g, dst) in (&mut groups).enumerate() {
-                let row = r0 + ROWS * g;
-                dst.copy_from_slice(&dotn(isa, first.ty, std::array::from_fn(|i| row_bytes(row + i)), &qx));
-            }
-            let rest = groups.into_remainder();
-            let r_rest = r0 + n - rest.len();
-            for (i, dst) in rest.iter_mut().enumerate() {
-                *dst = dot(isa, first.ty, row_bytes(r_rest + i), &qx);
-            }
-        });
-        starts.windows(2).map(|r| out[r[0]..r[1]].to_vec()).collect()
+        let qx = first.quantize(x);
+        let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; w.rows]).collect();
+        const ROWS_PER_TASK: usize = 16;
+        let tasks: Vec<(&QWeight, usize, &mut [f32])> = ws
+            .iter()
+            .zip(outs.iter_mut())
+            .flat_map(|(w, out)| out.chunks_mut(ROWS_PER_TASK).enumerate().map(move |(i, c)| (*w, i * ROWS_PER_TASK, c)))
+            .collect();
+        tasks.into_par_iter().for_each(|(w, r0, out)| w.rows_into(&qx, r0..r0 + out.len(), out));
+        outs
     }
 
     /// `x: [m, cols]` (row-major) -> `[m, rows]`.
@@ -109,6 +124,7 @@ impl QWeight {
             // Rows in groups of `ROWS` (independent accumulator chains), the rest one by one.
             let grouped = rows - rows % ROWS;
             for i in (0..grouped).step_by(ROWS) {
+                self.prefetch_rows(r0 + i, self.row_bytes());
                 for (j, q) in qx.iter().enumerate() {
                     let v = dotn(isa, self.ty, std::array::from_fn(|g| self.row(r0 + i + g)), q);
                     for (g, v) in v.into_iter().enumerate() {
@@ -187,8 +203,8 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
 }
 
-/// Which kernels this CPU runs: detected once per product, not per row.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which kernels this CPU runs (std caches the feature bits, so detecting is a few loads).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Isa {
     Scalar,
     Avx2,
@@ -196,30 +212,28 @@ enum Isa {
 }
 
 impl Isa {
+    /// The fastest variant this CPU can run.
     fn detect() -> Isa {
-        *Self::available().last().expect("scalar is always available")
-    }
-
-    /// Every variant this CPU can run, slowest first.
-    fn available() -> Vec<Isa> {
-        let mut v = vec![Isa::Scalar];
         #[cfg(target_arch = "x86_64")]
         {
             use std::is_x86_feature_detected as has;
             if has!("avx2") && has!("fma") && has!("f16c") {
-                v.push(Isa::Avx2);
-                if has!("avxvnni") {
-                    v.push(Isa::Vnni);
-                }
+                return if has!("avxvnni") { Isa::Vnni } else { Isa::Avx2 };
             }
         }
-        v
+        Isa::Scalar
+    }
+
+    /// Every variant this CPU can run, slowest first.
+    #[cfg(test)]
+    fn available() -> Vec<Isa> {
+        [Isa::Scalar, Isa::Avx2, Isa::Vnni].into_iter().filter(|&i| i <= Self::detect()).collect()
     }
 }
 
 /// One weight row (raw ggml blocks of type `ty`) against one quantized activation row.
 fn dot(isa: Isa, ty: TensorType, w: &[u8], x: &Q8Row) -> f32 {
-    // SAFETY: `isa` comes from `Isa::available`, which detected the features each variant is
+    // SAFETY: `isa` is at most `Isa::detect()`, which detected the features each variant is
     // compiled for; `QWeight::new` checked the row length.
     #[cfg(target_arch = "x86_64")]
     unsafe {
@@ -239,6 +253,7 @@ fn dot(isa: Isa, ty: TensorType, w: &[u8], x: &Q8Row) -> f32 {
         _ => dot_q8_0_q8_0(w, x),
     }
 }
+
 
 /// Rows processed together by `dotn`.
 const ROWS: usize = 4;

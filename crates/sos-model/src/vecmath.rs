@@ -12,6 +12,27 @@ pub(crate) fn simd<R>(f: impl FnOnce() -> R) -> R {
     pulp::Arch::new().dispatch(f)
 }
 
+/// How far ahead of the weight rows being multiplied a decode step asks for the next ones.
+/// Decoding streams all the weights once per token (~100 MB quantized, ~500 MB in f32), more than
+/// the caches hold; without software prefetch a core waited on memory for about half of each
+/// product (measured on a Q4_1 product: 5 GB/s per core without, 7-9 GB/s with, on this project's
+/// 2-core VM; 16 and 32 KiB did equally well, 4 KiB did worse than none).
+pub(crate) const PREFETCH_AHEAD: usize = 16 << 10;
+
+/// Asks for the memory of `s` to be brought into L2, one request per cache line; a no-op off
+/// x86-64. A hint only: it never changes a result.
+#[inline]
+pub(crate) fn prefetch<T>(s: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let (p, bytes) = (s.as_ptr() as *const i8, std::mem::size_of_val(s));
+        for off in (0..bytes).step_by(64) {
+            // SAFETY: `off < bytes`, so the address lies inside `s`; a prefetch reads nothing.
+            unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(p.add(off)) };
+        }
+    }
+}
+
 /// `e^x` to about 2 ulp (Cephes' `expf` polynomial on `[-ln2/2, ln2/2]`), branch-free.
 /// Inputs are clamped to `[-87, 88]`, so the result never overflows and is at least 1.6e-38
 /// where the true value is smaller; NaN stays NaN.
