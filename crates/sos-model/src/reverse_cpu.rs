@@ -336,7 +336,7 @@ fn min_rows(width: usize) -> usize {
 /// RMSNorm of each row of `x` (`d` = `w.len()` wide): `y = x * r * w`, `r = 1/sqrt(mean(x^2) + eps)`.
 fn rms(x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
     let d = w.len();
-    let mut y = vec![0f32; x.len()];
+    let mut y = zeros(x.len());
     let mut r = vec![0f32; x.len() / d];
     y.par_chunks_mut(d)
         .zip(r.par_iter_mut())
@@ -630,13 +630,39 @@ fn layer_forward(
     )
 }
 
-/// One layer backward: `dout` with respect to the layer output -> with respect to its input.
+/// Buffers of the backward pass, reused from layer to layer. Every product writes its buffer
+/// whole before reading it (or overwrites it: `acc` false on its first write), so the values a
+/// previous layer left behind never leak into a result, and only the first layer pays for zeroing.
+#[derive(Default)]
+struct Scratch {
+    df: Vec<f32>,
+    dgu: Vec<f32>,
+    dmid: Vec<f32>,
+    d_o: Vec<f32>,
+    dq: Vec<f32>,
+    dk: Vec<f32>,
+    dv: Vec<f32>,
+    dqkv: Vec<f32>,
+    da: Vec<f32>,
+}
+
+/// `buf` as `n` floats; only growth is zeroed.
+fn sized(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if buf.len() < n {
+        *buf = zeros(n);
+    }
+    &mut buf[..n]
+}
+
+/// One layer backward: `dout` with respect to the layer output -> with respect to its input
+/// (computed in place of `dout`).
 fn layer_backward(
     w: &Weights,
     lw: &LayerWeights,
     dm: Dims,
     s: &LayerTape,
-    dout: &[f32],
+    mut dout: Vec<f32>,
+    sc: &mut Scratch,
 ) -> Vec<f32> {
     let Dims {
         r,
@@ -653,9 +679,10 @@ fn layer_backward(
     let scale = 1.0 / (hd as f32).sqrt();
 
     // MLP: out = x1 + down(silu(gate) * up).
-    let mut df = zeros(n * ff);
-    matmul(&mut df, ff, dout, d, lw.down.get(), n, d, ff, false, false);
-    let mut dgu = zeros(n * 2 * ff);
+    let df = sized(&mut sc.df, n * ff);
+    matmul(df, ff, &dout, d, lw.down.get(), n, d, ff, false, false);
+    let df = &*df;
+    let dgu = sized(&mut sc.dgu, n * 2 * ff);
     dgu.par_chunks_mut(2 * ff)
         .zip(df.par_chunks(ff))
         .zip(s.gu.par_chunks(2 * ff))
@@ -671,18 +698,17 @@ fn layer_backward(
                 }
             })
         });
-    drop(df);
-    let mut dmid = zeros(n * d);
-    project_back(&mut dmid, &dgu, 2 * ff, &[&lw.gate, &lw.up], n, d);
-    drop(dgu);
-    let mut dx1 = copied(dout);
-    rms_backward_add(&mut dx1, &s.x1, &s.r2, lw.ffn_norm.get(), &dmid);
+    let dmid = sized(&mut sc.dmid, n * d);
+    project_back(dmid, dgu, 2 * ff, &[&lw.gate, &lw.up], n, d);
+    // dout becomes the gradient with respect to x1.
+    rms_backward_add(&mut dout, &s.x1, &s.r2, lw.ffn_norm.get(), dmid);
+    let dx1 = dout;
 
     // Attention, one task per (sequence, KV head): the task owns the gradients of its keys and
     // values, which every query head of the group adds to.
-    let mut d_o = zeros(n * h * hd);
+    let d_o = sized(&mut sc.d_o, n * h * hd);
     matmul(
-        &mut d_o,
+        d_o,
         h * hd,
         &dx1,
         d,
@@ -693,9 +719,10 @@ fn layer_backward(
         false,
         false,
     );
-    let mut dq = zeros(n * h * hd); // head-major
-    let mut dk = zeros(n * kvh * hd); // head-major, own positions only
-    let mut dv = zeros(n * kvh * hd);
+    let d_o = &*d_o;
+    let dq = sized(&mut sc.dq, n * h * hd); // head-major
+    let dk = sized(&mut sc.dk, n * kvh * hd); // head-major, own positions only
+    let dv = sized(&mut sc.dv, n * kvh * hd);
     dq.par_chunks_mut(g * r * hd)
         .zip(dk.par_chunks_mut(r * hd))
         .zip(dv.par_chunks_mut(r * hd))
@@ -722,21 +749,20 @@ fn layer_backward(
                 });
                 gemm_st(&mut dq[gi * r * hd..], hd, &ds, (t, 1), kb, (hd, 1), r, t, hd, false);
                 // Only the keys and values after the prefix take gradients: dK = dS^T Q, dV = P^T dO.
-                gemm_st(dk, hd, &ds[from..], (1, t), qh_rows, (width, 1), r, r, hd, true);
-                gemm_st(dv, hd, &pm[from..], (1, t), do_rows, (h * hd, 1), r, r, hd, true);
+                // The first head of the group overwrites what an earlier layer left here.
+                gemm_st(dk, hd, &ds[from..], (1, t), qh_rows, (width, 1), r, r, hd, gi > 0);
+                gemm_st(dv, hd, &pm[from..], (1, t), do_rows, (h * hd, 1), r, r, hd, gi > 0);
             }
         });
-    drop(d_o);
-    let mut dqkv = zeros(n * width);
-    to_tokens(&mut dqkv, width, 0, &dq, r, h, hd);
-    to_tokens(&mut dqkv, width, h * hd, &dk, r, kvh, hd);
-    to_tokens(&mut dqkv, width, (h + kvh) * hd, &dv, r, kvh, hd);
-    drop((dq, dk, dv));
-    bias_rope(&mut dqkv, None, width, h + kvh, hd, r, from, w, -1.0);
-    let mut da = zeros(n * d);
-    project_back(&mut da, &dqkv, width, &[&lw.wq, &lw.wk, &lw.wv], n, d);
+    let dqkv = sized(&mut sc.dqkv, n * width);
+    to_tokens(dqkv, width, 0, dq, r, h, hd);
+    to_tokens(dqkv, width, h * hd, dk, r, kvh, hd);
+    to_tokens(dqkv, width, (h + kvh) * hd, dv, r, kvh, hd);
+    bias_rope(dqkv, None, width, h + kvh, hd, r, from, w, -1.0);
+    let da = sized(&mut sc.da, n * d);
+    project_back(da, dqkv, width, &[&lw.wq, &lw.wk, &lw.wv], n, d);
     let mut dx = dx1;
-    rms_backward_add(&mut dx, &s.x, &s.r1, lw.attn_norm.get(), &da);
+    rms_backward_add(&mut dx, &s.x, &s.r1, lw.attn_norm.get(), da);
     dx
 }
 
@@ -875,8 +901,9 @@ pub(crate) fn loss_and_input_grad(
     let (loss, mut g, hits) = cross_entropy(w, &h, d, dm.eps, rows, targets);
     drop(h);
     // Each layer's tape is freed once its backward is done.
+    let mut scratch = Scratch::default();
     for (lw, tape) in w.layers.iter().zip(tapes).rev() {
-        g = layer_backward(w, lw, dm, &tape, &g);
+        g = layer_backward(w, lw, dm, &tape, g, &mut scratch);
     }
     Ok(LossGrad {
         loss,
