@@ -80,12 +80,9 @@ impl LoadedModel {
     fn open_gguf(path: &Path, opts: &LoadOptions) -> Result<Self> {
         let g = gguf::Gguf::open(path)?;
         let cfg = Config::from_gguf(&g)?;
-        let tokenizer = Tokenizer::from_gguf(&g)?;
+        let (tokenizer, template) = gguf_text(&g, opts.template.as_deref())?;
         check_fit(path, &cfg, &tokenizer)?;
         let model = load::build_model(load::Weights::Gguf(&g), &cfg, opts.exec, &opts.device, path)?;
-        let tok_str = |id: Option<u32>| id.and_then(|i| tokenizer.id_to_token(i)).unwrap_or_default();
-        let own = g.get_str("tokenizer.chat_template").map(|s| ChatTemplate::new(s, tok_str(tokenizer.bos), tok_str(tokenizer.eos)));
-        let template = pick_template(own, opts.template.as_deref(), &tok_str(tokenizer.bos), &tok_str(tokenizer.eos))?;
         let mut tensor_types = BTreeMap::new();
         for t in &g.tensors {
             *tensor_types.entry(t.ty.name().to_string()).or_insert(0) += 1;
@@ -97,37 +94,23 @@ impl LoadedModel {
     fn open_hf(dir: &Path, opts: &LoadOptions) -> Result<Self> {
         let st = load::SafeTensorsDir::open(dir)?;
         let cfg = Config::from_hf_json(&dir.join("config.json"), st.contains("lm_head.weight"))?;
-        let tok_path = dir.join("tokenizer.json");
-        let mut tokenizer = Tokenizer::from_tokenizer_json(&tok_path)?;
-        let tc_path = dir.join("tokenizer_config.json");
-        let tc: serde_json::Value = match std::fs::read_to_string(&tc_path) {
-            Ok(s) => serde_json::from_str(&s).map_err(|e| Error::format(&tc_path, format!("invalid JSON: {e}")))?,
-            Err(_) => serde_json::Value::Null,
-        };
-        // Special tokens appear either as strings or as {"content": ...} objects.
-        let tok_name = |k: &str| -> Option<String> {
-            let v = &tc[k];
-            v.as_str().or_else(|| v["content"].as_str()).map(String::from)
-        };
-        let (bos, eos) = (tok_name("bos_token"), tok_name("eos_token"));
-        tokenizer = tokenizer.with_special_names(bos.as_deref(), eos.as_deref(), tc["add_bos_token"].as_bool().unwrap_or(false));
-        if let Ok(s) = std::fs::read_to_string(dir.join("generation_config.json")) {
-            if let Ok(gc) = serde_json::from_str::<serde_json::Value>(&s) {
-                let ids: Vec<u64> = match &gc["eos_token_id"] {
-                    serde_json::Value::Array(a) => a.iter().filter_map(|v| v.as_u64()).collect(),
-                    v => v.as_u64().into_iter().collect(),
-                };
-                ids.into_iter().for_each(|i| tokenizer.add_stop_id(i as u32));
-            }
-        }
-        check_fit(&tok_path, &cfg, &tokenizer)?;
+        let (tokenizer, template) = hf_text(dir, opts.template.as_deref())?;
+        check_fit(&dir.join("tokenizer.json"), &cfg, &tokenizer)?;
         let model = load::build_model(load::Weights::SafeTensors(&st), &cfg, opts.exec, &opts.device, dir)?;
-        let (b, e) = (bos.unwrap_or_default(), eos.unwrap_or_default());
-        let own = tc["chat_template"].as_str().map(|s| ChatTemplate::new(s, b.clone(), e.clone()));
-        let template = pick_template(own, opts.template.as_deref(), &b, &e)?;
         let tensor_types = BTreeMap::from([("safetensors".to_string(), st.paths().count())]);
         let n_params = count_params(&model);
         Ok(LoadedModel { path: dir.to_path_buf(), format: Format::HfFolder, model, tokenizer, template, tensor_types, n_params })
+    }
+
+    /// Only the text side of a model: its tokenizer and chat template (or the built-in one
+    /// `template` names), without reading or checking the weights, so that tokenizing works for
+    /// architectures this runtime cannot run.
+    pub fn open_text(path: &Path, template: Option<&str>) -> Result<(Tokenizer, Option<ChatTemplate>)> {
+        if path.is_dir() {
+            hf_text(path, template)
+        } else {
+            gguf_text(&gguf::Gguf::open(path)?, template)
+        }
     }
 
     /// The template, or an error that says how to name one.
@@ -159,6 +142,48 @@ impl LoadedModel {
             }
         }
     }
+}
+
+/// Tokenizer and chat template from GGUF metadata.
+fn gguf_text(g: &gguf::Gguf, template: Option<&str>) -> Result<(Tokenizer, Option<ChatTemplate>)> {
+    let tokenizer = Tokenizer::from_gguf(g)?;
+    let tok_str = |id: Option<u32>| id.and_then(|i| tokenizer.id_to_token(i)).unwrap_or_default();
+    let (bos, eos) = (tok_str(tokenizer.bos), tok_str(tokenizer.eos));
+    let own = g.get_str("tokenizer.chat_template").map(|s| ChatTemplate::new(s, bos.clone(), eos.clone()));
+    let template = pick_template(own, template, &bos, &eos)?;
+    Ok((tokenizer, template))
+}
+
+/// Tokenizer and chat template from a Hugging Face folder's `tokenizer.json`,
+/// `tokenizer_config.json` and `generation_config.json`.
+fn hf_text(dir: &Path, template: Option<&str>) -> Result<(Tokenizer, Option<ChatTemplate>)> {
+    let tok_path = dir.join("tokenizer.json");
+    let mut tokenizer = Tokenizer::from_tokenizer_json(&tok_path)?;
+    let tc_path = dir.join("tokenizer_config.json");
+    let tc: serde_json::Value = match std::fs::read_to_string(&tc_path) {
+        Ok(s) => serde_json::from_str(&s).map_err(|e| Error::format(&tc_path, format!("invalid JSON: {e}")))?,
+        Err(_) => serde_json::Value::Null,
+    };
+    // Special tokens appear either as strings or as {"content": ...} objects.
+    let tok_name = |k: &str| -> Option<String> {
+        let v = &tc[k];
+        v.as_str().or_else(|| v["content"].as_str()).map(String::from)
+    };
+    let (bos, eos) = (tok_name("bos_token"), tok_name("eos_token"));
+    tokenizer = tokenizer.with_special_names(bos.as_deref(), eos.as_deref(), tc["add_bos_token"].as_bool().unwrap_or(false));
+    if let Ok(s) = std::fs::read_to_string(dir.join("generation_config.json")) {
+        if let Ok(gc) = serde_json::from_str::<serde_json::Value>(&s) {
+            let ids: Vec<u64> = match &gc["eos_token_id"] {
+                serde_json::Value::Array(a) => a.iter().filter_map(|v| v.as_u64()).collect(),
+                v => v.as_u64().into_iter().collect(),
+            };
+            ids.into_iter().for_each(|i| tokenizer.add_stop_id(i as u32));
+        }
+    }
+    let (b, e) = (bos.unwrap_or_default(), eos.unwrap_or_default());
+    let own = tc["chat_template"].as_str().map(|s| ChatTemplate::new(s, b.clone(), e.clone()));
+    let template = pick_template(own, template, &b, &e)?;
+    Ok((tokenizer, template))
 }
 
 fn pick_template(own: Option<ChatTemplate>, named: Option<&str>, bos: &str, eos: &str) -> Result<Option<ChatTemplate>> {

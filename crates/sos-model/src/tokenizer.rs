@@ -67,10 +67,10 @@ impl Tokenizer {
     pub fn from_gguf(g: &Gguf) -> Result<Self> {
         let path = &g.path;
         let model = g.get_str("tokenizer.ggml.model").ok_or_else(|| Error::format(path, "no tokenizer in the file (tokenizer.ggml.model missing)"))?;
-        if model != "gpt2" {
+        if model != "gpt2" && model != "llama" {
             bail_format!(
                 path,
-                "tokenizer type `{model}` is not supported yet (only gpt2-style byte-level BPE); pass a Hugging Face folder with tokenizer.json instead"
+                "tokenizer type `{model}` is not supported (supported: gpt2-style byte-level BPE, llama-style SentencePiece); pass a Hugging Face folder with tokenizer.json instead"
             );
         }
         let strings = |key: &str| -> Result<Vec<&str>> {
@@ -80,7 +80,6 @@ impl Tokenizer {
                 .collect()
         };
         let tokens = strings("tokenizer.ggml.tokens")?;
-        let merges = strings("tokenizer.ggml.merges")?;
         let types: Vec<i64> = match g.get("tokenizer.ggml.token_type").and_then(Value::as_array) {
             Some(a) => a.iter().map(|v| v.as_i64().unwrap_or(1)).collect(),
             None => vec![1; tokens.len()],
@@ -96,49 +95,38 @@ impl Tokenizer {
             }
         };
         let (bos, eos, eot) = (id("tokenizer.ggml.bos_token_id")?, id("tokenizer.ggml.eos_token_id")?, id("tokenizer.ggml.eot_token_id")?);
-        let add_bos = g.get("tokenizer.ggml.add_bos_token").and_then(Value::as_bool).unwrap_or(false);
+        // llama.cpp's default: SentencePiece vocabularies start raw text with BOS.
+        let add_bos = g.get("tokenizer.ggml.add_bos_token").and_then(Value::as_bool).unwrap_or(model == "llama");
 
         let vocab: serde_json::Map<String, serde_json::Value> =
             tokens.iter().enumerate().map(|(i, t)| (t.to_string(), json!(i))).collect();
-        let merges: Vec<serde_json::Value> = merges
-            .iter()
-            .map(|m| match m.split_once(' ') {
-                Some((a, b)) => Ok(json!([a, b])),
-                None => Err(Error::format(path, format!("malformed merge `{m}`"))),
-            })
-            .collect::<Result<_>>()?;
-        // ggml token types: 3 = control, 4 = user-defined; both are matched whole in text.
+        // ggml token types: 2 = unknown, 3 = control, 4 = user-defined. Control and user-defined
+        // tokens are matched whole in text; llama.cpp's SentencePiece path matches unknown too.
+        let whole = |t: i64| t == 3 || t == 4 || (model == "llama" && t == 2);
         let added: Vec<serde_json::Value> = types
             .iter()
             .enumerate()
-            .filter(|(_, &t)| t == 3 || t == 4)
+            .filter(|(_, &t)| whole(t))
             .map(|(i, &t)| {
                 json!({"id": i, "content": tokens[i], "single_word": false, "lstrip": false,
-                       "rstrip": false, "normalized": t == 4, "special": t == 3})
+                       "rstrip": false, "normalized": t == 4, "special": t != 4})
             })
             .collect();
-        let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
-        let split = |pattern: &str| json!({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false});
-        let pre = g.get_str("tokenizer.ggml.pre").unwrap_or("default");
-        let pre_tokenizer = match pre {
-            "smollm" => json!({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level(true)]}),
-            "qwen2" => json!({"type": "Sequence", "pretokenizers": [split(QWEN2_PATTERN), byte_level(false)]}),
-            "llama3" | "llama-bpe" => json!({"type": "Sequence", "pretokenizers": [split(LLAMA3_PATTERN), byte_level(false)]}),
-            "default" | "gpt2" | "gpt-2" => byte_level(true),
-            other => bail_format!(path, "pre-tokenizer `{other}` is not supported (supported: smollm, qwen2, llama-bpe, gpt2)"),
+        let (normalizer, pre_tokenizer, decoder, bpe) = if model == "llama" {
+            sentencepiece_parts(g, &tokens, &types, vocab)?
+        } else {
+            byte_level_parts(g, strings("tokenizer.ggml.merges")?, vocab)?
         };
         let doc = json!({
             "version": "1.0",
             "truncation": null,
             "padding": null,
             "added_tokens": added,
-            "normalizer": null,
+            "normalizer": normalizer,
             "pre_tokenizer": pre_tokenizer,
             "post_processor": null,
-            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                      "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
-                      "ignore_merges": false, "vocab": vocab, "merges": merges},
+            "decoder": decoder,
+            "model": bpe,
         });
         let inner: tokenizers::Tokenizer = serde_json::from_value(doc)
             .map_err(|e| Error::format(path, format!("cannot build the tokenizer from GGUF metadata: {e}")))?;
@@ -194,6 +182,87 @@ impl Tokenizer {
     }
 }
 
+/// Normalizer, pre-tokenizer, decoder and model of a `tokenizer.json` document.
+type Parts = (serde_json::Value, serde_json::Value, serde_json::Value, serde_json::Value);
+
+/// The parts for a gpt2-style byte-level BPE vocabulary.
+fn byte_level_parts(g: &Gguf, merges: Vec<&str>, vocab: serde_json::Map<String, serde_json::Value>) -> Result<Parts> {
+    let path = &g.path;
+    let merges: Vec<serde_json::Value> = merges
+        .iter()
+        .map(|m| match m.split_once(' ') {
+            Some((a, b)) => Ok(json!([a, b])),
+            None => Err(Error::format(path, format!("malformed merge `{m}`"))),
+        })
+        .collect::<Result<_>>()?;
+    let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
+    let split = |pattern: &str| json!({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false});
+    let pre = g.get_str("tokenizer.ggml.pre").unwrap_or("default");
+    let pre_tokenizer = match pre {
+        "smollm" => json!({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level(true)]}),
+        "qwen2" => json!({"type": "Sequence", "pretokenizers": [split(QWEN2_PATTERN), byte_level(false)]}),
+        "llama3" | "llama-bpe" => json!({"type": "Sequence", "pretokenizers": [split(LLAMA3_PATTERN), byte_level(false)]}),
+        "default" | "gpt2" | "gpt-2" => byte_level(true),
+        other => bail_format!(path, "pre-tokenizer `{other}` is not supported (supported: smollm, qwen2, llama-bpe, gpt2)"),
+    };
+    let decoder = json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true});
+    let bpe = json!({"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                     "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                     "ignore_merges": false, "vocab": vocab, "merges": merges});
+    Ok((serde_json::Value::Null, pre_tokenizer, decoder, bpe))
+}
+
+/// The parts for a llama-style SentencePiece vocabulary (`tokenizer.ggml.model = llama`): pieces
+/// with scores, `▁` for spaces, `<0xXX>` pieces for bytes that no piece covers.
+///
+/// SentencePiece joins the adjacent pair whose joined piece scores highest: BPE with merges ranked
+/// by that score. The merges are derived from the pieces as transformers' `SentencePieceExtractor`
+/// derives them (every split of a piece into two pieces, by the piece's score, then by id), and
+/// BPE with byte fallback runs them.
+fn sentencepiece_parts(g: &Gguf, tokens: &[&str], types: &[i64], vocab: serde_json::Map<String, serde_json::Value>) -> Result<Parts> {
+    let path = &g.path;
+    let scores: Vec<f64> = match g.get("tokenizer.ggml.scores").and_then(Value::as_array) {
+        Some(a) if a.len() == tokens.len() => a.iter().map(|v| v.as_f64().unwrap_or(0.0)).collect(),
+        Some(a) => bail_format!(path, "`tokenizer.ggml.scores` has {} entries but there are {} tokens", a.len(), tokens.len()),
+        None => bail_format!(path, "missing `tokenizer.ggml.scores` (a SentencePiece vocabulary needs them)"),
+    };
+    let add_space_prefix = g.get("tokenizer.ggml.add_space_prefix").and_then(Value::as_bool).unwrap_or(true);
+    // Ids as the vocabulary map resolves them: the last of duplicate pieces, as in `vocab`.
+    let ids: std::collections::HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (*t, i)).collect();
+    let mut merges: Vec<(f64, usize, usize, usize)> = Vec::new();
+    for (i, piece) in tokens.iter().enumerate() {
+        if ids.get(piece) != Some(&i) {
+            continue;
+        }
+        for (cut, _) in piece.char_indices().skip(1) {
+            if let (Some(&l), Some(&r)) = (ids.get(&piece[..cut]), ids.get(&piece[cut..])) {
+                merges.push((scores[i], i, l, r));
+            }
+        }
+    }
+    merges.sort_by(|a, b| b.0.total_cmp(&a.0).then((a.1, a.2, a.3).cmp(&(b.1, b.2, b.3))));
+    let merges: Vec<serde_json::Value> = merges.iter().map(|&(_, _, l, r)| json!([tokens[l], tokens[r]])).collect();
+    let unk = types.iter().position(|&t| t == 2).map(|i| tokens[i]);
+    let space = json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"});
+    let normalizer = if add_space_prefix {
+        json!({"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u{2581}"}, space]})
+    } else {
+        space
+    };
+    let mut decoders = vec![
+        json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+        json!({"type": "ByteFallback"}),
+        json!({"type": "Fuse"}),
+    ];
+    if add_space_prefix {
+        decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+    }
+    let bpe = json!({"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+                     "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,
+                     "ignore_merges": false, "vocab": vocab, "merges": merges});
+    Ok((normalizer, serde_json::Value::Null, json!({"type": "Sequence", "decoders": decoders}), bpe))
+}
+
 /// Incremental detokenization for streaming: yields the text each new token completes, holding
 /// back bytes of a multi-byte character until it is whole.
 pub struct StreamDecoder {
@@ -245,5 +314,106 @@ mod tests {
         let g = Gguf::from_bytes("types.gguf", bytes).unwrap();
         let e = Tokenizer::from_gguf(&g).err().expect("must be an error").to_string();
         assert!(e.contains("types.gguf") && e.contains("has 2 entries but there are 1 tokens"), "{e}");
+    }
+
+    /// llama.cpp's SentencePiece tokenization (`llm_tokenizer_spm_session`), written plainly: join
+    /// the adjacent pair whose joined piece scores highest (the leftmost on ties) until none
+    /// joins, then pieces to ids, bytes of what is left to `<0xXX>` pieces.
+    fn spm_reference(tokens: &[String], scores: &[f32], text: &str) -> Vec<u32> {
+        let id = |s: &str| tokens.iter().position(|t| t == s);
+        let mut sym: Vec<String> = text.chars().map(String::from).collect();
+        loop {
+            let best = (0..sym.len().saturating_sub(1))
+                .filter_map(|i| id(&format!("{}{}", sym[i], sym[i + 1])).map(|t| (scores[t], i)))
+                .fold(None, |acc: Option<(f32, usize)>, (sc, i)| match acc {
+                    Some((bs, _)) if bs >= sc => acc,
+                    _ => Some((sc, i)),
+                });
+            let Some((_, i)) = best else { break };
+            let right = sym.remove(i + 1);
+            sym[i].push_str(&right);
+        }
+        sym.iter()
+            .flat_map(|s| match id(s) {
+                Some(t) => vec![t as u32],
+                None => s.bytes().map(|b| id(&format!("<0x{b:02X}>")).expect("byte piece") as u32).collect(),
+            })
+            .collect()
+    }
+
+    /// A SentencePiece vocabulary in GGUF metadata: pieces over a small alphabet with distinct
+    /// random scores, controls, and the 256 byte pieces.
+    fn spm_gguf(seed: u64, add_space_prefix: bool) -> (Gguf, Vec<String>, Vec<f32>) {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut tokens: Vec<String> = ["<unk>", "<s>", "</s>"].iter().map(|s| s.to_string()).collect();
+        let mut types = vec![2i32, 3, 3];
+        tokens.extend((0..=255u8).map(|b| format!("<0x{b:02X}>")));
+        types.extend(std::iter::repeat_n(6, 256));
+        let alphabet = ['a', 'b', 'c', '\u{2581}'];
+        for c in alphabet {
+            tokens.push(c.to_string());
+            types.push(1);
+        }
+        while tokens.len() < 259 + 4 + 60 {
+            let len = rng.gen_range(2..6);
+            let piece: String = (0..len).map(|_| alphabet[rng.gen_range(0..alphabet.len())]).collect();
+            if !tokens.contains(&piece) {
+                tokens.push(piece);
+                types.push(1);
+            }
+        }
+        let mut scores: Vec<f32> = (0..tokens.len()).map(|i| -(i as f32)).collect();
+        // Distinct scores in an order unrelated to the ids.
+        for i in (262..scores.len()).rev() {
+            let j = rng.gen_range(262..=i);
+            scores.swap(i, j);
+        }
+        let mut w = crate::gguf::Writer::new();
+        w.meta("tokenizer.ggml.model", Value::Str("llama".into()))
+            .meta("tokenizer.ggml.tokens", Value::Array(tokens.iter().map(|t| Value::Str(t.clone())).collect()))
+            .meta("tokenizer.ggml.scores", Value::Array(scores.iter().map(|&v| Value::F32(v)).collect()))
+            .meta("tokenizer.ggml.token_type", Value::Array(types.iter().map(|&t| Value::I32(t)).collect()))
+            .meta("tokenizer.ggml.bos_token_id", Value::U32(1))
+            .meta("tokenizer.ggml.eos_token_id", Value::U32(2))
+            .meta("tokenizer.ggml.add_space_prefix", Value::Bool(add_space_prefix));
+        let mut bytes = Vec::new();
+        w.write_to(&mut bytes).unwrap();
+        (Gguf::from_bytes("spm.gguf", bytes).unwrap(), tokens, scores)
+    }
+
+    #[test]
+    fn sentencepiece_vocabulary_tokenizes_like_llama_cpp() {
+        use rand::{Rng, SeedableRng};
+        for (seed, prefix) in [(1, true), (2, false), (3, true)] {
+            let (g, tokens, scores) = spm_gguf(seed, prefix);
+            let tok = Tokenizer::from_gguf(&g).unwrap();
+            assert!(tok.add_bos && tok.bos == Some(1) && tok.stop_ids.contains(&2));
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed + 100);
+            let chars = ['a', 'b', 'c', ' ', ' ', '\u{e9}', '\n'];
+            for _ in 0..300 {
+                let len = rng.gen_range(1..24);
+                let text: String = (0..len).map(|_| chars[rng.gen_range(0..chars.len())]).collect();
+                let escaped = format!("{}{}", if prefix { " " } else { "" }, text).replace(' ', "\u{2581}");
+                let want = spm_reference(&tokens, &scores, &escaped);
+                assert_eq!(tok.encode(&text).unwrap(), want, "seed {seed}, text {text:?}");
+                let back = tok.decode(&want, false).unwrap();
+                assert_eq!(back, text, "seed {seed}: decode is not the inverse of encode");
+            }
+            // Control pieces written in the text are recognised whole.
+            let ids = tok.encode("ab</s>ab").unwrap();
+            assert!(ids.contains(&2), "{ids:?}");
+        }
+    }
+
+    #[test]
+    fn sentencepiece_without_scores_is_an_error() {
+        let mut w = crate::gguf::Writer::new();
+        w.meta("tokenizer.ggml.model", Value::Str("llama".into())).meta("tokenizer.ggml.tokens", str_array(&["a", "b"]));
+        let mut bytes = Vec::new();
+        w.write_to(&mut bytes).unwrap();
+        let g = Gguf::from_bytes("noscores.gguf", bytes).unwrap();
+        let e = Tokenizer::from_gguf(&g).err().expect("must be an error").to_string();
+        assert!(e.contains("noscores.gguf") && e.contains("tokenizer.ggml.scores"), "{e}");
     }
 }

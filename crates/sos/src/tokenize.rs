@@ -1,9 +1,9 @@
 //! `sos tokenize`: token ids of a text, or of a templated chat prompt.
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::Args;
 use serde_json::json;
-use sos_model::Message;
+use sos_model::{LoadedModel, Message};
 
 use crate::common::ModelArgs;
 
@@ -24,16 +24,22 @@ pub struct TokenizeArgs {
 }
 
 pub fn run(a: TokenizeArgs) -> Result<()> {
-    let lm = a.model.load()?;
+    // Only the tokenizer and template: tokenizing needs no weights, and works for architectures
+    // the runtime cannot run.
+    let path = a.model.path()?;
+    let (tokenizer, template) = LoadedModel::open_text(&path, a.model.template.as_deref())?;
     let text = if a.chat {
+        let Some(template) = template else {
+            bail!("{} has no chat template; name one with --template ({})", path.display(), sos_model::template::BUILTIN_NAMES.join("|"));
+        };
         let mut m: Vec<Message> = a.system.iter().map(|s| Message::system(s.clone())).collect();
         m.push(Message::user(a.text.clone()));
-        lm.template()?.render(&m, true)?
+        template.render(&m, true)?
     } else {
         a.text.clone()
     };
-    let ids = lm.tokenizer.encode(&text)?;
-    let pieces: Vec<String> = ids.iter().map(|&i| lm.tokenizer.decode(&[i], false).unwrap_or_default()).collect();
+    let ids = tokenizer.encode(&text)?;
+    let pieces: Vec<String> = ids.iter().map(|&i| tokenizer.decode(&[i], false).unwrap_or_default()).collect();
     if a.json {
         println!("{}", json!({ "text": text, "ids": ids, "tokens": pieces }));
     } else {
