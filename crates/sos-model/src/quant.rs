@@ -114,21 +114,30 @@ impl QWeight {
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         assert_eq!(x.len(), m * self.cols, "activation shape");
         let with_sum = self.ty == TensorType::Q4_1;
-        let qx: Vec<Q8Row> = x.chunks(self.cols).map(|r| quantize_q8(r, with_sum)).collect();
+        let qx: Vec<Q8Row> = x.par_chunks(self.cols).map(|r| quantize_q8(r, with_sum)).collect();
         let isa = Isa::detect();
         // Transposed result [rows, m]: each task owns whole weight rows and reads each once.
         let mut out_t = vec![0f32; self.rows * m];
         let rows_per_task = 16;
         out_t.par_chunks_mut(rows_per_task * m).enumerate().for_each(|(task, chunk)| {
             let (r0, rows) = (task * rows_per_task, chunk.len() / m);
-            // Rows in groups of `ROWS` (independent accumulator chains), the rest one by one.
+            // Rows in groups of `ROWS` (independent accumulator chains), the rest one by one;
+            // activations two at a time, so that each weight block is unpacked once for both.
             let grouped = rows - rows % ROWS;
             for i in (0..grouped).step_by(ROWS) {
                 self.prefetch_rows(r0 + i, self.row_bytes());
-                for (j, q) in qx.iter().enumerate() {
-                    let v = dotn(isa, self.ty, std::array::from_fn(|g| self.row(r0 + i + g)), q);
-                    for (g, v) in v.into_iter().enumerate() {
-                        chunk[(i + g) * m + j] = v;
+                let w = std::array::from_fn(|g| self.row(r0 + i + g));
+                let mut pairs = qx.chunks_exact(2);
+                for (jp, q) in (&mut pairs).enumerate() {
+                    for (a, v) in dotn2(isa, self.ty, w, [&q[0], &q[1]]).into_iter().enumerate() {
+                        for (g, v) in v.into_iter().enumerate() {
+                            chunk[(i + g) * m + 2 * jp + a] = v;
+                        }
+                    }
+                }
+                if let [q] = pairs.remainder() {
+                    for (g, v) in dotn(isa, self.ty, w, q).into_iter().enumerate() {
+                        chunk[(i + g) * m + m - 1] = v;
                     }
                 }
             }
@@ -142,11 +151,11 @@ impl QWeight {
             return out_t;
         }
         let mut out = vec![0f32; m * self.rows];
-        for r in 0..self.rows {
-            for j in 0..m {
-                out[j * self.rows + r] = out_t[r * m + j];
+        out.par_chunks_mut(self.rows).enumerate().for_each(|(j, row)| {
+            for (r, o) in row.iter_mut().enumerate() {
+                *o = out_t[r * m + j];
             }
-        }
+        });
         out
     }
 }
@@ -272,6 +281,20 @@ fn dotn(isa: Isa, ty: TensorType, w: [&[u8]; ROWS], x: &Q8Row) -> [f32; ROWS] {
         }
     }
     w.map(|r| dot(isa, ty, r, x))
+}
+
+/// `ROWS` weight rows against two activation rows; `[a][i]` equals `dot` on row `i` and activation `a`.
+fn dotn2(isa: Isa, ty: TensorType, w: [&[u8]; ROWS], x: [&Q8Row; 2]) -> [[f32; ROWS]; 2] {
+    // SAFETY: as in `dot`; every row has the length `QWeight::new` checked.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        match (isa, ty) {
+            (Isa::Vnni, TensorType::Q4_1) => return x86::vnni::dotn2_q4_1_q8_1(w, x),
+            (Isa::Avx2, TensorType::Q4_1) => return x86::avx2::dotn2_q4_1_q8_1(w, x),
+            _ => {}
+        }
+    }
+    x.map(|x| dotn(isa, ty, w, x))
 }
 
 /// Scalar Q4_1 row against Q8_1 activations: `sum_b d_w d_x <q_w, q_x> + m_w s_x`.
@@ -403,6 +426,38 @@ macro_rules! x86_kernels {
                 let mut out = [0f32; N];
                 for i in 0..N {
                     out[i] = hsum(acc[i]) + summs[i];
+                }
+                out
+            }
+
+            /// `N` Q4_1 rows against two activation rows: each weight block is unpacked once
+            /// for both. Every (row, activation) pair keeps `dot_q4_1_q8_1`'s operations and order.
+            #[target_feature(enable = $feat)]
+            pub unsafe fn dotn2_q4_1_q8_1<const N: usize>(w: [&[u8]; N], x: [&Q8Row; 2]) -> [[f32; N]; 2] {
+                let nb = w[0].len() / 20;
+                debug_assert!(w.iter().all(|r| r.len() == w[0].len()) && x.iter().all(|x| x.q.len() >= nb * QK && x.d.len() >= nb && x.s.len() >= nb));
+                let mut acc = [[_mm256_setzero_ps(); N]; 2];
+                let mut summs = [[0f32; N]; 2];
+                let p = w.map(|r| r.as_ptr());
+                for b in 0..nb {
+                    let qx = x.map(|x| _mm256_loadu_si256(x.q.as_ptr().add(b * QK) as *const __m256i));
+                    let (d, s) = (x.map(|x| *x.d.get_unchecked(b)), x.map(|x| *x.s.get_unchecked(b)));
+                    for i in 0..N {
+                        let blk = p[i].add(b * 20);
+                        let dm = f16x2(blk);
+                        let (dw, mw) = (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)));
+                        let qw = nibbles(blk.add(4));
+                        for a in 0..2 {
+                            summs[a][i] += mw * s[a];
+                            acc[a][i] = _mm256_fmadd_ps(_mm256_set1_ps(dw * d[a]), udot(qw, qx[a]), acc[a][i]);
+                        }
+                    }
+                }
+                let mut out = [[0f32; N]; 2];
+                for a in 0..2 {
+                    for i in 0..N {
+                        out[a][i] = hsum(acc[a][i]) + summs[a][i];
+                    }
                 }
                 out
             }
@@ -551,6 +606,33 @@ mod tests {
             let many = QWeight::matvec_many(&ws.iter().collect::<Vec<_>>(), &x);
             for (w, got) in ws.iter().zip(&many) {
                 assert_eq!(got, &w.matmul(&x, 1), "{}", ty.name());
+            }
+        }
+    }
+
+    /// A batch of activations gives, bit for bit, what each activation gives alone (grouped rows
+    /// and paired activations only reorder independent sums), with every kernel variant.
+    #[test]
+    fn batched_products_equal_one_activation_at_a_time() {
+        for ty in [TensorType::Q4_1, TensorType::Q5_0, TensorType::Q8_0] {
+            let (w, _) = random_weight(ty, 37, 96, 9);
+            for m in [1, 2, 5] {
+                let x: Vec<f32> = (0..m * 96).map(|i| (i as f32 * 0.61).cos() * (1.0 + (i % 7) as f32)).collect();
+                let batch = w.matmul(&x, m);
+                for j in 0..m {
+                    let one = w.matmul(&x[j * 96..(j + 1) * 96], 1);
+                    assert_eq!(&batch[j * 37..(j + 1) * 37], &one[..], "{} m={m} j={j}", ty.name());
+                }
+            }
+            let qx: Vec<Q8Row> = (0..2).map(|j| w.quantize(&(0..96).map(|i| ((i * (j + 3)) as f32 * 0.13).sin()).collect::<Vec<_>>())).collect();
+            for isa in Isa::available() {
+                let rows = std::array::from_fn(|g| w.row(4 + g));
+                let pair = dotn2(isa, ty, rows, [&qx[0], &qx[1]]);
+                for a in 0..2 {
+                    for g in 0..ROWS {
+                        assert_eq!(pair[a][g].to_bits(), dot(isa, ty, w.row(4 + g), &qx[a]).to_bits(), "{} {isa:?}", ty.name());
+                    }
+                }
             }
         }
     }
