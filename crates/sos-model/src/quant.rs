@@ -84,7 +84,7 @@ impl QWeight {
         for (g, dst) in (&mut groups).enumerate() {
             let r = rows.start + g * ROWS;
             self.prefetch_rows(r, rb);
-            dst.copy_from_slice(&dotn(isa, self.ty, std::array::from_fn(|i| self.row(r + i)), qx));
+            dst.copy_from_slice(&dotn::<ROWS>(isa, self.ty, std::array::from_fn(|i| self.row(r + i)), qx));
         }
         let rest = groups.into_remainder();
         let r = rows.end - rest.len();
@@ -242,56 +242,51 @@ impl Isa {
 
 /// One weight row (raw ggml blocks of type `ty`) against one quantized activation row.
 fn dot(isa: Isa, ty: TensorType, w: &[u8], x: &Q8Row) -> f32 {
-    // SAFETY: `isa` is at most `Isa::detect()`, which detected the features each variant is
-    // compiled for; `QWeight::new` checked the row length.
-    #[cfg(target_arch = "x86_64")]
-    unsafe {
-        match (isa, ty) {
-            (Isa::Vnni, TensorType::Q4_1) => return x86::vnni::dot_q4_1_q8_1(w, x),
-            (Isa::Vnni, TensorType::Q5_0) => return x86::vnni::dot_q5_0_q8_0(w, x),
-            (Isa::Vnni, _) => return x86::vnni::dot_q8_0_q8_0(w, x),
-            (Isa::Avx2, TensorType::Q4_1) => return x86::avx2::dot_q4_1_q8_1(w, x),
-            (Isa::Avx2, TensorType::Q5_0) => return x86::avx2::dot_q5_0_q8_0(w, x),
-            (Isa::Avx2, _) => return x86::avx2::dot_q8_0_q8_0(w, x),
-            (Isa::Scalar, _) => {}
-        }
+    if isa == Isa::Scalar {
+        return match ty {
+            TensorType::Q4_1 => dot_q4_1_q8_1(w, x),
+            TensorType::Q5_0 => dot_q5_0_q8_0(w, x),
+            _ => dot_q8_0_q8_0(w, x),
+        };
     }
-    match ty {
-        TensorType::Q4_1 => dot_q4_1_q8_1(w, x),
-        TensorType::Q5_0 => dot_q5_0_q8_0(w, x),
-        _ => dot_q8_0_q8_0(w, x),
-    }
+    dotn(isa, ty, [w], x)[0]
 }
-
 
 /// Rows processed together by `dotn`.
 const ROWS: usize = 4;
 
-/// `ROWS` weight rows of type `ty` against one activation row; each result equals `dot` on its row.
-fn dotn(isa: Isa, ty: TensorType, w: [&[u8]; ROWS], x: &Q8Row) -> [f32; ROWS] {
-    // SAFETY: as in `dot`; every row has the length `QWeight::new` checked.
+/// `N` weight rows of type `ty` against one activation row; each result equals `dot` on its row.
+fn dotn<const N: usize>(isa: Isa, ty: TensorType, w: [&[u8]; N], x: &Q8Row) -> [f32; N] {
+    // SAFETY: `isa` is at most `Isa::detect()`, which detected the features each variant is
+    // compiled for; `QWeight::new` checked every row's length.
     #[cfg(target_arch = "x86_64")]
     unsafe {
         match (isa, ty) {
             (Isa::Vnni, TensorType::Q4_1) => return x86::vnni::dotn_q4_1_q8_1(w, x),
-            (Isa::Vnni, TensorType::Q8_0) => return x86::vnni::dotn_q8_0_q8_0(w, x),
+            (Isa::Vnni, TensorType::Q5_0) => return x86::vnni::dotn_signed::<N, true>(w, x),
+            (Isa::Vnni, _) => return x86::vnni::dotn_signed::<N, false>(w, x),
             (Isa::Avx2, TensorType::Q4_1) => return x86::avx2::dotn_q4_1_q8_1(w, x),
-            (Isa::Avx2, TensorType::Q8_0) => return x86::avx2::dotn_q8_0_q8_0(w, x),
-            _ => {}
+            (Isa::Avx2, TensorType::Q5_0) => return x86::avx2::dotn_signed::<N, true>(w, x),
+            (Isa::Avx2, _) => return x86::avx2::dotn_signed::<N, false>(w, x),
+            (Isa::Scalar, _) => {}
         }
     }
-    w.map(|r| dot(isa, ty, r, x))
+    w.map(|r| dot(Isa::Scalar, ty, r, x))
 }
 
 /// `ROWS` weight rows against two activation rows; `[a][i]` equals `dot` on row `i` and activation `a`.
 fn dotn2(isa: Isa, ty: TensorType, w: [&[u8]; ROWS], x: [&Q8Row; 2]) -> [[f32; ROWS]; 2] {
-    // SAFETY: as in `dot`; every row has the length `QWeight::new` checked.
+    // SAFETY: as in `dotn`.
     #[cfg(target_arch = "x86_64")]
     unsafe {
         match (isa, ty) {
             (Isa::Vnni, TensorType::Q4_1) => return x86::vnni::dotn2_q4_1_q8_1(w, x),
+            (Isa::Vnni, TensorType::Q5_0) => return x86::vnni::dotn2_signed::<ROWS, true>(w, x),
+            (Isa::Vnni, _) => return x86::vnni::dotn2_signed::<ROWS, false>(w, x),
             (Isa::Avx2, TensorType::Q4_1) => return x86::avx2::dotn2_q4_1_q8_1(w, x),
-            _ => {}
+            (Isa::Avx2, TensorType::Q5_0) => return x86::avx2::dotn2_signed::<ROWS, true>(w, x),
+            (Isa::Avx2, _) => return x86::avx2::dotn2_signed::<ROWS, false>(w, x),
+            (Isa::Scalar, _) => {}
         }
     }
     x.map(|x| dotn(isa, ty, w, x))
@@ -383,28 +378,10 @@ macro_rules! x86_kernels {
                 udot(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a))
             }
 
-            #[target_feature(enable = $feat)]
-            pub unsafe fn dot_q4_1_q8_1(w: &[u8], x: &Q8Row) -> f32 {
-                let nb = w.len() / 20;
-                debug_assert!(x.q.len() >= nb * QK && x.d.len() >= nb && x.s.len() >= nb);
-                // One accumulator, blocks in order: ggml's summation order, so that results
-                // (and greedy choices at near-ties) match llama.cpp's.
-                let mut acc = _mm256_setzero_ps();
-                let mut summs = 0f32;
-                let (wp, xq, xd, xs) = (w.as_ptr(), x.q.as_ptr(), x.d.as_ptr(), x.s.as_ptr());
-                for b in 0..nb {
-                    let blk = wp.add(b * 20);
-                    let dm = f16x2(blk);
-                    summs += _mm_cvtss_f32(_mm_movehdup_ps(dm)) * *xs.add(b);
-                    let qx = _mm256_loadu_si256(xq.add(b * QK) as *const __m256i);
-                    acc = _mm256_fmadd_ps(_mm256_set1_ps(_mm_cvtss_f32(dm) * *xd.add(b)), udot(nibbles(blk.add(4)), qx), acc);
-                }
-                hsum(acc) + summs
-            }
-
-            /// `N` Q4_1 rows against the same activations. Each row keeps its own accumulator
-            /// and block order, so each result equals `dot_q4_1_q8_1` on that row; the
-            /// independent chains fill the wait on each fused multiply-add.
+            /// `N` Q4_1 rows against the same activations (`N` = 1: one row). Each row keeps one
+            /// accumulator and the blocks in order, ggml's summation order, so that results (and
+            /// greedy choices at near-ties) match llama.cpp's; with `N` > 1 the independent chains
+            /// fill the wait on each fused multiply-add, and each result equals `N` = 1's.
             #[target_feature(enable = $feat)]
             pub unsafe fn dotn_q4_1_q8_1<const N: usize>(w: [&[u8]; N], x: &Q8Row) -> [f32; N] {
                 let nb = w[0].len() / 20;
@@ -431,7 +408,7 @@ macro_rules! x86_kernels {
             }
 
             /// `N` Q4_1 rows against two activation rows: each weight block is unpacked once
-            /// for both. Every (row, activation) pair keeps `dot_q4_1_q8_1`'s operations and order.
+            /// for both. Every (row, activation) pair keeps `dotn_q4_1_q8_1`'s operations and order.
             #[target_feature(enable = $feat)]
             pub unsafe fn dotn2_q4_1_q8_1<const N: usize>(w: [&[u8]; N], x: [&Q8Row; 2]) -> [[f32; N]; 2] {
                 let nb = w[0].len() / 20;
@@ -462,10 +439,30 @@ macro_rules! x86_kernels {
                 out
             }
 
-            /// `N` Q8_0 rows against the same activations, as `dotn_q4_1_q8_1`.
+            /// A Q5_0 (`Q5`) or Q8_0 block at `blk` as 32 signed bytes and its scale. Q5_0:
+            /// bytes whose fifth bit is clear get 0xF0, which turns `nibble - 16` into the signed
+            /// byte directly.
+            #[inline]
             #[target_feature(enable = $feat)]
-            pub unsafe fn dotn_q8_0_q8_0<const N: usize>(w: [&[u8]; N], x: &Q8Row) -> [f32; N] {
-                let nb = w[0].len() / 34;
+            unsafe fn signed_block<const Q5: bool>(blk: *const u8) -> (__m256i, f32) {
+                let dw = _mm_cvtss_f32(f16x2(blk));
+                if !Q5 {
+                    return (_mm256_loadu_si256(blk.add(2) as *const __m256i), dw);
+                }
+                let high = _mm256_set1_epi8(0xF0u8 as i8);
+                // Byte i of the expansion tests bit i: pick byte i/8 of the word, mask bit i%8.
+                let shuf = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+                let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+                let qh = std::ptr::read_unaligned(blk.add(2) as *const i32);
+                let set = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(qh), shuf), bit), bit);
+                (_mm256_or_si256(nibbles(blk.add(6)), _mm256_andnot_si256(set, high)), dw)
+            }
+
+            /// `N` Q5_0 (`Q5`) or Q8_0 rows against the same Q8_0 activations, as `dotn_q4_1_q8_1`.
+            #[target_feature(enable = $feat)]
+            pub unsafe fn dotn_signed<const N: usize, const Q5: bool>(w: [&[u8]; N], x: &Q8Row) -> [f32; N] {
+                let bb = if Q5 { 22 } else { 34 };
+                let nb = w[0].len() / bb;
                 debug_assert!(w.iter().all(|r| r.len() == w[0].len()) && x.q.len() >= nb * QK && x.d.len() >= nb);
                 let mut acc = [_mm256_setzero_ps(); N];
                 let p = w.map(|r| r.as_ptr());
@@ -474,9 +471,8 @@ macro_rules! x86_kernels {
                     let d = *xd.add(b);
                     let qx = _mm256_loadu_si256(xq.add(b * QK) as *const __m256i);
                     for i in 0..N {
-                        let blk = p[i].add(b * 34);
-                        let qw = _mm256_loadu_si256(blk.add(2) as *const __m256i);
-                        acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(_mm_cvtss_f32(f16x2(blk)) * d), sdot(qw, qx), acc[i]);
+                        let (qw, dw) = signed_block::<Q5>(p[i].add(b * bb));
+                        acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(dw * d), sdot(qw, qx), acc[i]);
                     }
                 }
                 let mut out = [0f32; N];
@@ -486,44 +482,32 @@ macro_rules! x86_kernels {
                 out
             }
 
-            /// Q5_0 against Q8_0: bytes whose fifth bit is clear get 0xF0, which turns
-            /// `nibble - 16` into the signed byte directly.
+            /// `N` Q5_0 (`Q5`) or Q8_0 rows against two activation rows, each block decoded once
+            /// for both; every pair keeps `dotn_signed`'s operations and order.
             #[target_feature(enable = $feat)]
-            pub unsafe fn dot_q5_0_q8_0(w: &[u8], x: &Q8Row) -> f32 {
-                let nb = w.len() / 22;
-                debug_assert!(x.q.len() >= nb * QK && x.d.len() >= nb);
-                let mut acc = _mm256_setzero_ps();
-                let high = _mm256_set1_epi8(0xF0u8 as i8);
-                // Byte i of the expansion tests bit i: pick byte i/8 of the word, mask bit i%8.
-                let shuf = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
-                let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
-                let (wp, xq, xd) = (w.as_ptr(), x.q.as_ptr(), x.d.as_ptr());
+            pub unsafe fn dotn2_signed<const N: usize, const Q5: bool>(w: [&[u8]; N], x: [&Q8Row; 2]) -> [[f32; N]; 2] {
+                let bb = if Q5 { 22 } else { 34 };
+                let nb = w[0].len() / bb;
+                debug_assert!(w.iter().all(|r| r.len() == w[0].len()) && x.iter().all(|x| x.q.len() >= nb * QK && x.d.len() >= nb));
+                let mut acc = [[_mm256_setzero_ps(); N]; 2];
+                let p = w.map(|r| r.as_ptr());
                 for b in 0..nb {
-                    let blk = wp.add(b * 22);
-                    let dw = _mm_cvtss_f32(f16x2(blk));
-                    let qh = std::ptr::read_unaligned(blk.add(2) as *const i32);
-                    let set = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(qh), shuf), bit), bit);
-                    let qw = _mm256_or_si256(nibbles(blk.add(6)), _mm256_andnot_si256(set, high));
-                    let qx = _mm256_loadu_si256(xq.add(b * QK) as *const __m256i);
-                    acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * *xd.add(b)), sdot(qw, qx), acc);
+                    let qx = x.map(|x| _mm256_loadu_si256(x.q.as_ptr().add(b * QK) as *const __m256i));
+                    let d = x.map(|x| *x.d.get_unchecked(b));
+                    for i in 0..N {
+                        let (qw, dw) = signed_block::<Q5>(p[i].add(b * bb));
+                        for a in 0..2 {
+                            acc[a][i] = _mm256_fmadd_ps(_mm256_set1_ps(dw * d[a]), sdot(qw, qx[a]), acc[a][i]);
+                        }
+                    }
                 }
-                hsum(acc)
-            }
-
-            #[target_feature(enable = $feat)]
-            pub unsafe fn dot_q8_0_q8_0(w: &[u8], x: &Q8Row) -> f32 {
-                let nb = w.len() / 34;
-                debug_assert!(x.q.len() >= nb * QK && x.d.len() >= nb);
-                let mut acc = _mm256_setzero_ps();
-                let (wp, xq, xd) = (w.as_ptr(), x.q.as_ptr(), x.d.as_ptr());
-                for b in 0..nb {
-                    let blk = wp.add(b * 34);
-                    let dw = _mm_cvtss_f32(f16x2(blk));
-                    let qw = _mm256_loadu_si256(blk.add(2) as *const __m256i);
-                    let qx = _mm256_loadu_si256(xq.add(b * QK) as *const __m256i);
-                    acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * *xd.add(b)), sdot(qw, qx), acc);
+                let mut out = [[0f32; N]; 2];
+                for a in 0..2 {
+                    for i in 0..N {
+                        out[a][i] = hsum(acc[a][i]);
+                    }
                 }
-                hsum(acc)
+                out
             }
         }
     };
