@@ -378,18 +378,32 @@ impl Model {
                 }
                 r
             };
-            let mut results = std::thread::scope(|s| {
-                let helpers: Vec<_> = (1..w.threads).map(|i| s.spawn(move || member(i))).collect();
-                let mut results = vec![member(0)];
+            let mut results: Vec<Result<()>> = std::thread::scope(|s| {
+                let mut helpers = Vec::with_capacity(w.threads - 1);
+                let mut failed = None;
+                for i in 1..w.threads {
+                    match std::thread::Builder::new().spawn_scoped(s, move || member(i)) {
+                        Ok(h) => helpers.push(h),
+                        Err(e) => {
+                            // The members already started see the poison and return.
+                            barrier.poison(0);
+                            failed = Some(Err(Error::Invalid(format!("decode: cannot start a thread: {e}"))));
+                            break;
+                        }
+                    }
+                }
+                let mut results = vec![failed.unwrap_or_else(|| member(0))];
                 for h in helpers {
                     results.push(h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
                 }
                 results
             });
+            // The first failure is the cause; the others only saw the poisoned barrier.
             let culprit = barrier.culprit.load(Ordering::Acquire);
             if culprit < results.len() {
-                return Err(results.swap_remove(culprit).expect_err("the culprit failed"));
+                results.swap(0, culprit);
             }
+            results.into_iter().collect::<Result<Vec<()>>>()?;
         }
         drop(b);
         cache.len += 1;
@@ -528,9 +542,9 @@ impl Model {
     }
 }
 
-/// The most threads a decode step runs on. Members are spawned per step (a spawn and join took
-/// ~40 us here, against ~10 ms for a step of the default model on 2 threads), and a
-/// step streams memory, which a few cores already saturate.
+/// The most threads a decode step runs on. Members are spawned per step: a spawn and join took
+/// ~40 us here, against ~10 ms for a step of the default model on 2 threads, but dozens of them
+/// per token would cost more than they share. (Only 2 cores were available to measure on.)
 const MAX_CREW: usize = 8;
 
 /// Products are cut at multiples of the rows the kernels take together.
