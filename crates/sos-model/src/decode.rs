@@ -5,20 +5,20 @@
 //! `Model::forward` for a single new position, in plain loops over `Vec<f32>`, with the KV cache
 //! as flat per-layer buffers; only the weight products go to the matmul kernels.
 //!
-//! Where every weight can be split by rows, the step runs on a *crew* of threads, as ggml does:
+//! Where every weight can be split by rows, the step runs on a *crew* of threads (`crew.rs`), as ggml does:
 //! each member runs the whole step, computes its share of every product's rows and of the
 //! attention heads, and waits at a spinning barrier before it reads the others' shares. Handing
 //! each of the ~150 products of a step to the rayon pool instead cost a wake-up and a join each,
 //! ~10 % of a step on 2 cores. The vector work between products (norms, rotary, quantizing the
 //! activations) is small enough that every member repeats it rather than wait at one more barrier.
 
-use std::marker::PhantomData;
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
+use crate::crew::{Barrier, PoisonOnDrop, Shared, Team};
 use crate::model::{Exec, KvCache, Linear, Model};
 use crate::quant::{dot_f32 as dot, QWeight};
 use crate::vecmath::{prefetch, PREFETCH_AHEAD};
@@ -199,123 +199,6 @@ impl DecodeWeights {
         // already busy, and spinning members would wait on descheduled ones.
         let threads = if crew && rayon::current_thread_index().is_none() { rayon::current_num_threads().min(MAX_CREW) } else { 1 };
         Ok(DecodeWeights { layers, norm: v(&m.norm)?, threads })
-    }
-}
-
-/// The barrier of one crew. Members spin (a phase lasts microseconds), then yield. A member that
-/// fails poisons it, so that the others return instead of waiting for it forever.
-struct Barrier {
-    size: usize,
-    arrived: AtomicUsize,
-    phase: AtomicUsize,
-    poisoned: AtomicBool,
-    /// The member that failed first, whose error the step reports.
-    culprit: AtomicUsize,
-}
-
-impl Barrier {
-    fn new(size: usize) -> Self {
-        Barrier { size, arrived: AtomicUsize::new(0), phase: AtomicUsize::new(0), poisoned: AtomicBool::new(false), culprit: AtomicUsize::new(usize::MAX) }
-    }
-
-    /// Returns once every member has arrived. Everything a member wrote before arriving is
-    /// visible to every member after: the arrivals are a release sequence on `arrived` that the
-    /// last member acquires and publishes with its release of `phase`.
-    fn wait(&self) -> Result<()> {
-        let phase = self.phase.load(Ordering::Acquire);
-        if self.arrived.fetch_add(1, Ordering::AcqRel) + 1 == self.size {
-            self.arrived.store(0, Ordering::Relaxed);
-            self.phase.fetch_add(1, Ordering::Release);
-        } else {
-            let mut spins = 0u32;
-            while self.phase.load(Ordering::Acquire) == phase {
-                if self.poisoned.load(Ordering::Acquire) {
-                    return Err(Error::Invalid("decode: another thread of the step failed".into()));
-                }
-                if spins < 1 << 16 {
-                    spins += 1;
-                    std::hint::spin_loop();
-                } else {
-                    std::thread::yield_now();
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn poison(&self, member: usize) {
-        let _ = self.culprit.compare_exchange(usize::MAX, member, Ordering::AcqRel, Ordering::Acquire);
-        self.poisoned.store(true, Ordering::Release);
-    }
-}
-
-/// Poisons the barrier when a member leaves its step early, by error or panic.
-struct PoisonOnDrop<'a>(&'a Barrier, usize);
-
-impl Drop for PoisonOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.poison(self.1);
-    }
-}
-
-/// How the calling thread takes part in a step.
-enum Team<'a> {
-    /// Alone: each product fans out over the rayon pool.
-    Solo,
-    /// Member `index` of `size` threads that run the step in lockstep.
-    Member { index: usize, size: usize, barrier: &'a Barrier },
-}
-
-impl Team<'_> {
-    /// This thread's part of `0..n`, cut at multiples of `align`.
-    fn share(&self, n: usize, align: usize) -> Range<usize> {
-        match *self {
-            Team::Solo => 0..n,
-            Team::Member { index, size, .. } => {
-                let cut = |i: usize| if i == size { n } else { n * i / size / align * align };
-                cut(index)..cut(index + 1)
-            }
-        }
-    }
-
-    fn sync(&self) -> Result<()> {
-        match self {
-            Team::Solo => Ok(()),
-            Team::Member { barrier, .. } => barrier.wait(),
-        }
-    }
-
-    fn leads(&self) -> bool {
-        matches!(self, Team::Solo | Team::Member { index: 0, .. })
-    }
-}
-
-/// A buffer that the members write in disjoint parts and read whole after a barrier.
-struct Shared<'a> {
-    ptr: *mut f32,
-    len: usize,
-    _buf: PhantomData<&'a mut [f32]>,
-}
-
-// SAFETY: all access goes through `part` and `whole`, whose contracts keep concurrent writes
-// disjoint and put a barrier between a write and any other member's read.
-unsafe impl Sync for Shared<'_> {}
-
-impl<'a> Shared<'a> {
-    fn new(buf: &'a mut [f32]) -> Self {
-        Shared { ptr: buf.as_mut_ptr(), len: buf.len(), _buf: PhantomData }
-    }
-
-    /// SAFETY: until the next barrier, no other member reads or writes any of `r`.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn part(&self, r: Range<usize>) -> &mut [f32] {
-        assert!(r.start <= r.end && r.end <= self.len, "shared buffer: {r:?} out of 0..{}", self.len);
-        std::slice::from_raw_parts_mut(self.ptr.add(r.start), r.len())
-    }
-
-    /// SAFETY: until the next barrier, no member writes any of it.
-    unsafe fn whole(&self) -> &[f32] {
-        std::slice::from_raw_parts(self.ptr, self.len)
     }
 }
 
@@ -624,33 +507,5 @@ mod tests {
                 }
             }
         }
-    }
-
-    /// A member that fails releases the others: they return an error instead of waiting.
-    #[test]
-    fn poisoned_barrier_releases_the_waiting_members() {
-        let barrier = Barrier::new(3);
-        std::thread::scope(|s| {
-            let waiters: Vec<_> = (0..2).map(|_| s.spawn(|| barrier.wait())).collect();
-            drop(PoisonOnDrop(&barrier, 2));
-            for w in waiters {
-                assert!(w.join().unwrap().is_err());
-            }
-        });
-        assert_eq!(barrier.culprit.load(Ordering::Acquire), 2);
-        // A healthy barrier lets all members through, phase after phase.
-        let barrier = Barrier::new(3);
-        let done = AtomicUsize::new(0);
-        std::thread::scope(|s| {
-            for _ in 0..3 {
-                s.spawn(|| {
-                    for _ in 0..100 {
-                        barrier.wait().unwrap();
-                    }
-                    done.fetch_add(1, Ordering::AcqRel);
-                });
-            }
-        });
-        assert_eq!(done.load(Ordering::Acquire), 3);
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod cache;
 pub mod config;
+mod crew;
 pub mod decode;
 pub mod error;
 pub mod fsutil;
