@@ -194,10 +194,8 @@ impl DecodeWeights {
             .collect::<Result<_>>()?;
         let crew = splittable(&m.lm_head)
             && m.layers.iter().all(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down].into_iter().all(splittable));
-        // The crew takes as many threads as the pool has, up to `MAX_CREW`. A step called from
-        // inside the pool (a caller running generations in parallel) stays solo: its threads are
-        // already busy, and spinning members would wait on descheduled ones.
-        let threads = if crew && rayon::current_thread_index().is_none() { rayon::current_num_threads().min(MAX_CREW) } else { 1 };
+        // The crew takes as many threads as the pool has, up to `MAX_CREW`.
+        let threads = if crew { rayon::current_num_threads().min(MAX_CREW) } else { 1 };
         Ok(DecodeWeights { layers, norm: v(&m.norm)?, threads })
     }
 }
@@ -249,7 +247,10 @@ impl Model {
             vc: cache.v.iter_mut().map(|b| Shared::new(b)).collect(),
         };
         let step = |team: &Team| self.step_with(team, w, &b, x, pos, cap, &rot);
-        if w.threads <= 1 {
+        // A step called from inside the pool (a caller running generations in parallel) stays
+        // solo: the pool's threads are already busy, and spinning members would wait on
+        // descheduled ones.
+        if w.threads <= 1 || rayon::current_thread_index().is_some() {
             step(&Team::Solo)?;
         } else {
             let barrier = Barrier::new(w.threads);

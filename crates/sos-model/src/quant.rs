@@ -45,7 +45,7 @@ impl QWeight {
     /// Q5_0 `{d: f16, qh: u32, qs[16]}`, Q8_0 `{d: f16, qs: [i8; 32]}`.
     pub fn new(ty: TensorType, rows: usize, cols: usize, data: &[u8]) -> Result<Self> {
         let (bs, bb) = ty.block();
-        if !Self::supports(ty) || cols % bs as usize != 0 || data.len() != rows * cols / bs as usize * bb as usize {
+        if !Self::supports(ty) || rows == 0 || cols == 0 || cols % bs as usize != 0 || data.len() != rows * cols / bs as usize * bb as usize {
             return Err(Error::Invalid(format!("bad {} weight: {rows}x{cols} with {} bytes", ty.name(), data.len())));
         }
         Ok(QWeight { ty, rows, cols, data: std::sync::Arc::new(data.to_vec()) })

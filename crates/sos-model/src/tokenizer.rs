@@ -108,8 +108,10 @@ impl Tokenizer {
             .enumerate()
             .filter(|(_, &t)| whole(t))
             .map(|(i, &t)| {
+                // Matched in the raw text, before any normalizer: llama.cpp splits them off first
+                // and treats the text after each as a new start (space prefix included).
                 json!({"id": i, "content": tokens[i], "single_word": false, "lstrip": false,
-                       "rstrip": false, "normalized": t == 4, "special": t != 4})
+                       "rstrip": false, "normalized": false, "special": t != 4})
             })
             .collect();
         let (normalizer, pre_tokenizer, decoder, bpe) = if model == "llama" {
@@ -182,6 +184,11 @@ impl Tokenizer {
     }
 }
 
+/// The longest piece that merges may form, in characters.
+const MAX_MERGED_CHARS: usize = 64;
+/// More merges per piece than this is refused as implausible (Gemma 3 has 1.96).
+const MERGES_PER_PIECE: usize = 8;
+
 /// Normalizer, pre-tokenizer, decoder and model of a `tokenizer.json` document.
 type Parts = (serde_json::Value, serde_json::Value, serde_json::Value, serde_json::Value);
 
@@ -218,7 +225,8 @@ fn byte_level_parts(g: &Gguf, merges: Vec<&str>, vocab: serde_json::Map<String, 
 /// SentencePiece joins the adjacent pair whose joined piece scores highest: BPE with merges ranked
 /// by that score. The merges are derived from the pieces as transformers' `SentencePieceExtractor`
 /// derives them (every split of a piece into two pieces, by the piece's score, then by id), and
-/// BPE with byte fallback runs them.
+/// BPE with byte fallback runs them. One difference remains: where two different joined pieces
+/// score exactly the same, llama.cpp joins the leftmost pair and this the lower id.
 fn sentencepiece_parts(g: &Gguf, tokens: &[&str], types: &[i64], vocab: serde_json::Map<String, serde_json::Value>) -> Result<Parts> {
     let path = &g.path;
     let scores: Vec<f64> = match g.get("tokenizer.ggml.scores").and_then(Value::as_array) {
@@ -229,16 +237,23 @@ fn sentencepiece_parts(g: &Gguf, tokens: &[&str], types: &[i64], vocab: serde_js
     let add_space_prefix = g.get("tokenizer.ggml.add_space_prefix").and_then(Value::as_bool).unwrap_or(true);
     // Ids as the vocabulary map resolves them: the last of duplicate pieces, as in `vocab`.
     let ids: std::collections::HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (*t, i)).collect();
-    let mut merges: Vec<(f64, usize, usize, usize)> = Vec::new();
-    for (i, piece) in tokens.iter().enumerate() {
-        if ids.get(piece) != Some(&i) {
-            continue;
-        }
-        for (cut, _) in piece.char_indices().skip(1) {
-            if let (Some(&l), Some(&r)) = (ids.get(&piece[..cut]), ids.get(&piece[cut..])) {
-                merges.push((scores[i], i, l, r));
-            }
-        }
+    let ids = &ids;
+    // Merges form normal pieces (type 1; the others are matched whole or are byte fallbacks) of
+    // at most MAX_MERGED_CHARS characters: SentencePiece's own limit is 16 by default, and the
+    // bound keeps a hostile vocabulary (`a`, `aa`, `aaa`, ...) from asking for a merge per
+    // character pair of every piece.
+    let splits = |i: usize| {
+        let piece = tokens[i];
+        let usable = types[i] == 1 && ids.get(piece) == Some(&i) && piece.chars().nth(MAX_MERGED_CHARS).is_none();
+        piece.char_indices().skip(1).filter(move |_| usable).filter_map(move |(cut, _)| Some((*ids.get(&piece[..cut])?, *ids.get(&piece[cut..])?)))
+    };
+    let count: usize = (0..tokens.len()).map(|i| splits(i).count()).sum();
+    if count > MERGES_PER_PIECE * tokens.len() {
+        bail_format!(path, "the SentencePiece vocabulary implies {count} merges for {} pieces (real vocabularies have about 2 per piece)", tokens.len());
+    }
+    let mut merges: Vec<(f64, usize, usize, usize)> = Vec::with_capacity(count);
+    for i in 0..tokens.len() {
+        merges.extend(splits(i).map(|(l, r)| (scores[i], i, l, r)));
     }
     merges.sort_by(|a, b| b.0.total_cmp(&a.0).then((a.1, a.2, a.3).cmp(&(b.1, b.2, b.3))));
     let merges: Vec<serde_json::Value> = merges.iter().map(|&(_, _, l, r)| json!([tokens[l], tokens[r]])).collect();
@@ -316,29 +331,53 @@ mod tests {
         assert!(e.contains("types.gguf") && e.contains("has 2 entries but there are 1 tokens"), "{e}");
     }
 
-    /// llama.cpp's SentencePiece tokenization (`llm_tokenizer_spm_session`), written plainly: join
-    /// the adjacent pair whose joined piece scores highest (the leftmost on ties) until none
-    /// joins, then pieces to ids, bytes of what is left to `<0xXX>` pieces.
-    fn spm_reference(tokens: &[String], scores: &[f32], text: &str) -> Vec<u32> {
+    /// llama.cpp's SentencePiece tokenization, written plainly. Whole-matched tokens (`<ud>`,
+    /// `</s>`) split the raw text first; each piece of text after the start or after such a token
+    /// gets the space prefix, has its spaces escaped, and then (`llm_tokenizer_spm_session`) the
+    /// adjacent pair whose joined piece scores highest is joined (the leftmost on ties) until none
+    /// joins; what is left maps to pieces, or to `<0xXX>` pieces byte by byte.
+    fn spm_reference(tokens: &[String], scores: &[f32], text: &str, prefix: bool) -> Vec<u32> {
         let id = |s: &str| tokens.iter().position(|t| t == s);
-        let mut sym: Vec<String> = text.chars().map(String::from).collect();
-        loop {
-            let best = (0..sym.len().saturating_sub(1))
-                .filter_map(|i| id(&format!("{}{}", sym[i], sym[i + 1])).map(|t| (scores[t], i)))
-                .fold(None, |acc: Option<(f32, usize)>, (sc, i)| match acc {
-                    Some((bs, _)) if bs >= sc => acc,
-                    _ => Some((sc, i)),
-                });
-            let Some((_, i)) = best else { break };
-            let right = sym.remove(i + 1);
-            sym[i].push_str(&right);
+        let spm = |text: &str| -> Vec<u32> {
+            let mut sym: Vec<String> = text.chars().map(String::from).collect();
+            loop {
+                let best = (0..sym.len().saturating_sub(1))
+                    .filter_map(|i| id(&format!("{}{}", sym[i], sym[i + 1])).map(|t| (scores[t], i)))
+                    .fold(None, |acc: Option<(f32, usize)>, (sc, i)| match acc {
+                        Some((bs, _)) if bs >= sc => acc,
+                        _ => Some((sc, i)),
+                    });
+                let Some((_, i)) = best else { break };
+                let right = sym.remove(i + 1);
+                sym[i].push_str(&right);
+            }
+            sym.iter()
+                .flat_map(|s| match id(s) {
+                    Some(t) => vec![t as u32],
+                    None => s.bytes().map(|b| id(&format!("<0x{b:02X}>")).expect("byte piece") as u32).collect(),
+                })
+                .collect()
+        };
+        let mut out = Vec::new();
+        let mut rest = text;
+        while !rest.is_empty() {
+            let next = ["<ud>", "</s>"].iter().filter_map(|t| rest.find(t).map(|at| (at, *t))).min();
+            let (raw, special) = match next {
+                Some((at, t)) => (&rest[..at], Some(t)),
+                None => (rest, None),
+            };
+            if !raw.is_empty() {
+                out.extend(spm(&format!("{}{}", if prefix { " " } else { "" }, raw).replace(' ', "\u{2581}")));
+            }
+            match special {
+                Some(t) => {
+                    out.push(id(t).unwrap() as u32);
+                    rest = &rest[raw.len() + t.len()..];
+                }
+                None => rest = "",
+            }
         }
-        sym.iter()
-            .flat_map(|s| match id(s) {
-                Some(t) => vec![t as u32],
-                None => s.bytes().map(|b| id(&format!("<0x{b:02X}>")).expect("byte piece") as u32).collect(),
-            })
-            .collect()
+        out
     }
 
     /// A SentencePiece vocabulary in GGUF metadata: pieces over a small alphabet with distinct
@@ -346,8 +385,8 @@ mod tests {
     fn spm_gguf(seed: u64, add_space_prefix: bool) -> (Gguf, Vec<String>, Vec<f32>) {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let mut tokens: Vec<String> = ["<unk>", "<s>", "</s>"].iter().map(|s| s.to_string()).collect();
-        let mut types = vec![2i32, 3, 3];
+        let mut tokens: Vec<String> = ["<unk>", "<s>", "</s>", "<ud>"].iter().map(|s| s.to_string()).collect();
+        let mut types = vec![2i32, 3, 3, 4];
         tokens.extend((0..=255u8).map(|b| format!("<0x{b:02X}>")));
         types.extend(std::iter::repeat_n(6, 256));
         let alphabet = ['a', 'b', 'c', '\u{2581}'];
@@ -355,7 +394,7 @@ mod tests {
             tokens.push(c.to_string());
             types.push(1);
         }
-        while tokens.len() < 259 + 4 + 60 {
+        while tokens.len() < 260 + 4 + 60 {
             let len = rng.gen_range(2..6);
             let piece: String = (0..len).map(|_| alphabet[rng.gen_range(0..alphabet.len())]).collect();
             if !tokens.contains(&piece) {
@@ -365,8 +404,8 @@ mod tests {
         }
         let mut scores: Vec<f32> = (0..tokens.len()).map(|i| -(i as f32)).collect();
         // Distinct scores in an order unrelated to the ids.
-        for i in (262..scores.len()).rev() {
-            let j = rng.gen_range(262..=i);
+        for i in (263..scores.len()).rev() {
+            let j = rng.gen_range(263..=i);
             scores.swap(i, j);
         }
         let mut w = crate::gguf::Writer::new();
@@ -390,20 +429,36 @@ mod tests {
             let tok = Tokenizer::from_gguf(&g).unwrap();
             assert!(tok.add_bos && tok.bos == Some(1) && tok.stop_ids.contains(&2));
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed + 100);
-            let chars = ['a', 'b', 'c', ' ', ' ', '\u{e9}', '\n'];
+            let parts = ["a", "b", "c", " ", " ", "\u{e9}", "\n", "<ud>", "</s>"];
             for _ in 0..300 {
                 let len = rng.gen_range(1..24);
-                let text: String = (0..len).map(|_| chars[rng.gen_range(0..chars.len())]).collect();
-                let escaped = format!("{}{}", if prefix { " " } else { "" }, text).replace(' ', "\u{2581}");
-                let want = spm_reference(&tokens, &scores, &escaped);
+                let text: String = (0..len).map(|_| parts[rng.gen_range(0..parts.len())]).collect();
+                let want = spm_reference(&tokens, &scores, &text, prefix);
                 assert_eq!(tok.encode(&text).unwrap(), want, "seed {seed}, text {text:?}");
-                let back = tok.decode(&want, false).unwrap();
-                assert_eq!(back, text, "seed {seed}: decode is not the inverse of encode");
+                if !text.contains('<') {
+                    assert_eq!(tok.decode(&want, false).unwrap(), text, "seed {seed}: decode is not the inverse of encode");
+                }
             }
-            // Control pieces written in the text are recognised whole.
-            let ids = tok.encode("ab</s>ab").unwrap();
-            assert!(ids.contains(&2), "{ids:?}");
+            // Whole-matched tokens in the text: control and user-defined.
+            let ids = tok.encode("ab</s>a<ud>b").unwrap();
+            assert!(ids.contains(&2) && ids.contains(&3), "{ids:?}");
         }
+    }
+
+    /// `a`, `aa`, ... would ask for a merge per character pair of every piece: refused, with the
+    /// file named, instead of gigabytes of merges.
+    #[test]
+    fn implausibly_many_sentencepiece_merges_are_an_error() {
+        let tokens: Vec<Value> = (1..=64).map(|n| Value::Str("a".repeat(n))).collect();
+        let mut w = crate::gguf::Writer::new();
+        w.meta("tokenizer.ggml.model", Value::Str("llama".into()))
+            .meta("tokenizer.ggml.scores", Value::Array((0..64).map(|i| Value::F32(-(i as f32))).collect()))
+            .meta("tokenizer.ggml.tokens", Value::Array(tokens));
+        let mut bytes = Vec::new();
+        w.write_to(&mut bytes).unwrap();
+        let g = Gguf::from_bytes("aaaa.gguf", bytes).unwrap();
+        let e = Tokenizer::from_gguf(&g).err().expect("must be an error").to_string();
+        assert!(e.contains("aaaa.gguf") && e.contains("merges"), "{e}");
     }
 
     #[test]
