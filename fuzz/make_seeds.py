@@ -102,6 +102,24 @@ def main():
         )
     )
 
+    # A SentencePiece vocabulary (tokenizer.ggml.model = llama): scored pieces, a control and a
+    # user-defined token, a few byte pieces, so the SentencePiece path gets past its checks.
+    pieces = ["<unk>", "<s>", "</s>", "<ud>", "<0x0A>", "<0x41>", "\u2581", "a", "b", "ab", "\u2581a", "\u2581ab"]
+    types = [2, 3, 3, 4, 6, 6, 1, 1, 1, 1, 1, 1]
+    (g / "tiny_sentencepiece.gguf").write_bytes(
+        gguf(
+            [
+                ("tokenizer.ggml.model", STR, "llama"),
+                ("tokenizer.ggml.tokens", ARR, (STR, pieces)),
+                ("tokenizer.ggml.scores", ARR, (F32, [-float(i) for i in range(len(pieces))])),
+                ("tokenizer.ggml.token_type", ARR, (I32, types)),
+                ("tokenizer.ggml.bos_token_id", U32, 1),
+                ("tokenizer.ggml.eos_token_id", U32, 2),
+                ("tokenizer.ggml.add_space_prefix", BOOL, True),
+            ]
+        )
+    )
+
     s = SEEDS / "safetensors_header"
     s.mkdir(parents=True, exist_ok=True)
     (s / "one_tensor.safetensors").write_bytes(
