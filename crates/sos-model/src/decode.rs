@@ -116,7 +116,7 @@ fn dense_rows(w: &Tensor, x: &[f32], rows: Range<usize>, out: &mut [f32]) -> boo
     if cols != x.len() || rows.end > n || out.len() != rows.len() {
         return false;
     }
-    let ahead = PREFETCH_AHEAD / 4;
+    let ahead = PREFETCH_AHEAD / std::mem::size_of::<f32>();
     for (o, r) in out.iter_mut().zip(rows) {
         let at = (r * cols + ahead).min(data.len());
         prefetch(&data[at..(at + cols).min(data.len())]);

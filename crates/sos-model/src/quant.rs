@@ -69,9 +69,10 @@ impl QWeight {
 
     /// Prefetches the `ROWS` rows' worth of bytes that start `PREFETCH_AHEAD` beyond row `r`.
     #[inline]
-    fn prefetch_rows(&self, r: usize, row_bytes: usize) {
-        let at = (r * row_bytes + PREFETCH_AHEAD).min(self.data.len());
-        prefetch(&self.data[at..(at + ROWS * row_bytes).min(self.data.len())]);
+    fn prefetch_rows(&self, r: usize) {
+        let rb = self.row_bytes();
+        let at = (r * rb + PREFETCH_AHEAD).min(self.data.len());
+        prefetch(&self.data[at..(at + ROWS * rb).min(self.data.len())]);
     }
 
     /// Rows `rows` of `W x` into `out`, for `qx` from `quantize`: rows in groups of `ROWS`
@@ -80,10 +81,9 @@ impl QWeight {
         assert!(rows.end <= self.rows && out.len() == rows.len(), "rows_into: bad range");
         let isa = Isa::detect();
         let mut groups = out.chunks_exact_mut(ROWS);
-        let rb = self.row_bytes();
         for (g, dst) in (&mut groups).enumerate() {
             let r = rows.start + g * ROWS;
-            self.prefetch_rows(r, rb);
+            self.prefetch_rows(r);
             dst.copy_from_slice(&dotn::<ROWS>(isa, self.ty, std::array::from_fn(|i| self.row(r + i)), qx));
         }
         let rest = groups.into_remainder();
@@ -113,8 +113,7 @@ impl QWeight {
     /// `x: [m, cols]` (row-major) -> `[m, rows]`.
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         assert_eq!(x.len(), m * self.cols, "activation shape");
-        let with_sum = self.ty == TensorType::Q4_1;
-        let qx: Vec<Q8Row> = x.par_chunks(self.cols).map(|r| quantize_q8(r, with_sum)).collect();
+        let qx: Vec<Q8Row> = x.par_chunks(self.cols).map(|r| self.quantize(r)).collect();
         let isa = Isa::detect();
         // Transposed result [rows, m]: each task owns whole weight rows and reads each once.
         let mut out_t = vec![0f32; self.rows * m];
@@ -125,7 +124,7 @@ impl QWeight {
             // activations two at a time, so that each weight block is unpacked once for both.
             let grouped = rows - rows % ROWS;
             for i in (0..grouped).step_by(ROWS) {
-                self.prefetch_rows(r0 + i, self.row_bytes());
+                self.prefetch_rows(r0 + i);
                 let w = std::array::from_fn(|g| self.row(r0 + i + g));
                 let mut pairs = qx.chunks_exact(2);
                 for (jp, q) in (&mut pairs).enumerate() {
