@@ -177,3 +177,49 @@ fn bad_pass_arguments_are_errors() {
         .to_string();
     assert!(err.contains("prefix cache has shape"), "{err}");
 }
+
+/// The pass runs one group of sequences per thread; how many threads there are must not change
+/// a bit of the result (groups of 1 to 4 sequences, with and without a prefix, on a model wide
+/// enough that the products also split their columns).
+#[test]
+fn thread_count_does_not_change_the_pass() {
+    let spec = TinySpec {
+        d_model: 128,
+        d_ff: 512,
+        seed: 5,
+        ..TinySpec::default()
+    };
+    let lm = load(&spec, "groups");
+    let mut m = lm.model.clone();
+    m.keep_transposes().unwrap();
+    let (b, t, from) = (4, 9, 3);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let seqs: Vec<Vec<u32>> = (0..b).map(|_| (0..t).map(|_| rng.gen_range(3..200)).collect()).collect();
+    let r = t - from;
+    // Loss rows in some sequences only, so that groups differ in their share of them.
+    let rows: Vec<u32> = [0usize, 2, 3].iter().flat_map(|&s| (r - 3..r).map(move |p| (s * r + p) as u32)).collect();
+    let targets: Vec<u32> = rows.iter().map(|_| rng.gen_range(3..200)).collect();
+    let run = |threads: usize, prefixed: bool| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| {
+            let x = m.embed_batch(&seqs).unwrap();
+            if prefixed {
+                let prefix = m.prefix(&x.narrow(1, 0, from).unwrap()).unwrap();
+                m.loss_and_input_grad(&x.narrow(1, from, r).unwrap(), Some(&prefix), &rows, &targets).unwrap()
+            } else {
+                let rows: Vec<u32> = rows.iter().map(|&i| ((i as usize / r) * t + i as usize % r + from) as u32).collect();
+                m.loss_and_input_grad(&x, None, &rows, &targets).unwrap()
+            }
+        })
+    };
+    let bits = |g: &Tensor| -> Vec<u32> { g.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect() };
+    for prefixed in [false, true] {
+        let one = run(1, prefixed);
+        for threads in [2, 3, 4] {
+            let many = run(threads, prefixed);
+            assert_eq!(one.loss.to_bits(), many.loss.to_bits(), "{threads} threads, prefix {prefixed}: loss");
+            assert_eq!(one.hits, many.hits, "{threads} threads, prefix {prefixed}: hits");
+            assert!(bits(&one.grad) == bits(&many.grad), "{threads} threads, prefix {prefixed}: gradient differs");
+        }
+    }
+}
