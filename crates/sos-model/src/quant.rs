@@ -1,10 +1,11 @@
-//! Quantized matrix-vector kernels for GGUF Q4_1, Q5_0 and Q8_0 weights, where candle has no
-//! SIMD path (its Q4_1 and Q5_0 dot products are scalar).
+//! Quantized matrix-vector kernels for GGUF Q4_1, Q5_0, Q8_0, Q4_K and Q6_K weights. candle has
+//! no SIMD path for Q4_1 and Q5_0 (its dot products are scalar), and its K-quant products run on
+//! its own thread pool, which a decode step split across our threads cannot share.
 //!
 //! The arithmetic follows ggml's CPU path, so `--exec quant` agrees with llama.cpp: activations
-//! are quantized per 32-block to Q8_1 (for Q4_1 weights) or Q8_0 (Q5_0, Q8_0 weights) with
-//! round-half-even, integer dot products per block, one f32 scale per block pair.
-//! Output rows are split across the rayon pool.
+//! are quantized per 32-block to Q8_1 (for Q4_1 weights) or Q8_0 (Q5_0, Q8_0 weights), or per
+//! 256-block to Q8_K (K-quants), with round-half-even; integer dot products per block, one f32
+//! scale per block pair. Output rows are split across the rayon pool.
 
 use std::ops::Range;
 
@@ -16,6 +17,8 @@ use crate::vecmath::{prefetch, PREFETCH_AHEAD};
 use crate::{Error, Result};
 
 const QK: usize = 32;
+/// Values per K-quant super-block.
+const QK_K: usize = 256;
 
 /// A weight matrix `[rows, cols]` in its ggml blocks, row-major, as stored in the file: decoding
 /// is bound by memory bandwidth, so the blocks stay as compact as llama.cpp keeps them and the
@@ -28,21 +31,24 @@ pub struct QWeight {
     data: std::sync::Arc<Vec<u8>>,
 }
 
-/// Activations quantized to 8 bits per 32-block: scale `d`, `s = d * sum(q)` (Q8_1 only), values.
+/// Activations quantized to 8 bits per 32-block: scale `d`, `s = d * sum(q)` (Q8_1 only), values;
+/// or per 256-block (Q8_K): scale `d`, values, and `sums` of each 16 values.
 pub(crate) struct Q8Row {
     d: Vec<f32>,
     s: Vec<f32>,
     q: Vec<i8>,
+    sums: Vec<i16>,
 }
 
 impl QWeight {
     /// Types with a kernel here; other types use candle's `QMatMul`.
     pub fn supports(ty: TensorType) -> bool {
-        matches!(ty, TensorType::Q4_1 | TensorType::Q5_0 | TensorType::Q8_0)
+        matches!(ty, TensorType::Q4_1 | TensorType::Q5_0 | TensorType::Q8_0 | TensorType::Q4K | TensorType::Q6K)
     }
 
     /// From raw ggml blocks (`data`, row-major). Block layouts: Q4_1 `{d, m: f16, qs[16]}`,
-    /// Q5_0 `{d: f16, qh: u32, qs[16]}`, Q8_0 `{d: f16, qs: [i8; 32]}`.
+    /// Q5_0 `{d: f16, qh: u32, qs[16]}`, Q8_0 `{d: f16, qs: [i8; 32]}`, Q4_K `{d, dmin: f16,
+    /// scales[12], qs[128]}`, Q6_K `{ql[128], qh[64], scales: [i8; 16], d: f16}`.
     pub fn new(ty: TensorType, rows: usize, cols: usize, data: &[u8]) -> Result<Self> {
         let (bs, bb) = ty.block();
         if !Self::supports(ty) || rows == 0 || cols == 0 || cols % bs as usize != 0 || data.len() != rows * cols / bs as usize * bb as usize {
@@ -52,7 +58,8 @@ impl QWeight {
     }
 
     fn row_bytes(&self) -> usize {
-        self.cols / QK * self.ty.block().1 as usize
+        let (bs, bb) = self.ty.block();
+        self.cols / bs as usize * bb as usize
     }
 
     /// Weight row `r`'s blocks.
@@ -61,10 +68,14 @@ impl QWeight {
         &self.data[r * rb..(r + 1) * rb]
     }
 
-    /// `x` quantized the way this weight's kernels read it (Q8_1 for Q4_1, Q8_0 otherwise).
+    /// `x` quantized the way this weight's kernels read it (Q8_1 for Q4_1, Q8_K for K-quants,
+    /// Q8_0 otherwise).
     pub(crate) fn quantize(&self, x: &[f32]) -> Q8Row {
         assert_eq!(x.len(), self.cols, "activation length");
-        quantize_q8(x, self.ty == TensorType::Q4_1)
+        match self.ty {
+            TensorType::Q4K | TensorType::Q6K => quantize_q8_k(x),
+            ty => quantize_q8(x, ty == TensorType::Q4_1),
+        }
     }
 
     /// Prefetches the `ROWS` rows' worth of bytes that start `PREFETCH_AHEAD` beyond row `r`.
@@ -181,7 +192,39 @@ fn quantize_q8(x: &[f32], with_sum: bool) -> Q8Row {
             s.push(f16::from_f32(scale * sum as f32).to_f32());
         }
     }
-    Q8Row { d, s, q }
+    Q8Row { d, s, q, sums: Vec::new() }
+}
+
+/// ggml's `quantize_row_q8_K_ref`: per 256-block, `q = min(127, round_half_even(x * -127 / max))`
+/// where `max` is the value of largest magnitude (so the scale `d = 1 / (-127 / max)` may be
+/// negative), kept in f32, and the sum of each 16 values.
+fn quantize_q8_k(x: &[f32]) -> Q8Row {
+    let nb = x.len() / QK_K;
+    let mut d = Vec::with_capacity(nb);
+    let mut q = vec![0i8; x.len()];
+    let mut sums = vec![0i16; x.len() / 16];
+    for (b, blk) in x.chunks_exact(QK_K).enumerate() {
+        let (mut amax, mut max) = (0f32, 0f32);
+        for &v in blk {
+            if v.abs() > amax {
+                (amax, max) = (v.abs(), v);
+            }
+        }
+        if amax == 0.0 {
+            d.push(0.0);
+            continue;
+        }
+        let iscale = -127.0 / max;
+        let qb = &mut q[b * QK_K..(b + 1) * QK_K];
+        for (qv, &v) in qb.iter_mut().zip(blk) {
+            *qv = (round_half_even(iscale * v) as i32).min(127) as i8;
+        }
+        for (sum, g) in sums[b * 16..(b + 1) * 16].iter_mut().zip(qb.chunks_exact(16)) {
+            *sum = g.iter().map(|&v| v as i16).sum();
+        }
+        d.push(1.0 / iscale);
+    }
+    Q8Row { d, s: Vec::new(), q, sums }
 }
 
 /// Round half to even for |v| < 2^22 (here |v| <= 127): adding 1.5 * 2^23 pushes the fraction
@@ -245,6 +288,8 @@ fn dot(isa: Isa, ty: TensorType, w: &[u8], x: &Q8Row) -> f32 {
         return match ty {
             TensorType::Q4_1 => dot_q4_1_q8_1(w, x),
             TensorType::Q5_0 => dot_q5_0_q8_0(w, x),
+            TensorType::Q4K => dot_q4_k_q8_k(w, x),
+            TensorType::Q6K => dot_q6_k_q8_k(w, x),
             _ => dot_q8_0_q8_0(w, x),
         };
     }
@@ -261,13 +306,15 @@ fn dotn<const N: usize>(isa: Isa, ty: TensorType, w: [&[u8]; N], x: &Q8Row) -> [
     #[cfg(target_arch = "x86_64")]
     unsafe {
         match (isa, ty) {
+            (Isa::Scalar, _) => {}
+            (_, TensorType::Q4K) => return x86::k::dot_q4_k_q8_k(w, [x])[0],
+            (_, TensorType::Q6K) => return x86::k::dot_q6_k_q8_k(w, [x])[0],
             (Isa::Vnni, TensorType::Q4_1) => return x86::vnni::dotn_q4_1_q8_1(w, x),
             (Isa::Vnni, TensorType::Q5_0) => return x86::vnni::dotn_signed::<N, true>(w, x),
             (Isa::Vnni, _) => return x86::vnni::dotn_signed::<N, false>(w, x),
             (Isa::Avx2, TensorType::Q4_1) => return x86::avx2::dotn_q4_1_q8_1(w, x),
             (Isa::Avx2, TensorType::Q5_0) => return x86::avx2::dotn_signed::<N, true>(w, x),
             (Isa::Avx2, _) => return x86::avx2::dotn_signed::<N, false>(w, x),
-            (Isa::Scalar, _) => {}
         }
     }
     w.map(|r| dot(Isa::Scalar, ty, r, x))
@@ -279,13 +326,15 @@ fn dotn2(isa: Isa, ty: TensorType, w: [&[u8]; ROWS], x: [&Q8Row; 2]) -> [[f32; R
     #[cfg(target_arch = "x86_64")]
     unsafe {
         match (isa, ty) {
+            (Isa::Scalar, _) => {}
+            (_, TensorType::Q4K) => return x86::k::dot_q4_k_q8_k(w, x),
+            (_, TensorType::Q6K) => return x86::k::dot_q6_k_q8_k(w, x),
             (Isa::Vnni, TensorType::Q4_1) => return x86::vnni::dotn2_q4_1_q8_1(w, x),
             (Isa::Vnni, TensorType::Q5_0) => return x86::vnni::dotn2_signed::<ROWS, true>(w, x),
             (Isa::Vnni, _) => return x86::vnni::dotn2_signed::<ROWS, false>(w, x),
             (Isa::Avx2, TensorType::Q4_1) => return x86::avx2::dotn2_q4_1_q8_1(w, x),
             (Isa::Avx2, TensorType::Q5_0) => return x86::avx2::dotn2_signed::<ROWS, true>(w, x),
             (Isa::Avx2, _) => return x86::avx2::dotn2_signed::<ROWS, false>(w, x),
-            (Isa::Scalar, _) => {}
         }
     }
     x.map(|x| dotn(isa, ty, w, x))
@@ -325,6 +374,66 @@ fn dot_q8_0_q8_0(w: &[u8], x: &Q8Row) -> f32 {
         let q = &x.q[b * QK..(b + 1) * QK];
         let sumi: i32 = (0..QK).map(|j| blk[2 + j] as i8 as i32 * q[j] as i32).sum();
         sumf += f16_at(blk, 0) * x.d[b] * sumi as f32;
+    }
+    sumf
+}
+
+/// The 6-bit scales and mins of a Q4_K super-block's 8 sub-blocks (ggml's `get_scale_min_k4`).
+fn q4_k_scales(s: &[u8]) -> ([u8; 8], [u8; 8]) {
+    let (mut sc, mut m) = ([0u8; 8], [0u8; 8]);
+    for j in 0..8 {
+        (sc[j], m[j]) = if j < 4 {
+            (s[j] & 63, s[j + 4] & 63)
+        } else {
+            ((s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4), (s[j + 4] >> 4) | ((s[j] >> 6) << 4))
+        };
+    }
+    (sc, m)
+}
+
+/// Scalar Q4_K row against Q8_K activations: per super-block `d_w d_x sum_j sc_j <q_w, q_x>_j -
+/// dmin_w d_x sum_j m_j sum(q_x)_j` over its 8 sub-blocks of 32.
+fn dot_q4_k_q8_k(w: &[u8], x: &Q8Row) -> f32 {
+    let mut sumf = 0f32;
+    for (b, blk) in w.chunks_exact(144).enumerate() {
+        let (sc, m) = q4_k_scales(&blk[4..16]);
+        let (qs, q8) = (&blk[16..], &x.q[b * QK_K..(b + 1) * QK_K]);
+        let mut sumi = 0i32;
+        for j in 0..4 {
+            for l in 0..32 {
+                sumi += sc[2 * j] as i32 * (qs[32 * j + l] & 0x0F) as i32 * q8[64 * j + l] as i32;
+                sumi += sc[2 * j + 1] as i32 * (qs[32 * j + l] >> 4) as i32 * q8[64 * j + 32 + l] as i32;
+            }
+        }
+        let sums = &x.sums[b * 16..(b + 1) * 16];
+        let summ: i32 = (0..8).map(|j| m[j] as i32 * (sums[2 * j] as i32 + sums[2 * j + 1] as i32)).sum();
+        sumf += f16_at(blk, 0) * x.d[b] * sumi as f32 - f16_at(blk, 2) * x.d[b] * summ as f32;
+    }
+    sumf
+}
+
+/// Scalar Q6_K row against Q8_K activations: `d_w d_x sum_i sc_i <q_w - 32, q_x>_i` over the 16
+/// sub-blocks of 16 of each super-block.
+fn dot_q6_k_q8_k(w: &[u8], x: &Q8Row) -> f32 {
+    let mut sumf = 0f32;
+    for (b, blk) in w.chunks_exact(210).enumerate() {
+        let mut sumi = 0i32;
+        for half in 0..2 {
+            let (ql, qh, sc) = (&blk[64 * half..], &blk[128 + 32 * half..], &blk[192 + 8 * half..]);
+            let q8 = &x.q[b * QK_K + 128 * half..];
+            for l in 0..32 {
+                let v = [
+                    (ql[l] & 0x0F) | ((qh[l] & 3) << 4),
+                    (ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4),
+                    (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4),
+                    (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4),
+                ];
+                for (k, &v) in v.iter().enumerate() {
+                    sumi += sc[l / 16 + 2 * k] as i8 as i32 * (v as i32 - 32) * q8[l + 32 * k] as i32;
+                }
+            }
+        }
+        sumf += f16_at(blk, 208) * x.d[b] * sumi as f32;
     }
     sumf
 }
@@ -516,6 +625,182 @@ macro_rules! x86_kernels {
 mod x86 {
     x86_kernels!(avx2, "avx2,fma,f16c", |a, b| _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1)));
     x86_kernels!(vnni, "avx2,fma,f16c,avxvnni", |a, b| _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), a, b));
+
+    /// K-quant rows against Q8_K activations with AVX2. Each row's integer sums fill the same 8
+    /// lanes in the same order as ggml's AVX2 kernels, and the lanes meet the f32 scales the same
+    /// way, so that results (and greedy choices at near-ties) match llama.cpp's.
+    pub mod k {
+        use super::super::{Q8Row, QK_K};
+        use std::arch::x86_64::*;
+
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn hsum8(v: __m256) -> f32 {
+            let s = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+            hsum4(s)
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn hsum4(s: __m128) -> f32 {
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn f16_at(p: *const u8) -> f32 {
+            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const u16) as i32)))
+        }
+
+        /// A Q4_K block's 12 scale bytes as 8 scales then 8 mins, one byte each (ggml's `utmp`).
+        #[inline]
+        unsafe fn scales_and_mins(p: *const u8) -> [u32; 4] {
+            const M1: u32 = 0x3f3f_3f3f;
+            const M2: u32 = 0x0f0f_0f0f;
+            const M3: u32 = 0x0303_0303;
+            let u = [0, 1, 2].map(|i| std::ptr::read_unaligned((p as *const u32).add(i)));
+            [u[0] & M1, (u[2] & M2) | (((u[0] >> 6) & M3) << 4), u[1] & M1, ((u[2] >> 4) & M2) | (((u[1] >> 6) & M3) << 4)]
+        }
+
+        /// Scale `k` of the 8 16-bit scales in each half of `scales`, in every 16-bit lane.
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn q4_scale(scales: __m256i, k: i32) -> __m256i {
+            _mm256_shuffle_epi8(scales, _mm256_set1_epi16((((2 * k + 1) << 8) | (2 * k)) as i16))
+        }
+
+        /// `N` Q4_K rows against `A` activation rows (each weight block decoded once for all of
+        /// them); `[a][i]` equals the result for row `i` alone against activation `a` alone. Plain
+        /// loops, no closures: a closure does not inherit the target features and is not inlined.
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub unsafe fn dot_q4_k_q8_k<const N: usize, const A: usize>(w: [&[u8]; N], x: [&Q8Row; A]) -> [[f32; N]; A] {
+            let nb = w[0].len() / 144;
+            debug_assert!(w.iter().all(|r| r.len() == w[0].len()));
+            debug_assert!(x.iter().all(|x| x.q.len() >= nb * QK_K && x.d.len() >= nb && x.sums.len() >= nb * 16));
+            let m4 = _mm256_set1_epi8(0x0F);
+            let mut acc = [[_mm256_setzero_ps(); N]; A];
+            let mut acc_m = [[_mm_setzero_ps(); N]; A];
+            let mut q8s = [_mm_setzero_si128(); A];
+            let mut out = [[0f32; N]; A];
+            for b in 0..nb {
+                for a in 0..A {
+                    // Sums of the 8 sub-blocks of 32: pairs of 16-sums.
+                    let s = _mm256_loadu_si256(x[a].sums.as_ptr().add(b * 16) as *const __m256i);
+                    q8s[a] = _mm_hadd_epi16(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+                }
+                for i in 0..N {
+                    let blk = w[i].as_ptr().add(b * 144);
+                    let (dw, mw) = (f16_at(blk), f16_at(blk.add(2)));
+                    let u = scales_and_mins(blk.add(4));
+                    let mins_and_scales = _mm256_cvtepu8_epi16(_mm_set_epi32(u[3] as i32, u[2] as i32, u[1] as i32, u[0] as i32));
+                    let mins = _mm256_extracti128_si256(mins_and_scales, 1);
+                    let sc = _mm256_castsi256_si128(mins_and_scales);
+                    let scales = _mm256_set_m128i(sc, sc);
+                    let mut sumi = [_mm256_setzero_si256(); A];
+                    for j in 0..4 {
+                        // Scale 2j for the low nibbles, 2j + 1 for the high ones.
+                        let (scale_l, scale_h) = (q4_scale(scales, 2 * j as i32), q4_scale(scales, 2 * j as i32 + 1));
+                        let q4bits = _mm256_loadu_si256(blk.add(16 + 32 * j) as *const __m256i);
+                        let q4l = _mm256_and_si256(q4bits, m4);
+                        let q4h = _mm256_and_si256(_mm256_srli_epi16(q4bits, 4), m4);
+                        for a in 0..A {
+                            let q8 = x[a].q.as_ptr().add(b * QK_K + 64 * j);
+                            let q8l = _mm256_loadu_si256(q8 as *const __m256i);
+                            let q8h = _mm256_loadu_si256(q8.add(32) as *const __m256i);
+                            let p16l = _mm256_madd_epi16(scale_l, _mm256_maddubs_epi16(q4l, q8l));
+                            let p16h = _mm256_madd_epi16(scale_h, _mm256_maddubs_epi16(q4h, q8h));
+                            sumi[a] = _mm256_add_epi32(sumi[a], _mm256_add_epi32(p16l, p16h));
+                        }
+                    }
+                    for a in 0..A {
+                        let yd = *x[a].d.get_unchecked(b);
+                        let (d, dmin) = (yd * dw, -yd * mw);
+                        let prod = _mm_madd_epi16(mins, q8s[a]);
+                        acc_m[a][i] = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), acc_m[a][i]);
+                        acc[a][i] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi[a]), acc[a][i]);
+                    }
+                }
+            }
+            for a in 0..A {
+                for i in 0..N {
+                    out[a][i] = hsum8(acc[a][i]) + hsum4(acc_m[a][i]);
+                }
+            }
+            out
+        }
+
+        /// The upper two bits of a Q6_K value, from bits `shift..shift + 2` of `high`, moved to bits 4-5.
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn q6_high<const SHIFT: i32>(high: __m256i) -> __m256i {
+            _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(high, SHIFT), _mm256_set1_epi8(3)), 4)
+        }
+
+        /// Scales `2s` and `2s + 1` of a Q6_K block (16 bytes at `scales`), eight 16-bit lanes each.
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn q6_scale(scales: __m128i, s: i64) -> __m256i {
+            let pick = _mm_set_epi64x((2 * s + 1) * 0x0101_0101_0101_0101, 2 * s * 0x0101_0101_0101_0101);
+            _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, pick))
+        }
+
+        /// `N` Q6_K rows against `A` activation rows, as `dot_q4_k_q8_k`. Plain loops, no
+        /// closures: a closure does not inherit the target features and is not inlined here.
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub unsafe fn dot_q6_k_q8_k<const N: usize, const A: usize>(w: [&[u8]; N], x: [&Q8Row; A]) -> [[f32; N]; A] {
+            let nb = w[0].len() / 210;
+            debug_assert!(w.iter().all(|r| r.len() == w[0].len()));
+            debug_assert!(x.iter().all(|x| x.q.len() >= nb * QK_K && x.d.len() >= nb));
+            let (m4, m32s) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(32));
+            let mut acc = [[_mm256_setzero_ps(); N]; A];
+            let mut out = [[0f32; N]; A];
+            for b in 0..nb {
+                for i in 0..N {
+                    let blk = w[i].as_ptr().add(b * 210);
+                    let dw = f16_at(blk.add(208));
+                    let scales = _mm_loadu_si128(blk.add(192) as *const __m128i);
+                    let mut sumi = [_mm256_setzero_si256(); A];
+                    for j in 0..2 {
+                        let (ql, qh) = (blk.add(64 * j), blk.add(128 + 32 * j));
+                        let bits1 = _mm256_loadu_si256(ql as *const __m256i);
+                        let bits2 = _mm256_loadu_si256(ql.add(32) as *const __m256i);
+                        let high = _mm256_loadu_si256(qh as *const __m256i);
+                        let q6 = [
+                            _mm256_or_si256(_mm256_and_si256(bits1, m4), q6_high::<0>(high)),
+                            _mm256_or_si256(_mm256_and_si256(bits2, m4), q6_high::<2>(high)),
+                            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bits1, 4), m4), q6_high::<4>(high)),
+                            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bits2, 4), m4), q6_high::<6>(high)),
+                        ];
+                        let s0 = 4 * j as i64;
+                        let scale = [q6_scale(scales, s0), q6_scale(scales, s0 + 1), q6_scale(scales, s0 + 2), q6_scale(scales, s0 + 3)];
+                        for a in 0..A {
+                            let q8 = x[a].q.as_ptr().add(b * QK_K + 128 * j);
+                            let mut p16 = [_mm256_setzero_si256(); 4];
+                            for k in 0..4 {
+                                let q8k = _mm256_loadu_si256(q8.add(32 * k) as *const __m256i);
+                                // maddubs needs unsigned weights: subtract 32 * the activation pair sums.
+                                let p = _mm256_sub_epi16(_mm256_maddubs_epi16(q6[k], q8k), _mm256_maddubs_epi16(m32s, q8k));
+                                p16[k] = _mm256_madd_epi16(scale[k], p);
+                            }
+                            sumi[a] = _mm256_add_epi32(sumi[a], _mm256_add_epi32(p16[0], p16[1]));
+                            sumi[a] = _mm256_add_epi32(sumi[a], _mm256_add_epi32(p16[2], p16[3]));
+                        }
+                    }
+                    for a in 0..A {
+                        let d = *x[a].d.get_unchecked(b) * dw;
+                        acc[a][i] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi[a]), acc[a][i]);
+                    }
+                }
+            }
+            for a in 0..A {
+                for i in 0..N {
+                    out[a][i] = hsum8(acc[a][i]);
+                }
+            }
+            out
+        }
+    }
 }
 
 #[cfg(test)]
@@ -540,12 +825,18 @@ mod tests {
         (QWeight::new(ty, rows, cols, &raw).unwrap(), raw)
     }
 
+    /// Every type with a kernel, with a row length that fits its blocks.
+    const CASES: [(TensorType, usize); 5] =
+        [(TensorType::Q4_1, 96), (TensorType::Q5_0, 96), (TensorType::Q8_0, 96), (TensorType::Q4K, 512), (TensorType::Q6K, 512)];
+
     /// The quantized product stays within the activation-quantization error of the exact product
     /// of the dequantized weights, and SIMD and scalar paths agree.
     #[test]
     fn kernels_match_dequantized_matmul() {
-        for ty in [TensorType::Q4_1, TensorType::Q5_0, TensorType::Q8_0] {
-            let (rows, cols, m) = (40, 96, 3);
+        for (ty, cols) in CASES {
+            let (rows, m) = (40, 3);
+            // The activation-quantization error of a row grows as the square root of its length.
+            let tol = 0.05 * (cols as f32 / 96.0).sqrt();
             let (w, raw) = random_weight(ty, rows, cols, 3);
             let wf = dequant(&w, &raw);
             let mut rng = rand::rngs::StdRng::seed_from_u64(9);
@@ -555,22 +846,22 @@ mod tests {
                 for r in 0..rows {
                     let exact: f32 = (0..cols).map(|k| x[i * cols + k] * wf[r * cols + k]).sum();
                     let g = got[i * rows + r];
-                    assert!((g - exact).abs() < 0.05, "{}: row {r} got {g} want {exact}", ty.name());
+                    assert!((g - exact).abs() < tol, "{}: row {r} got {g} want {exact}", ty.name());
                 }
             }
             // Every variant this CPU can run agrees with the scalar one (up to summation
             // order), and the scalar one is itself close to the exact product.
-            let qx = quantize_q8(&x[..cols], ty == TensorType::Q4_1);
+            let qx = w.quantize(&x[..cols]);
             let rb = raw.len() / rows;
             for r in 0..rows {
                 let wr = &raw[r * rb..(r + 1) * rb];
                 let scalar = dot(Isa::Scalar, ty, wr, &qx);
                 let exact: f32 = (0..cols).map(|k| x[k] * wf[r * cols + k]).sum();
-                assert!((scalar - exact).abs() < 0.05, "{}: scalar {scalar} want {exact}", ty.name());
-                assert!((scalar - got[r]).abs() < 1e-4, "scalar {scalar} vs matmul {}", got[r]);
+                assert!((scalar - exact).abs() < tol, "{}: scalar {scalar} want {exact}", ty.name());
+                assert!((scalar - got[r]).abs() < 1e-4, "{}: scalar {scalar} vs matmul {}", ty.name(), got[r]);
                 for isa in Isa::available() {
                     let v = dot(isa, ty, wr, &qx);
-                    assert!((scalar - v).abs() < 1e-4, "{isa:?}: {v} vs scalar {scalar}");
+                    assert!((scalar - v).abs() < 1e-4, "{isa:?} {}: {v} vs scalar {scalar}", ty.name());
                     // Rows in groups give each row's own result, bit for bit (the greedy
                     // agreement with llama.cpp depends on the summation order).
                     let group: [&[u8]; ROWS] = std::array::from_fn(|g| &raw[((r + 7 * g) % rows) * rb..((r + 7 * g) % rows + 1) * rb]);
@@ -581,11 +872,36 @@ mod tests {
         }
     }
 
+    /// Q8_K as ggml makes it: the value of largest magnitude maps to -127, the scale keeps its
+    /// sign, and each 16 values' sum is kept.
+    #[test]
+    fn q8_k_follows_ggml() {
+        let mut x: Vec<f32> = (0..512).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
+        x[300] = 3.0; // the second block's largest magnitude, positive
+        x[7] = -2.5; // the first block's, negative
+        x[256..].iter_mut().take(40).for_each(|v| *v = 0.0);
+        let q = quantize_q8_k(&x);
+        assert_eq!(q.d, vec![1.0 / (-127.0 / -2.5f32), 1.0 / (-127.0 / 3.0f32)]);
+        assert_eq!((q.q[7], q.q[300]), (-127, -127));
+        for (b, blk) in x.chunks_exact(QK_K).enumerate() {
+            for (k, &v) in blk.iter().enumerate() {
+                let want = (v * (-127.0 / if b == 0 { -2.5f32 } else { 3.0 })).round_ties_even().min(127.0) as i8;
+                assert_eq!(q.q[b * QK_K + k], want, "block {b} value {k}");
+            }
+        }
+        for (j, &sum) in q.sums.iter().enumerate() {
+            assert_eq!(sum as i32, q.q[16 * j..16 * (j + 1)].iter().map(|&v| v as i32).sum::<i32>());
+        }
+        let zero = quantize_q8_k(&[0.0; QK_K]);
+        assert_eq!(zero.d, vec![0.0]);
+        assert!(zero.q.iter().all(|&v| v == 0) && zero.sums.iter().all(|&v| v == 0));
+    }
+
     #[test]
     fn matvec_many_equals_separate_matvecs() {
-        for ty in [TensorType::Q4_1, TensorType::Q5_0, TensorType::Q8_0] {
-            let ws: Vec<QWeight> = [(40, 64), (17, 64), (33, 64)].iter().enumerate().map(|(i, &(r, c))| random_weight(ty, r, c, i as u64).0).collect();
-            let x: Vec<f32> = (0..64).map(|i| (i as f32 * 0.37).sin()).collect();
+        for (ty, cols) in CASES {
+            let ws: Vec<QWeight> = [40, 17, 33].iter().enumerate().map(|(i, &r)| random_weight(ty, r, cols, i as u64).0).collect();
+            let x: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.37).sin()).collect();
             let many = QWeight::matvec_many(&ws.iter().collect::<Vec<_>>(), &x);
             for (w, got) in ws.iter().zip(&many) {
                 assert_eq!(got, &w.matmul(&x, 1), "{}", ty.name());
@@ -597,17 +913,17 @@ mod tests {
     /// and paired activations only reorder independent sums), with every kernel variant.
     #[test]
     fn batched_products_equal_one_activation_at_a_time() {
-        for ty in [TensorType::Q4_1, TensorType::Q5_0, TensorType::Q8_0] {
-            let (w, _) = random_weight(ty, 37, 96, 9);
+        for (ty, cols) in CASES {
+            let (w, _) = random_weight(ty, 37, cols, 9);
             for m in [1, 2, 5] {
-                let x: Vec<f32> = (0..m * 96).map(|i| (i as f32 * 0.61).cos() * (1.0 + (i % 7) as f32)).collect();
+                let x: Vec<f32> = (0..m * cols).map(|i| (i as f32 * 0.61).cos() * (1.0 + (i % 7) as f32)).collect();
                 let batch = w.matmul(&x, m);
                 for j in 0..m {
-                    let one = w.matmul(&x[j * 96..(j + 1) * 96], 1);
+                    let one = w.matmul(&x[j * cols..(j + 1) * cols], 1);
                     assert_eq!(&batch[j * 37..(j + 1) * 37], &one[..], "{} m={m} j={j}", ty.name());
                 }
             }
-            let qx: Vec<Q8Row> = (0..2).map(|j| w.quantize(&(0..96).map(|i| ((i * (j + 3)) as f32 * 0.13).sin()).collect::<Vec<_>>())).collect();
+            let qx: Vec<Q8Row> = (0..2).map(|j| w.quantize(&(0..cols).map(|i| ((i * (j + 3)) as f32 * 0.13).sin()).collect::<Vec<_>>())).collect();
             for isa in Isa::available() {
                 let rows = std::array::from_fn(|g| w.row(4 + g));
                 let pair = dotn2(isa, ty, rows, [&qx[0], &qx[1]]);
