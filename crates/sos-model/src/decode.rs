@@ -20,9 +20,8 @@ use rayon::prelude::*;
 
 use crate::crew::{Barrier, PoisonOnDrop, Shared, Team};
 use crate::model::{Exec, KvCache, Linear, Model};
-use crate::quant::{dot_f32 as dot, QWeight};
+use crate::quant::{dot_f32 as dot, ActFormat, QWeight};
 use crate::vecmath::{prefetch, PREFETCH_AHEAD};
-use crate::gguf::TensorType;
 use crate::{Error, Result};
 
 /// Keys and values for decoding: per layer `[kv_head][position][head_dim]`, preallocated.
@@ -99,7 +98,7 @@ fn matvec_many(ls: &[&Linear], x: &[f32]) -> Result<Vec<Vec<f32>>> {
         })
         .collect();
     match kernels {
-        Some(ws) if ws.iter().all(|w| w.ty == ws[0].ty) => Ok(QWeight::matvec_many(&ws, x)),
+        Some(ws) if ws.iter().all(|w| w.act_format() == ws[0].act_format()) => Ok(QWeight::matvec_many(&ws, x)),
         _ => ls.iter().map(|l| matvec(l, x)).collect(),
     }
 }
@@ -369,16 +368,16 @@ impl Model {
             }
             return Ok(());
         }
-        // Activations quantized once per weight type.
-        let mut qx: Option<(TensorType, crate::quant::Q8Row)> = None;
+        // Activations quantized once per activation format.
+        let mut qx: Option<(ActFormat, crate::quant::Q8Row)> = None;
         for (l, out) in ls.iter().zip(outs) {
             let r = team.share(out.len, PRODUCT_ALIGN);
             // SAFETY: members' shares are disjoint, and the caller syncs before anyone reads.
             let dst = unsafe { out.part(r.clone()) };
             match l {
                 Linear::Kernel(w) if w.rows == out.len && w.cols == x.len() => {
-                    if qx.as_ref().map(|(ty, _)| *ty) != Some(w.ty) {
-                        qx = Some((w.ty, w.quantize(x)));
+                    if qx.as_ref().map(|(f, _)| *f) != Some(w.act_format()) {
+                        qx = Some((w.act_format(), w.quantize(x)));
                     }
                     let (_, q) = qx.as_ref().expect("quantized just above");
                     w.rows_into(q, r, dst);
@@ -437,6 +436,7 @@ const PRODUCT_ALIGN: usize = 4;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gguf::TensorType;
     use crate::tiny::TinySpec;
     use crate::{Arch, LoadOptions, LoadedModel};
 
@@ -448,10 +448,13 @@ mod tests {
         LoadedModel::open(&path, &LoadOptions::default()).unwrap().model
     }
 
-    /// The model with every dense weight replaced by its `ty` blocks, run by our kernels.
-    fn quantized(m: &Model, ty: TensorType) -> Model {
-        let q = |l: &Linear| match l {
+    /// The model with every dense weight replaced by blocks of the types `tys` (in turn, weight
+    /// after weight), run by our kernels.
+    fn quantized(m: &Model, tys: &[TensorType]) -> Model {
+        let mut turn = tys.iter().cycle();
+        let mut q = |l: &Linear| match l {
             Linear::Dense(w) => {
+                let ty = *turn.next().unwrap();
                 let (rows, cols) = w.dims2().unwrap();
                 let t = candle_core::quantized::QTensor::quantize(&w.contiguous().unwrap(), ty.to_candle()).unwrap();
                 Linear::Kernel(QWeight::new(ty, rows, cols, &t.data().unwrap()).unwrap())
@@ -497,9 +500,20 @@ mod tests {
             ("llama", TinySpec::default()),
             ("qwen2", TinySpec { arch: Arch::Qwen2, tied: false, seed: 3, n_kv_head: 1, ..TinySpec::default() }),
         ];
+        // K-quant blocks hold 256 values: rows of 256 and 512. Q4_K and Q6_K weights take turns,
+        // so that products of both types share one quantized vector.
+        let wide = TinySpec { d_model: 256, d_ff: 512, seed: 6, ..TinySpec::default() };
+        let k_mix = [TensorType::Q4K, TensorType::Q6K, TensorType::Q6K];
         for (name, spec) in specs {
             let dense = tiny(&spec, name);
-            for (label, m) in [("f32", dense.clone()), ("q4_1", quantized(&dense, TensorType::Q4_1)), ("q8_0", quantized(&dense, TensorType::Q8_0))] {
+            let k = tiny(&TinySpec { arch: spec.arch, tied: spec.tied, n_kv_head: spec.n_kv_head, ..wide.clone() }, &format!("{name}-wide"));
+            let models = [
+                ("f32", dense.clone()),
+                ("q4_1", quantized(&dense, &[TensorType::Q4_1])),
+                ("q8_0", quantized(&dense, &[TensorType::Q8_0])),
+                ("q4_k/q6_k", quantized(&k, &k_mix)),
+            ];
+            for (label, m) in models {
                 assert_eq!(DecodeWeights::new(&m).unwrap().threads, rayon::current_num_threads().min(MAX_CREW), "{name} {label}: crew refused");
                 let solo = decode(&m, 1, 6);
                 assert!(solo.iter().flatten().all(|v| v.is_finite()));

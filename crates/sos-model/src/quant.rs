@@ -40,6 +40,15 @@ pub(crate) struct Q8Row {
     sums: Vec<i16>,
 }
 
+/// The quantized form a weight type's kernels read their activations in. Weights whose types
+/// share a format (Q5_0 and Q8_0; Q4_K and Q6_K) can share one quantized vector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ActFormat {
+    Q8_1,
+    Q8_0,
+    Q8K,
+}
+
 impl QWeight {
     /// Types with a kernel here; other types use candle's `QMatMul`.
     pub fn supports(ty: TensorType) -> bool {
@@ -68,14 +77,34 @@ impl QWeight {
         &self.data[r * rb..(r + 1) * rb]
     }
 
-    /// `x` quantized the way this weight's kernels read it (Q8_1 for Q4_1, Q8_K for K-quants,
-    /// Q8_0 otherwise).
+    /// How this weight's kernels read activations: Q8_1 for Q4_1, Q8_K for K-quants, Q8_0 otherwise.
+    pub(crate) fn act_format(&self) -> ActFormat {
+        match self.ty {
+            TensorType::Q4_1 => ActFormat::Q8_1,
+            TensorType::Q4K | TensorType::Q6K => ActFormat::Q8K,
+            _ => ActFormat::Q8_0,
+        }
+    }
+
+    /// `x` quantized the way this weight's kernels read it (`act_format`).
     pub(crate) fn quantize(&self, x: &[f32]) -> Q8Row {
         assert_eq!(x.len(), self.cols, "activation length");
-        match self.ty {
-            TensorType::Q4K | TensorType::Q6K => quantize_q8_k(x),
-            ty => quantize_q8(x, ty == TensorType::Q4_1),
+        match self.act_format() {
+            ActFormat::Q8K => quantize_q8_k(x),
+            f => quantize_q8(x, f == ActFormat::Q8_1),
         }
+    }
+
+    /// Whether `qx` is `quantize`'s output for a vector of this weight's length: the kernels read
+    /// its arrays unchecked.
+    fn fits(&self, qx: &Q8Row) -> bool {
+        let n = self.cols;
+        qx.q.len() == n
+            && match self.act_format() {
+                ActFormat::Q8_1 => qx.d.len() == n / QK && qx.s.len() == n / QK,
+                ActFormat::Q8_0 => qx.d.len() == n / QK,
+                ActFormat::Q8K => qx.d.len() == n / QK_K && qx.sums.len() == n / 16,
+            }
     }
 
     /// Prefetches the `ROWS` rows' worth of bytes that start `PREFETCH_AHEAD` beyond row `r`.
@@ -90,6 +119,7 @@ impl QWeight {
     /// (independent accumulator chains), the rest one by one.
     pub(crate) fn rows_into(&self, qx: &Q8Row, rows: Range<usize>, out: &mut [f32]) {
         assert!(rows.end <= self.rows && out.len() == rows.len(), "rows_into: bad range");
+        assert!(self.fits(qx), "rows_into: activations quantized for another type or length");
         let isa = Isa::detect();
         let mut groups = out.chunks_exact_mut(ROWS);
         for (g, dst) in (&mut groups).enumerate() {
@@ -104,11 +134,14 @@ impl QWeight {
         }
     }
 
-    /// `W_i x` for several weights of one type that read the same vector (q/k/v, gate/up): the
-    /// vector is quantized once and all rows go to the pool as one job.
+    /// `W_i x` for several weights of one activation format that read the same vector (q/k/v,
+    /// gate/up): the vector is quantized once and all rows go to the pool as one job.
     pub fn matvec_many(ws: &[&QWeight], x: &[f32]) -> Vec<Vec<f32>> {
         let Some(first) = ws.first() else { return Vec::new() };
-        assert!(ws.iter().all(|w| w.ty == first.ty && w.cols == x.len()), "matvec_many: mixed types or shapes");
+        assert!(
+            ws.iter().all(|w| w.act_format() == first.act_format() && w.cols == x.len()),
+            "matvec_many: mixed activation formats or shapes"
+        );
         let qx = first.quantize(x);
         let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; w.rows]).collect();
         const ROWS_PER_TASK: usize = 16;

@@ -850,9 +850,11 @@ fn flat(t: &Tensor) -> Result<Vec<f32>> {
 }
 
 /// The keys and values of layer `i` of a prefix cache, flat `[b, kvh, len, hd]`.
-fn prefix_kv(prefix: Option<&KvCache>, i: usize) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
+/// Layer `i`'s cached keys and values of the sequences `seqs`, as flat `[seqs, kvh, from, hd]`.
+fn prefix_kv(prefix: Option<&KvCache>, i: usize, seqs: &Range<usize>) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
+    let part = |t: &Tensor| flat(&t.narrow(0, seqs.start, seqs.len())?);
     match prefix.map(|p| &p.layers()[i]) {
-        Some(Some((pk, pv))) => Ok(Some((flat(pk)?, flat(pv)?))),
+        Some(Some((pk, pv))) => Ok(Some((part(pk)?, part(pv)?))),
         Some(None) if prefix.is_some_and(|p| p.is_empty()) => Ok(None),
         Some(None) => Err(crate::Error::Invalid("prefix cache is missing a layer".into())),
         None => Ok(None),
@@ -868,7 +870,7 @@ pub(crate) fn forward(m: &Model, w: &Weights, x: &Tensor, cache: Option<&mut KvC
     let mut h = flat(x)?;
     let mut kvs = Vec::with_capacity(w.layers.len());
     for (i, lw) in w.layers.iter().enumerate() {
-        let kv = prefix_kv(cache.as_deref(), i)?;
+        let kv = prefix_kv(cache.as_deref(), i, &(0..b))?;
         let (tape, out) = layer_forward(w, lw, dm, h, kv.as_ref().map(|(k, v)| (&k[..], &v[..])));
         if cache.is_some() {
             let shape = (b, dm.kvh, dm.t, dm.hd);
@@ -894,19 +896,14 @@ pub(crate) fn loss_and_input_grad(
     let from = prefix.map_or(0, |p| p.len());
     let dm = dims(m, b, r, from);
     let h = flat(x)?;
-    let kvs = (0..w.layers.len()).map(|i| prefix_kv(prefix, i)).collect::<Result<Vec<_>>>()?;
     let groups = groups(b);
     // Values of sequences `g` in a batch-major buffer of `per` values per sequence.
     let part = |v: &[f32], g: &Range<usize>, per: usize| v[g.start * per..g.end * per].to_vec();
-    let kv_per = dm.kvh * from * dm.hd;
     let forwards: Vec<(Vec<LayerTape>, Vec<f32>)> = groups
         .par_iter()
-        .map(|g| {
-            let prefix = kvs.iter().map(|kv| kv.as_ref().map(|(k, v)| (&k[g.start * kv_per..g.end * kv_per], &v[g.start * kv_per..g.end * kv_per])));
-            forward_group(w, dims(m, g.len(), r, from), part(&h, g, r * d), prefix)
-        })
-        .collect();
-    drop((h, kvs));
+        .map(|g| forward_group(w, dims(m, g.len(), r, from), part(&h, g, r * d), prefix, g))
+        .collect::<Result<_>>()?;
+    drop(h);
     let (tapes, outs): (Vec<_>, Vec<_>) = forwards.into_iter().unzip();
     let (loss, g, hits) = cross_entropy(w, &outs.concat(), d, dm.eps, rows, targets);
     drop(outs);
@@ -937,20 +934,23 @@ fn groups(b: usize) -> Vec<Range<usize>> {
     (0..n).map(|i| b * i / n..b * (i + 1) / n).collect()
 }
 
-/// Every layer forward over one group of sequences: the layers' tapes and the last hidden state.
-fn forward_group<'p>(
+/// Every layer forward over the group of sequences `seqs` (inputs `h`, and their part of the
+/// prefix cache, read one layer at a time): the layers' tapes and the last hidden state.
+fn forward_group(
     w: &Weights,
     dm: Dims,
     mut h: Vec<f32>,
-    prefix: impl Iterator<Item = Option<(&'p [f32], &'p [f32])>>,
-) -> (Vec<LayerTape>, Vec<f32>) {
+    prefix: Option<&KvCache>,
+    seqs: &Range<usize>,
+) -> Result<(Vec<LayerTape>, Vec<f32>)> {
     let mut tapes = Vec::with_capacity(w.layers.len());
-    for (lw, kv) in w.layers.iter().zip(prefix) {
-        let (tape, out) = layer_forward(w, lw, dm, h, kv);
+    for (i, lw) in w.layers.iter().enumerate() {
+        let kv = prefix_kv(prefix, i, seqs)?;
+        let (tape, out) = layer_forward(w, lw, dm, h, kv.as_ref().map(|(k, v)| (&k[..], &v[..])));
         tapes.push(tape);
         h = out;
     }
-    (tapes, h)
+    Ok((tapes, h))
 }
 
 /// Every layer backward over one group, from the gradient of its last hidden state to that of
