@@ -849,8 +849,7 @@ fn flat(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.flatten_all()?.to_vec1::<f32>()?)
 }
 
-/// The keys and values of layer `i` of a prefix cache, flat `[b, kvh, len, hd]`.
-/// Layer `i`'s cached keys and values of the sequences `seqs`, as flat `[seqs, kvh, from, hd]`.
+/// Layer `i`'s cached keys and values of the sequences `seqs`, as flat `[seqs, kvh, len, hd]`.
 fn prefix_kv(prefix: Option<&KvCache>, i: usize, seqs: &Range<usize>) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
     let part = |t: &Tensor| flat(&t.narrow(0, seqs.start, seqs.len())?);
     match prefix.map(|p| &p.layers()[i]) {
