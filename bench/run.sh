@@ -9,7 +9,8 @@
 # Environment: THREADS (default 2), REPEAT (default 3: the whole sequence, ours then the peer,
 # is repeated; the summary gives medians and the median of the per-repeat ratios), PYTHON
 # (default python3), RESULTS (default bench/results/latest), SKIP_INSTALL=1 (do not pip install
-# missing peers), SKIP_BUILD=1, BENCH_MAX_OTHER_CORES / BENCH_WAIT_QUIET (see measure.py).
+# missing peers), SKIP_BUILD=1, BENCH_MAX_OTHER_CORES / BENCH_WAIT_QUIET (see measure.py),
+# MODEL (a model-cache alias such as qwen2.5-coder-0.5b-instruct; default: the default model).
 # Prints a table and, last, one JSON line with the ratios.
 set -euo pipefail
 
@@ -75,7 +76,7 @@ mkdir -p "$RESULTS"
 rm -rf "$RESULTS"/r[0-9]* "$RESULTS"/*.json
 cp "$SOS" "$RESULTS/sos.bin"
 SOS="$RESULTS/sos.bin"
-MODEL="$("$SOS" model fetch | tail -n 1)"
+MODEL="$("$SOS" model fetch ${MODEL:+"$MODEL"} | tail -n 1)"
 [[ -f "$MODEL" ]] || { log "sos model fetch did not print a file: $MODEL"; exit 1; }
 log "model: $MODEL"
 
