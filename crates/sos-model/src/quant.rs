@@ -479,15 +479,8 @@ macro_rules! x86_kernels {
     ($name:ident, $feat:literal, |$a:ident, $b:ident| $udot:expr) => {
         pub mod $name {
             use super::super::{Q8Row, QK};
+            use super::hsum;
             use std::arch::x86_64::*;
-
-            #[inline]
-            #[target_feature(enable = $feat)]
-            unsafe fn hsum(v: __m256) -> f32 {
-                let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-                _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
-            }
 
             /// The two f16 values at `p` as f32 lanes 0 and 1.
             #[inline]
@@ -656,6 +649,23 @@ macro_rules! x86_kernels {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use std::arch::x86_64::*;
+
+    /// The sum of 8 lanes, in ggml's order (`hsum_float_8`): halves, then pairs, then the last two.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        hsum4(_mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)))
+    }
+
+    /// The sum of 4 lanes, in ggml's order.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn hsum4(s: __m128) -> f32 {
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+
     x86_kernels!(avx2, "avx2,fma,f16c", |a, b| _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1)));
     x86_kernels!(vnni, "avx2,fma,f16c,avxvnni", |a, b| _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), a, b));
 
@@ -664,21 +674,8 @@ mod x86 {
     /// way, so that results (and greedy choices at near-ties) match llama.cpp's.
     pub mod k {
         use super::super::{Q8Row, QK_K};
+        use super::{hsum, hsum4};
         use std::arch::x86_64::*;
-
-        #[inline]
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn hsum8(v: __m256) -> f32 {
-            let s = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
-            hsum4(s)
-        }
-
-        #[inline]
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn hsum4(s: __m128) -> f32 {
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
-        }
 
         #[inline]
         #[target_feature(enable = "avx2,fma,f16c")]
@@ -757,7 +754,7 @@ mod x86 {
             }
             for a in 0..A {
                 for i in 0..N {
-                    out[a][i] = hsum8(acc[a][i]) + hsum4(acc_m[a][i]);
+                    out[a][i] = hsum(acc[a][i]) + hsum4(acc_m[a][i]);
                 }
             }
             out
@@ -828,7 +825,7 @@ mod x86 {
             }
             for a in 0..A {
                 for i in 0..N {
-                    out[a][i] = hsum8(acc[a][i]);
+                    out[a][i] = hsum(acc[a][i]);
                 }
             }
             out
