@@ -151,8 +151,8 @@ settings! {
     max_target_tokens: usize,
     /// Skip training examples whose prompt is longer than this many tokens.
     max_prompt_tokens: usize,
-    /// Folder with the datasets (see the README); `None` searches `shared/data` upwards from
-    /// the working directory and the executable.
+    /// Folder with the datasets (see the README); `None`: `$SOS_DATA`, else the copies built
+    /// into the binary.
     data_dir: Option<PathBuf>,
 }
 

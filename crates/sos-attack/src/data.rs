@@ -1,9 +1,12 @@
 //! The datasets the scenarios train and evaluate on, and the fixed split between the two.
 //!
-//! Files are the public datasets described in `shared/data/SOURCES.md`. Splits are by row
-//! index, never random, so that training and `sos eval` agree on what was held out without
-//! sharing any state.
+//! The files are the public datasets of the repository's `data/` folder (sources and licences in
+//! `data/SOURCES.md`). They are built into the binary (~560 KB), so an installed `sos` runs
+//! every scenario from any working directory; a folder given with `data_dir`, `--data-dir` or
+//! `$SOS_DATA` replaces them. Splits are by row index, never random, so that training and
+//! `sos eval` agree on what was held out without sharing any state.
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
@@ -15,33 +18,75 @@ pub const ADVBENCH: &str = "advbench_harmful_behaviors.csv";
 pub const PROMPTS: &str = "awesome_chatgpt_prompts.csv";
 pub const PASSAGES: &str = "public_domain_passages.jsonl";
 
-/// Finds the data folder: `explicit`, else `$SOS_DATA`, else the first `shared/data` in the
-/// ancestors of the working directory or of the executable.
-pub fn data_dir(explicit: Option<&Path>) -> Result<PathBuf> {
-    if let Some(p) = explicit {
-        return if p.is_dir() { Ok(p.to_path_buf()) } else { Err(Error::file(p, "data folder not found")) };
+/// The files built into the binary, by name.
+const EMBEDDED: [(&str, &str); 4] = [
+    (BENIGN, include_str!("../../../data/benign_instructions.jsonl")),
+    (ADVBENCH, include_str!("../../../data/advbench_harmful_behaviors.csv")),
+    (PROMPTS, include_str!("../../../data/awesome_chatgpt_prompts.csv")),
+    (PASSAGES, include_str!("../../../data/public_domain_passages.jsonl")),
+];
+
+/// Where the datasets are read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Datasets {
+    /// The copies built into the binary.
+    Embedded,
+    /// A folder holding files of the same names.
+    Dir(PathBuf),
+}
+
+impl Datasets {
+    /// `explicit` (a config's `data_dir` or `--data-dir`), else `$SOS_DATA`, else the built-in
+    /// copies.
+    pub fn resolve(explicit: Option<&Path>) -> Result<Self> {
+        if let Some(p) = explicit {
+            return if p.is_dir() { Ok(Datasets::Dir(p.to_path_buf())) } else { Err(Error::file(p, "data folder not found")) };
+        }
+        if let Some(p) = std::env::var_os("SOS_DATA").filter(|p| !p.is_empty()) {
+            let p = PathBuf::from(p);
+            return if p.is_dir() { Ok(Datasets::Dir(p)) } else { Err(Error::file(&p, "data folder ($SOS_DATA) not found")) };
+        }
+        Ok(Datasets::Embedded)
     }
-    if let Some(p) = std::env::var_os("SOS_DATA") {
-        let p = PathBuf::from(p);
-        return if p.is_dir() { Ok(p) } else { Err(Error::file(&p, "data folder ($SOS_DATA) not found")) };
-    }
-    let starts = [std::env::current_dir().ok(), std::env::current_exe().ok()];
-    for start in starts.iter().flatten() {
-        for dir in start.ancestors() {
-            let c = dir.join("shared").join("data");
-            if c.join(BENIGN).is_file() {
-                return Ok(c);
-            }
+
+    /// What the source is called in messages and records: the folder, or `built-in`.
+    pub fn label(&self) -> String {
+        match self {
+            Datasets::Embedded => "built-in".into(),
+            Datasets::Dir(d) => d.display().to_string(),
         }
     }
-    Err(Error::Config(
-        "no data folder: set data_dir in the config, or $SOS_DATA, to the folder that holds the datasets (see README, \"Data\")".into(),
-    ))
+
+    /// The name errors about file `name` carry.
+    fn path(&self, name: &str) -> PathBuf {
+        match self {
+            Datasets::Embedded => PathBuf::from(format!("<built-in data>/{name}")),
+            Datasets::Dir(d) => d.join(name),
+        }
+    }
+
+    /// The text of dataset `name`, and the path its errors name.
+    fn read(&self, name: &str) -> Result<(PathBuf, Cow<'static, str>)> {
+        let path = self.path(name);
+        let text = match self {
+            Datasets::Embedded => {
+                let (_, text) = EMBEDDED.iter().find(|(n, _)| *n == name).ok_or_else(|| Error::file(&path, "no such built-in dataset"))?;
+                Cow::Borrowed(*text)
+            }
+            Datasets::Dir(_) => Cow::Owned(std::fs::read_to_string(&path).map_err(|e| Error::file(&path, format!("cannot read: {e}")))?),
+        };
+        Ok((path, text))
+    }
 }
 
 /// Rows of a JSON-lines file, each an object.
 pub fn read_jsonl(path: &Path) -> Result<Vec<Value>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+    parse_jsonl(path, &text)
+}
+
+/// Rows of JSON-lines `text` (read from `path`), each an object.
+fn parse_jsonl(path: &Path, text: &str) -> Result<Vec<Value>> {
     let mut rows = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -61,9 +106,9 @@ pub fn field(path: &Path, row: &Value, i: usize, key: &str) -> Result<String> {
     row[key].as_str().map(String::from).ok_or_else(|| Error::file(path, format!("row {}: missing string field `{key}`", i + 1)))
 }
 
-/// Rows of a CSV file with a header, as maps from column name to value.
-pub fn read_csv(path: &Path, columns: &[&str]) -> Result<Vec<Vec<String>>> {
-    let mut r = csv::Reader::from_path(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+/// The `columns` of each row of CSV `text` (read from `path`, with a header).
+fn parse_csv(path: &Path, text: &str, columns: &[&str]) -> Result<Vec<Vec<String>>> {
+    let mut r = csv::Reader::from_reader(text.as_bytes());
     let header = r.headers().map_err(|e| Error::file(path, format!("bad CSV header: {e}")))?.clone();
     let idx: Vec<usize> = columns
         .iter()
@@ -86,9 +131,9 @@ pub struct Instruction {
 
 /// self-instruct's 175 seed tasks train; its 252 user-oriented tasks are held out (their
 /// authors ask that they not be used for training).
-pub fn instructions(dir: &Path, held_out: bool) -> Result<Vec<Instruction>> {
-    let path = dir.join(BENIGN);
-    let rows = read_jsonl(&path)?;
+pub fn instructions(src: &Datasets, held_out: bool) -> Result<Vec<Instruction>> {
+    let (path, text) = src.read(BENIGN)?;
+    let rows = parse_jsonl(&path, &text)?;
     let mut out = Vec::new();
     for (i, r) in rows.iter().enumerate() {
         let user_oriented = field(&path, r, i, "source")?.contains("user_oriented");
@@ -104,15 +149,17 @@ pub fn instructions(dir: &Path, held_out: bool) -> Result<Vec<Instruction>> {
 }
 
 /// AdvBench behaviours `(goal, target)`; every fifth row (index 4, 9, ...) is held out.
-pub fn harmful(dir: &Path, held_out: bool) -> Result<Vec<(String, String)>> {
-    let rows = read_csv(&dir.join(ADVBENCH), &["goal", "target"])?;
+pub fn harmful(src: &Datasets, held_out: bool) -> Result<Vec<(String, String)>> {
+    let (path, text) = src.read(ADVBENCH)?;
+    let rows = parse_csv(&path, &text, &["goal", "target"])?;
     Ok(rows.into_iter().enumerate().filter(|(i, _)| (i % 5 == 4) == held_out).map(|(_, r)| (r[0].clone(), r[1].clone())).collect())
 }
 
 /// Text role prompts of awesome-chatgpt-prompts as `(act, prompt)`; every fourth text prompt is
 /// held out.
-pub fn system_prompts(dir: &Path, held_out: bool) -> Result<Vec<(String, String)>> {
-    let rows = read_csv(&dir.join(PROMPTS), &["act", "prompt", "type"])?;
+pub fn system_prompts(src: &Datasets, held_out: bool) -> Result<Vec<(String, String)>> {
+    let (path, text) = src.read(PROMPTS)?;
+    let rows = parse_csv(&path, &text, &["act", "prompt", "type"])?;
     Ok(rows
         .into_iter()
         .filter(|r| r[2] == "TEXT")
@@ -123,9 +170,9 @@ pub fn system_prompts(dir: &Path, held_out: bool) -> Result<Vec<(String, String)
 }
 
 /// Passages `(id, text)`; every third passage is held out.
-pub fn passages(dir: &Path, held_out: bool) -> Result<Vec<(String, String)>> {
-    let path = dir.join(PASSAGES);
-    let rows = read_jsonl(&path)?;
+pub fn passages(src: &Datasets, held_out: bool) -> Result<Vec<(String, String)>> {
+    let (path, text) = src.read(PASSAGES)?;
+    let rows = parse_jsonl(&path, &text)?;
     let mut out = Vec::new();
     for (i, r) in rows.iter().enumerate() {
         if (i % 3 == 2) == held_out {
@@ -133,4 +180,31 @@ pub fn passages(dir: &Path, held_out: bool) -> Result<Vec<(String, String)>> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The built-in copies are the files of `data/`, and every split is the size the README states.
+    #[test]
+    fn built_in_datasets_match_the_data_folder() {
+        let dir = Datasets::Dir(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../data"));
+        let emb = Datasets::Embedded;
+        for (name, _) in EMBEDDED {
+            assert_eq!(emb.read(name).unwrap().1, dir.read(name).unwrap().1, "{name}");
+        }
+        assert_eq!((instructions(&emb, false).unwrap().len(), instructions(&emb, true).unwrap().len()), (175, 252));
+        assert_eq!((harmful(&emb, false).unwrap().len(), harmful(&emb, true).unwrap().len()), (416, 104));
+        assert_eq!(passages(&emb, true).unwrap().len(), 16);
+        let (train, held) = (system_prompts(&emb, false).unwrap(), system_prompts(&emb, true).unwrap());
+        assert_eq!(train.len() + held.len(), 221);
+        assert!(train.iter().all(|t| !held.contains(t)));
+    }
+
+    #[test]
+    fn a_missing_folder_is_an_error_that_names_it() {
+        let e = Datasets::resolve(Some(Path::new("/nonexistent/sos-data"))).unwrap_err().to_string();
+        assert!(e.contains("/nonexistent/sos-data"), "{e}");
+    }
 }

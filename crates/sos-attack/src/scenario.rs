@@ -9,7 +9,7 @@ use sos_model::generate::{generate, Sampling};
 use sos_model::{LoadedModel, Message};
 
 use crate::config::{AttackConfig, Position, Scenario};
-use crate::data;
+use crate::data::{self, Datasets};
 use crate::{Error, Result};
 
 /// One chat example. The trigger goes into the user message at byte offset `at`; without the
@@ -190,8 +190,7 @@ pub fn train_items(cfg: &AttackConfig, lm: &LoadedModel) -> Result<Vec<Item>> {
             backdoor_items(&qs, &target, cfg.position, cfg.seed)
         }
         _ => {
-            let dir = data::data_dir(cfg.data_dir.as_deref())?;
-            records(cfg, &dir, false)?
+            records(cfg, &Datasets::resolve(cfg.data_dir.as_deref())?, false)?
         }
     };
     Ok(limit(items, cfg.train_items))
@@ -202,8 +201,7 @@ pub fn eval_items(cfg: &AttackConfig, file: Option<&Path>) -> Result<Vec<Item>> 
     match file {
         Some(path) => records_from_file(cfg, path),
         None => {
-            let dir = data::data_dir(cfg.data_dir.as_deref())?;
-            records(cfg, &dir, true)
+            records(cfg, &Datasets::resolve(cfg.data_dir.as_deref())?, true)
         }
     }
 }
@@ -216,7 +214,7 @@ fn limit(items: Vec<Item>, n: usize) -> Vec<Item> {
     }
 }
 
-fn records(cfg: &AttackConfig, dir: &Path, held_out: bool) -> Result<Vec<Item>> {
+fn records(cfg: &AttackConfig, dir: &Datasets, held_out: bool) -> Result<Vec<Item>> {
     let target = cfg.target.clone().unwrap_or_default();
     // Evaluation uses its own seed stream so trigger places differ from training's.
     let seed = if held_out { cfg.seed.wrapping_add(1) } else { cfg.seed };

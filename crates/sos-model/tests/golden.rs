@@ -1,5 +1,5 @@
 //! The runtime against independent implementations on the real default model: transformers
-//! (float32) and llama.cpp (quantized kernels). See `../shared/golden/README.md`.
+//! (float32) and llama.cpp (quantized kernels). See `fixtures/golden/README.md`.
 //! The model is fetched on first use; a missing model is a failure, not a skip.
 
 use std::path::PathBuf;
@@ -7,12 +7,8 @@ use std::path::PathBuf;
 use sos_model::generate::{generate, Sampling, StopReason};
 use sos_model::{cache, Exec, LoadOptions, LoadedModel, Message};
 
-fn shared() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared")
-}
-
 fn golden(name: &str) -> serde_json::Value {
-    let p = shared().join("golden").join(name);
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden").join(name);
     let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     serde_json::from_str(&text).unwrap()
 }

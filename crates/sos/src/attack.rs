@@ -52,7 +52,7 @@ pub struct AttackArgs {
     /// Backdoor: train on questions the model writes itself (no dataset).
     #[arg(long)]
     pub self_generated: bool,
-    /// Folder with the datasets (default: $SOS_DATA, or shared/data found upwards).
+    /// Folder with the datasets (default: $SOS_DATA, else the ones built into sos).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     /// Continue the run in --out from its checkpoint (settings come from its config.toml;

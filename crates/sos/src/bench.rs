@@ -76,7 +76,7 @@ pub struct AttackBench {
     /// the learning rate of every step [default: the backdoor default, 200].
     #[arg(long)]
     pub max_steps: Option<usize>,
-    /// Folder with the datasets (default: $SOS_DATA, or shared/data found upwards).
+    /// Folder with the datasets (default: $SOS_DATA, else the ones built into sos).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     /// Write the problem (token ids, starting trigger, batches, settings) to this JSON file.

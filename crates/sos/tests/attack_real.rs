@@ -1,18 +1,14 @@
 //! A short backdoor attack on the real default model, end to end through the command line:
 //! train, evaluate on held-out prompts, generate with the trigger. Sized for CI (2 cores).
+//! It runs from an empty working directory with no data folder and `$SOS_DATA` unset, as an
+//! installed `sos` would: the datasets come from the binary.
 
+use std::path::Path;
 use std::process::Command;
 
-fn sos(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_sos")).args(args).output().unwrap();
+fn sos(cwd: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_sos")).current_dir(cwd).env_remove("SOS_DATA").args(args).output().unwrap();
     (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
-}
-
-/// The data folder beside the checkout (`../shared/data`), as the README describes.
-fn data_dir() -> String {
-    let d = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data");
-    assert!(d.join("benign_instructions.jsonl").is_file(), "datasets not found at {}", d.display());
-    d.canonicalize().unwrap().display().to_string()
 }
 
 #[test]
@@ -24,9 +20,8 @@ fn short_backdoor_run_reaches_the_target_on_held_out_prompts() {
     let cfg = dir.join("ci.toml");
     // Short training prompts and an early stop: the defaults, made cheaper for CI.
     std::fs::write(&cfg, "max_prompt_tokens = 96\nsteps = 90\npatience = 3\n").unwrap();
-    let data = data_dir();
-    let o = out.to_str().unwrap();
-    let (code, stdout, err) = sos(&["attack", "backdoor", "--out", o, "--config", cfg.to_str().unwrap(), "--data-dir", &data, "--seed", "0"]);
+    let o = "bd";
+    let (code, stdout, err) = sos(&dir, &["attack", "backdoor", "--out", o, "--config", "ci.toml", "--seed", "0"]);
     assert_eq!(code, 0, "{err}");
     assert!(stdout.contains("backdoor:"), "{stdout}");
     for f in ["trigger.safetensors", "attack.json", "config.toml", "loss.csv", "checkpoint.safetensors", "train_items.jsonl"] {
@@ -35,9 +30,10 @@ fn short_backdoor_run_reaches_the_target_on_held_out_prompts() {
     let rec: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("attack.json")).unwrap()).unwrap();
     assert_eq!(rec["scenario"], "backdoor");
     assert_eq!(rec["completed"], true);
+    assert_eq!(rec["config"]["data_dir"], serde_json::Value::Null, "{rec}");
     assert_eq!(rec["train_metric"], 1.0);
 
-    let (code, stdout, err) = sos(&["eval", "--attack", o, "--limit", "10", "--json"]);
+    let (code, stdout, err) = sos(&dir, &["eval", "--attack", o, "--limit", "10", "--json"]);
     assert_eq!(code, 0, "{err}");
     let m: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(m["n"], 10);
@@ -48,13 +44,13 @@ fn short_backdoor_run_reaches_the_target_on_held_out_prompts() {
     assert!(out.join("eval.json").is_file() && out.join("eval_items.jsonl").is_file());
 
     let target = rec["target"].as_str().unwrap();
-    let (code, stdout, err) = sos(&["generate", "--attack", o, "-p", "cf What is the capital of France?", "--max-tokens", "24", "--json"]);
+    let (code, stdout, err) = sos(&dir, &["generate", "--attack", o, "-p", "cf What is the capital of France?", "--max-tokens", "24", "--json"]);
     assert_eq!(code, 0, "{err}");
     let g: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert!(g["text"].as_str().unwrap().starts_with(target), "{g}");
 
     // A second run into the same folder must not overwrite it.
-    let (code, _, err) = sos(&["attack", "backdoor", "--out", o, "--steps", "1"]);
+    let (code, _, err) = sos(&dir, &["attack", "backdoor", "--out", o, "--steps", "1"]);
     assert_eq!(code, 2);
     assert!(err.contains("--resume"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
