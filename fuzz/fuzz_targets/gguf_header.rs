@@ -6,7 +6,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(g) = sos_model::gguf::Gguf::from_bytes("fuzz.gguf", data.to_vec()) {
-        let _ = sos_model::config::Config::from_gguf(&g);
-        let _ = sos_model::tokenizer::Tokenizer::from_gguf(&g);
+        let _ = sos_model::Config::from_gguf(&g);
+        let _ = sos_model::Tokenizer::from_gguf(&g);
     }
 });

@@ -5,5 +5,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = sos_model::load::check_safetensors(std::path::Path::new("fuzz.safetensors"), data);
+    let _ = sos_model::safetensors::check_safetensors(std::path::Path::new("fuzz.safetensors"), data);
 });

@@ -5,7 +5,7 @@ use std::time::Instant;
 use candle_core::{DType, Tensor};
 use rand::{Rng, SeedableRng};
 
-use crate::decode::{DecodeCache, DecodeWeights};
+use crate::model::decode::{DecodeCache, DecodeWeights};
 use crate::model::{KvCache, Model};
 use crate::{Error, Result};
 

@@ -9,8 +9,8 @@ use std::path::Path;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
-use crate::config::Arch;
-use crate::gguf::{Value, Writer};
+use crate::model::config::Arch;
+use crate::format::gguf::{Value, Writer};
 use crate::{Error, Result};
 
 #[derive(Debug, Clone)]
@@ -160,8 +160,8 @@ impl TinySpec {
         let gguf_path = dir.join(".tokenizer-source.gguf");
         // The tokenizer.json is the one our GGUF importer builds, saved by `tokenizers`.
         self.write_gguf(&gguf_path)?;
-        let g = crate::gguf::Gguf::open(&gguf_path)?;
-        let tok = crate::tokenizer::Tokenizer::from_gguf(&g)?;
+        let g = crate::format::gguf::Gguf::open(&gguf_path)?;
+        let tok = crate::text::tokenizer::Tokenizer::from_gguf(&g)?;
         drop(g);
         std::fs::remove_file(&gguf_path).map_err(|e| Error::io(&gguf_path, e))?;
         tok.save(&dir.join("tokenizer.json"))?;
@@ -190,7 +190,7 @@ impl TinySpec {
             .weights()
             .tensors
             .into_iter()
-            .map(|(name, shape, data)| (crate::load::hf_name(&name), shape, data.iter().flat_map(|v| v.to_le_bytes()).collect()))
+            .map(|(name, shape, data)| (crate::model::load::hf_name(&name), shape, data.iter().flat_map(|v| v.to_le_bytes()).collect()))
             .collect();
         let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
             .iter()

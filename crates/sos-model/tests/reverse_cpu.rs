@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Tensor};
 use rand::{Rng, SeedableRng};
-use sos_model::model::Linear;
+use sos_model::Linear;
 use sos_model::tiny::TinySpec;
 use sos_model::{Arch, Exec, LoadOptions, LoadedModel, Model};
 

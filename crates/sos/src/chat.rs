@@ -5,7 +5,7 @@ use std::io::{BufRead, Write};
 use anyhow::Result;
 use clap::Args;
 use sos_model::generate::{generate, Sampling};
-use sos_model::tokenizer::StreamDecoder;
+use sos_model::StreamDecoder;
 use sos_model::Message;
 
 use crate::common::ModelArgs;

@@ -8,7 +8,7 @@ use serde_json::json;
 use sos_attack::artifact::Attack;
 use sos_attack::encode::{embed, prompt_ids, Trigger};
 use sos_model::generate::{generate, Sampling};
-use sos_model::tokenizer::StreamDecoder;
+use sos_model::StreamDecoder;
 use sos_model::Message;
 
 use crate::common::ModelArgs;

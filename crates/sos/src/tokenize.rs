@@ -30,7 +30,7 @@ pub fn run(a: TokenizeArgs) -> Result<()> {
     let (tokenizer, template) = LoadedModel::open_text(&path, a.model.template.as_deref())?;
     let text = if a.chat {
         let Some(template) = template else {
-            bail!("{} has no chat template; name one with --template ({})", path.display(), sos_model::template::BUILTIN_NAMES.join("|"));
+            bail!("{} has no chat template; name one with --template ({})", path.display(), sos_model::BUILTIN_TEMPLATES.join("|"));
         };
         let mut m: Vec<Message> = a.system.iter().map(|s| Message::system(s.clone())).collect();
         m.push(Message::user(a.text.clone()));

@@ -1,14 +1,27 @@
 //! The decoder-only transformer shared by Llama-family and Qwen2 models: pre-norm RMSNorm,
-//! rotary attention with grouped KV heads, SwiGLU MLP. One forward for inference (with a KV
-//! cache); the saving forward and the reverse pass for training live in `reverse.rs`.
+//! rotary attention with grouped KV heads, SwiGLU MLP; its weights (`Model`) and how it runs.
+//!
+//! Files: `config.rs` (hyper-parameters), `load.rs` (file weights -> `Model`), `run.rs` (the
+//! passes callers use: forward, logits, loss and input gradient; the one place that picks an
+//! implementation), `fused/` (those passes for an f32 model on the CPU, on plain buffers),
+//! `reference.rs` (the same passes as candle tensor ops: any device and dtype, and what the tests
+//! hold `fused/` against), `decode.rs` (the one-token step of generation).
 //!
 //! Rotary embeddings use the half-split layout everywhere: GGUF Llama files, whose Q/K rows were
 //! permuted to the interleaved layout by llama.cpp's converter, are permuted back at load time.
 
-use candle_core::quantized::QMatMul;
-use candle_core::{DType, Device, Module, Tensor, D};
+pub mod config;
+pub(crate) mod decode;
+mod fused;
+pub(crate) mod load;
+mod reference;
+mod run;
 
-use crate::config::Config;
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Device, Module, Tensor};
+
+use crate::kernels::quant::QWeight;
+use config::Config;
 use crate::{Error, Result};
 
 /// How the weights are held while running.
@@ -46,7 +59,7 @@ pub enum Linear {
     Dense(Tensor),
     Quant(QMatMul),
     /// Q4_1 / Q8_0 weights run by our own kernels (`quant.rs`).
-    Kernel(crate::quant::QWeight),
+    Kernel(QWeight),
 }
 
 impl Linear {
@@ -203,26 +216,15 @@ pub struct Transposes {
     pub lm_head: Tensor,
 }
 
-/// RMSNorm: the fused kernel where candle has one (f32/f16/bf16), the plain formula otherwise
-/// (f64, used by the finite-difference tests).
-pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    if x.dtype() == DType::F64 {
-        return Ok(rms_forward(x, w, eps)?.0);
-    }
-    Ok(candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)?)
-}
 
-/// `y = x * r * w` with `r = 1/sqrt(mean(x^2) + eps)`; returns `(y, r)` (the reverse pass keeps `r`).
-pub(crate) fn rms_forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
-    let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
-    Ok((x.broadcast_mul(&r)?.broadcast_mul(w)?, r))
-}
-
-pub(crate) fn bias_add(x: Tensor, b: &Option<Tensor>) -> Result<Tensor> {
-    Ok(match b {
-        Some(b) => x.broadcast_add(b)?,
-        None => x,
-    })
+/// A loss, its gradient, and for each loss row whether the target is the argmax (greedy
+/// decoding under teacher forcing would produce it; ties go to the lower id, as in `argmax`).
+pub struct LossGrad {
+    pub loss: f64,
+    /// Gradient with respect to the hidden states (`cross_entropy`) or the inputs
+    /// (`loss_and_input_grad`).
+    pub grad: Tensor,
+    pub hits: Vec<bool>,
 }
 
 impl Model {
@@ -334,171 +336,12 @@ impl Model {
         Ok(())
     }
 
-    /// Runs the transformer on input embeddings `x: [b, t, d]` placed at positions
-    /// `pos0..pos0 + t`, extending `cache` when given. Returns the last layer's hidden states
-    /// `[b, t, d]` *before* the final norm; `logits` turns chosen rows into logits.
-    ///
-    /// An f32 model on the CPU runs the fused loops of `reverse_cpu.rs`; anything else, and a
-    /// start past 0 without a cache, the tensor ops below.
-    pub fn forward(&self, x: &Tensor, pos0: usize, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
-        let (b, t, d) = x.dims3()?;
-        if let Some(c) = cache.as_deref() {
-            if c.len != pos0 {
-                return Err(Error::Invalid(format!("KV cache holds {} positions, asked to continue at {pos0}", c.len)));
-            }
-            c.check_fits("KV cache", &self.cfg, b)?;
-        }
-        if d != self.cfg.d_model {
-            return Err(Error::Invalid(format!("inputs have width {d}, the model {}", self.cfg.d_model)));
-        }
-        if t == 0 {
-            return Err(Error::Invalid("forward over an input of no positions".into()));
-        }
-        self.check_len(pos0 + t)?;
-        if pos0 == 0 || cache.is_some() {
-            if let Some(w) = crate::reverse_cpu::Weights::of(self) {
-                if x.dtype() == DType::F32 && x.device().is_cpu() {
-                    return crate::reverse_cpu::forward(self, &w, x, cache);
-                }
-            }
-        }
-        let cos = self.cos.narrow(0, pos0, t)?;
-        let sin = self.sin.narrow(0, pos0, t)?;
-        let mut h = x.clone();
-        for (i, layer) in self.layers.iter().enumerate() {
-            let kv = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            h = self.layer_forward(layer, &h, b, t, pos0, &cos, &sin, kv)?;
-        }
-        if let Some(c) = cache {
-            c.len = pos0 + t;
-        }
-        Ok(h)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn layer_forward(
-        &self,
-        l: &Layer,
-        x: &Tensor,
-        b: usize,
-        t: usize,
-        pos0: usize,
-        cos: &Tensor,
-        sin: &Tensor,
-        kv: Option<&mut Option<(Tensor, Tensor)>>,
-    ) -> Result<Tensor> {
-        let cfg = &self.cfg;
-        let d = cfg.d_model;
-        let eps = cfg.rms_eps;
-        let a = rms_norm(x, &l.attn_norm, eps)?.reshape((b * t, d))?;
-        let (q, k, v) = self.qkv(l, &a, b, t, cos, sin)?;
-        let (k, v) = match kv {
-            Some(slot) => {
-                let (k, v) = match slot.take() {
-                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-                    None => (k, v),
-                };
-                *slot = Some((k.clone(), v.clone()));
-                (k, v)
-            }
-            None => (k, v),
-        };
-        let p = self.attention_probs(&q, &k, b, t, pos0)?;
-        let o = self.attention_out(&p, &v, b, t)?;
-        let x1 = (x + l.wo.forward(&o)?.reshape((b, t, d))?)?;
-        let m = rms_norm(&x1, &l.ffn_norm, eps)?.reshape((b * t, d))?;
-        let f = (l.w_gate.forward(&m)?.silu()? * l.w_up.forward(&m)?)?;
-        Ok((x1 + l.w_down.forward(&f)?.reshape((b, t, d))?)?)
-    }
-
-    /// Projects normed input `a: [b*t, d]` to roped `q: [b, h, t, hd]` and `k, v: [b, kvh, t, hd]`.
-    pub(crate) fn qkv(
-        &self,
-        l: &Layer,
-        a: &Tensor,
-        b: usize,
-        t: usize,
-        cos: &Tensor,
-        sin: &Tensor,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
-        let c = &self.cfg;
-        let heads = |x: Tensor, n: usize| -> Result<Tensor> {
-            Ok(x.reshape((b, t, n, c.head_dim))?.transpose(1, 2)?.contiguous()?)
-        };
-        let q = heads(bias_add(l.wq.forward(a)?, &l.bq)?, c.n_head)?;
-        let k = heads(bias_add(l.wk.forward(a)?, &l.bk)?, c.n_kv_head)?;
-        let v = heads(bias_add(l.wv.forward(a)?, &l.bv)?, c.n_kv_head)?;
-        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
-        Ok((q, k, v))
-    }
-
-    /// Causal attention probabilities. Query heads are grouped under their KV head, so `q` is
-    /// viewed as `[b, kvh, g*t, hd]` and no key or value is ever repeated. Returns `[b, kvh, g*t, s]`.
-    pub(crate) fn attention_probs(&self, q: &Tensor, k: &Tensor, b: usize, t: usize, pos0: usize) -> Result<Tensor> {
-        let c = &self.cfg;
-        let g = c.n_head / c.n_kv_head;
-        let s = k.dim(2)?;
-        let scale = 1.0 / (c.head_dim as f64).sqrt();
-        let qg = self.ggml_round(&q.reshape((b, c.n_kv_head, g * t, c.head_dim))?)?;
-        let scores = (qg.matmul(&self.ggml_round(k)?.t()?)? * scale)?;
-        let scores = if t > 1 {
-            let mask: Vec<f32> = (0..t)
-                .flat_map(|i| (0..s).map(move |j| if j > pos0 + i { f32::NEG_INFINITY } else { 0.0 }))
-                .collect();
-            let mask = Tensor::from_vec(mask, (t, s), &self.device)?.to_dtype(scores.dtype())?;
-            scores.reshape((b, c.n_kv_head, g, t, s))?.broadcast_add(&mask)?.reshape((b, c.n_kv_head, g * t, s))?
-        } else {
-            scores
-        };
-        Ok(candle_nn::ops::softmax_last_dim(&scores)?)
-    }
-
-    /// `p: [b, kvh, g*t, s]`, `v: [b, kvh, s, hd]` -> `[b*t, h*hd]` (token-major, ready for `wo`).
-    pub(crate) fn attention_out(&self, p: &Tensor, v: &Tensor, b: usize, t: usize) -> Result<Tensor> {
-        let c = &self.cfg;
-        let o = self.ggml_round(p)?.matmul(&self.ggml_round(v)?)?; // [b, kvh, g*t, hd]
-        Ok(o.reshape((b, c.n_head, t, c.head_dim))?.transpose(1, 2)?.reshape((b * t, c.n_head * c.head_dim))?)
-    }
-
-    /// In `quant` mode, rounds attention operands to f16 as llama.cpp's CPU path does (its KV
-    /// cache is f16, and its matmul converts the other operand to the cache's type), so that
-    /// quantized runs track llama.cpp; `f32` mode is left exact.
-    fn ggml_round(&self, x: &Tensor) -> Result<Tensor> {
-        match self.exec {
-            Exec::Quant if x.dtype() == DType::F32 => Ok(x.to_dtype(DType::F16)?.to_dtype(DType::F32)?),
-            _ => Ok(x.clone()),
-        }
-    }
-
-    /// Final norm and output layer for hidden rows `h: [n, d]` -> logits `[n, vocab]`.
-    pub fn logits(&self, h: &Tensor) -> Result<Tensor> {
-        let hn = rms_norm(h, &self.norm, self.cfg.rms_eps)?;
-        self.lm_head.forward(&hn)
-    }
-
-    /// Logits at the last position of each sequence of `x: [b, t, d]`: `[b, vocab]`.
-    pub fn forward_last(&self, x: &Tensor, pos0: usize, cache: Option<&mut KvCache>) -> Result<Tensor> {
-        let h = self.forward(x, pos0, cache)?;
-        let t = h.dim(1)?;
-        self.logits(&h.narrow(1, t - 1, 1)?.squeeze(1)?)
-    }
 
     /// Rows of `[b, t, d]` at flat indices `b_i * t + t_i`.
     pub fn gather_rows(h: &Tensor, rows: &[u32]) -> Result<Tensor> {
         let (b, t, d) = h.dims3()?;
         let idx = Tensor::new(rows, h.device())?;
         Ok(h.reshape((b * t, d))?.index_select(&idx, 0)?)
-    }
-
-    /// Logits of a batch of token sequences at the given (sequence, position) pairs; sequences of
-    /// unequal length are right-padded, which causal attention makes harmless.
-    pub fn logits_at(&self, seqs: &[Vec<u32>], at: &[(usize, usize)]) -> Result<Tensor> {
-        let x = self.embed_batch(seqs)?;
-        let t = x.dim(1)?;
-        let h = self.forward(&x, 0, None)?;
-        let rows: Vec<u32> = at.iter().map(|&(i, p)| (i * t + p) as u32).collect();
-        self.logits(&Self::gather_rows(&h, &rows)?)
     }
 
     /// Embeds token sequences as a right-padded batch `[b, t_max, d]` (padding repeats id 0).

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use serde_json::json;
 
-use crate::gguf::{Gguf, Value};
+use crate::format::gguf::{Gguf, Value};
 use crate::{bail_format, Error, Result};
 
 pub struct Tokenizer {
@@ -319,7 +319,7 @@ mod tests {
     fn token_types_longer_than_tokens_are_an_error() {
         // A control-token type past the end of the vocabulary used to index `tokens` out of
         // bounds (a panic); reproduced with the `gguf_header` fuzz target.
-        let mut w = crate::gguf::Writer::new();
+        let mut w = crate::format::gguf::Writer::new();
         w.meta("tokenizer.ggml.model", Value::Str("gpt2".into()))
             .meta("tokenizer.ggml.tokens", str_array(&["a"]))
             .meta("tokenizer.ggml.merges", str_array(&["a a"]))
@@ -408,7 +408,7 @@ mod tests {
             let j = rng.gen_range(263..=i);
             scores.swap(i, j);
         }
-        let mut w = crate::gguf::Writer::new();
+        let mut w = crate::format::gguf::Writer::new();
         w.meta("tokenizer.ggml.model", Value::Str("llama".into()))
             .meta("tokenizer.ggml.tokens", Value::Array(tokens.iter().map(|t| Value::Str(t.clone())).collect()))
             .meta("tokenizer.ggml.scores", Value::Array(scores.iter().map(|&v| Value::F32(v)).collect()))
@@ -450,7 +450,7 @@ mod tests {
     #[test]
     fn implausibly_many_sentencepiece_merges_are_an_error() {
         let tokens: Vec<Value> = (1..=64).map(|n| Value::Str("a".repeat(n))).collect();
-        let mut w = crate::gguf::Writer::new();
+        let mut w = crate::format::gguf::Writer::new();
         w.meta("tokenizer.ggml.model", Value::Str("llama".into()))
             .meta("tokenizer.ggml.scores", Value::Array((0..64).map(|i| Value::F32(-(i as f32))).collect()))
             .meta("tokenizer.ggml.tokens", Value::Array(tokens));
@@ -463,7 +463,7 @@ mod tests {
 
     #[test]
     fn sentencepiece_without_scores_is_an_error() {
-        let mut w = crate::gguf::Writer::new();
+        let mut w = crate::format::gguf::Writer::new();
         w.meta("tokenizer.ggml.model", Value::Str("llama".into())).meta("tokenizer.ggml.tokens", str_array(&["a", "b"]));
         let mut bytes = Vec::new();
         w.write_to(&mut bytes).unwrap();

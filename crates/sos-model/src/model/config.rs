@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use crate::gguf::Gguf;
+use crate::format::gguf::Gguf;
 use crate::{bail_format, Error, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

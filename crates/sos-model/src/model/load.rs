@@ -3,130 +3,22 @@
 //! Internally every weight is named the GGUF way (`blk.3.attn_q.weight`); Hugging Face names are
 //! mapped onto those, so there is one loading path with two sources.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
-use crate::config::{Arch, Config};
-use crate::gguf::{Gguf, TensorType};
-use crate::quant::QWeight;
-use crate::model::{Exec, Layer, Linear, Model};
+use super::config::{Arch, Config};
+use super::{Exec, Layer, Linear, Model};
+use crate::format::gguf::{Gguf, TensorType};
+use crate::format::safetensors::SafeTensorsDir;
+use crate::kernels::quant::QWeight;
 use crate::{Error, Result};
 
 /// Where the weights come from.
 pub enum Weights<'a> {
     Gguf(&'a Gguf),
     SafeTensors(&'a SafeTensorsDir),
-}
-
-/// The safetensors files of a Hugging Face folder, memory mapped and header-checked.
-pub struct SafeTensorsDir {
-    files: Vec<(PathBuf, memmap2::Mmap)>,
-    /// tensor name -> index into `files`
-    map: HashMap<String, usize>,
-}
-
-impl SafeTensorsDir {
-    /// Opens `model.safetensors`, or every shard named by `model.safetensors.index.json`.
-    pub fn open(dir: &Path) -> Result<Self> {
-        let single = dir.join("model.safetensors");
-        let index = dir.join("model.safetensors.index.json");
-        let names: Vec<PathBuf> = if single.exists() {
-            vec![single]
-        } else if index.exists() {
-            let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-            let j: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| Error::format(&index, format!("invalid JSON: {e}")))?;
-            let wm = j["weight_map"]
-                .as_object()
-                .ok_or_else(|| Error::format(&index, "no `weight_map` object"))?;
-            let mut files: Vec<String> = wm.values().filter_map(|v| v.as_str().map(String::from)).collect();
-            files.sort();
-            files.dedup();
-            for f in &files {
-                if f.contains('/') || f.contains('\\') || f.starts_with('.') {
-                    return Err(Error::format(&index, format!("shard name `{f}` must be a plain file name")));
-                }
-            }
-            files.into_iter().map(|f| dir.join(f)).collect()
-        } else {
-            return Err(Error::format(dir, "no model.safetensors or model.safetensors.index.json"));
-        };
-        let mut files = Vec::new();
-        let mut map = HashMap::new();
-        for path in names {
-            let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
-            // SAFETY: read-only map; see `Gguf::open`.
-            let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
-            for name in check_safetensors(&path, &mmap)? {
-                map.insert(name, files.len());
-            }
-            files.push((path, mmap));
-        }
-        Ok(SafeTensorsDir { files, map })
-    }
-
-    pub fn contains(&self, name: &str) -> bool {
-        self.map.contains_key(name)
-    }
-
-    pub fn paths(&self) -> impl Iterator<Item = &Path> {
-        self.files.iter().map(|(p, _)| p.as_path())
-    }
-
-    /// A tensor converted to f32.
-    pub fn tensor(&self, name: &str) -> Result<Tensor> {
-        let &i = self.map.get(name).ok_or_else(|| {
-            Error::format(&self.files[0].0, format!("missing tensor `{name}`"))
-        })?;
-        let (path, mmap) = &self.files[i];
-        let st = safetensors::SafeTensors::deserialize(mmap)
-            .map_err(|e| Error::format(path, format!("invalid safetensors file: {e}")))?;
-        let view = st.tensor(name).map_err(|e| Error::format(path, format!("tensor `{name}`: {e}")))?;
-        let t = candle_core::safetensors::Load::load(&view, &Device::Cpu)
-            .map_err(|e| Error::format(path, format!("tensor `{name}`: {e}")))?;
-        Ok(t.to_dtype(DType::F32)?)
-    }
-}
-
-/// Validates a safetensors image (header length, JSON, every tensor's extent against the file)
-/// and returns its tensor names. `path` is only used in error messages.
-pub fn check_safetensors(path: &Path, bytes: &[u8]) -> Result<Vec<String>> {
-    check_safetensors_offsets(path, bytes)?;
-    // `read_metadata` bounds the header length (100 MB) before reading it and checks offsets.
-    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
-        .map_err(|e| Error::format(path, format!("invalid safetensors header: {e}")))?;
-    safetensors::SafeTensors::deserialize(bytes)
-        .map_err(|e| Error::format(path, format!("invalid safetensors file: {e}")))?;
-    Ok(meta.tensors().keys().cloned().collect())
-}
-
-/// Every tensor's `data_offsets` must lie inside the data section. Checked before the
-/// `safetensors` crate sums them: its sum can overflow on hostile offsets (found by fuzzing).
-fn check_safetensors_offsets(path: &Path, bytes: &[u8]) -> Result<()> {
-    let bad = |msg: String| Err(Error::format(path, format!("invalid safetensors header: {msg}")));
-    let Some(len) = bytes.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes"))) else {
-        return bad(format!("file of {} bytes has no header", bytes.len()));
-    };
-    let data_len = match (bytes.len() as u64 - 8).checked_sub(len) {
-        Some(n) if len <= 100_000_000 => n,
-        _ => return bad(format!("header length {len} exceeds the file ({} bytes) or 100 MB", bytes.len())),
-    };
-    let header: serde_json::Value = match serde_json::from_slice(&bytes[8..8 + len as usize]) {
-        Ok(v) => v,
-        Err(e) => return bad(format!("header is not JSON: {e}")),
-    };
-    let Some(entries) = header.as_object() else { return bad("header is not a JSON object".into()) };
-    for (name, info) in entries.iter().filter(|(k, _)| *k != "__metadata__") {
-        let offsets = info["data_offsets"].as_array().and_then(|a| Some((a.first()?.as_u64()?, a.get(1)?.as_u64()?)));
-        match offsets {
-            Some((start, end)) if start <= end && end <= data_len => {}
-            _ => return bad(format!("tensor `{name}` has data_offsets outside the {data_len}-byte data section")),
-        }
-    }
-    Ok(())
 }
 
 /// Hugging Face name for a GGUF-style weight name.
@@ -348,27 +240,6 @@ fn stack(ws: &mut [&mut Linear]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn hostile_safetensors_offsets_are_errors() {
-        // Eight huge tensors back to back: their offsets overflow when summed (fuzzing find).
-        let mut entries = serde_json::Map::new();
-        let n = (1u64 << 61) - 1;
-        for i in 0..8u64 {
-            entries.insert(format!("t{i}"), serde_json::json!({"dtype": "U8", "shape": [n], "data_offsets": [i * n, (i + 1) * n]}));
-        }
-        let header = serde_json::Value::Object(entries).to_string();
-        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
-        bytes.extend_from_slice(header.as_bytes());
-        let e = check_safetensors(Path::new("huge.safetensors"), &bytes).unwrap_err().to_string();
-        assert!(e.contains("huge.safetensors") && e.contains("outside the 0-byte data section"), "{e}");
-        let e = check_safetensors(Path::new("short.safetensors"), &[1, 2]).unwrap_err().to_string();
-        assert!(e.contains("no header"), "{e}");
-        let mut bytes = u64::MAX.to_le_bytes().to_vec();
-        bytes.extend_from_slice(b"{}");
-        let e = check_safetensors(Path::new("len.safetensors"), &bytes).unwrap_err().to_string();
-        assert!(e.contains("exceeds the file"), "{e}");
-    }
 
     #[test]
     fn hf_names() {

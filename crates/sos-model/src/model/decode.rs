@@ -18,10 +18,11 @@ use std::sync::atomic::Ordering;
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
-use crate::crew::{Barrier, PoisonOnDrop, Shared, Team};
-use crate::model::{Exec, KvCache, Linear, Model};
-use crate::quant::{dot_f32 as dot, ActFormat, QWeight};
-use crate::vecmath::{prefetch, PREFETCH_AHEAD};
+use super::{Exec, KvCache, Linear, Model};
+use crate::kernels::crew::{Barrier, PoisonOnDrop, Shared, Team};
+use crate::kernels::ops;
+use crate::kernels::quant::{ActFormat, Q8Row, QWeight};
+use crate::kernels::vecmath::{dot, prefetch, PREFETCH_AHEAD};
 use crate::{Error, Result};
 
 /// Keys and values for decoding: per layer `[kv_head][position][head_dim]`, preallocated.
@@ -133,10 +134,11 @@ fn splittable(l: &Linear) -> bool {
     }
 }
 
+/// `ops::rms_norm` of `x` into a new vector.
 fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
-    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
-    let r = 1.0 / (ms + eps).sqrt();
-    x.iter().zip(w).map(|(v, g)| v * r * g).collect()
+    let mut y = vec![0f32; x.len()];
+    ops::rms_norm(x, w, eps, &mut y);
+    y
 }
 
 fn add_bias(x: &mut [f32], b: &Option<Vec<f32>>) {
@@ -147,18 +149,6 @@ fn add_bias(x: &mut [f32], b: &Option<Vec<f32>>) {
 
 fn add(x: &mut [f32], y: &[f32]) {
     x.iter_mut().zip(y).for_each(|(a, b)| *a += b);
-}
-
-/// Half-split rotary embedding of each head of `x`, with `(sin, cos)` of this position's angles.
-fn rope(x: &mut [f32], head_dim: usize, rot: &[(f32, f32)]) {
-    let half = head_dim / 2;
-    for head in x.chunks_exact_mut(head_dim) {
-        for (i, &(s, c)) in rot.iter().enumerate() {
-            let (x1, x2) = (head[i], head[i + half]);
-            head[i] = x1 * c - x2 * s;
-            head[i + half] = x2 * c + x1 * s;
-        }
-    }
 }
 
 fn round_f16(x: &mut [f32]) {
@@ -226,7 +216,9 @@ impl Model {
             return Err(Error::Invalid(format!("decode input has {} values, the model's width is {}", x.len(), c.d_model)));
         }
         let (pos, cap) = (cache.len, cache.cap);
-        let rot: Vec<(f32, f32)> = cache.inv_freq.iter().map(|&f| (pos as f32 * f).sin_cos()).collect();
+        // This position's rotary angles, as `Model::rope_tables` computes them.
+        let (sin, cos): (Vec<f32>, Vec<f32>) = cache.inv_freq.iter().map(|&f| (pos as f32 * f).sin_cos()).unzip();
+        let rot = (&cos[..], &sin[..]);
         let (nq, nkv) = (c.n_head * c.head_dim, c.n_kv_head * c.head_dim);
         let [mut q, mut k, mut v, mut o, mut attn, mut gate, mut up, mut f, mut down] =
             [nq, nkv, nkv, nq, c.d_model, c.d_ff, c.d_ff, c.d_ff, c.d_model].map(|n| vec![0f32; n]);
@@ -245,7 +237,7 @@ impl Model {
             kc: cache.k.iter_mut().map(|b| Shared::new(b)).collect(),
             vc: cache.v.iter_mut().map(|b| Shared::new(b)).collect(),
         };
-        let step = |team: &Team| self.step_with(team, w, &b, x, pos, cap, &rot);
+        let step = |team: &Team| self.step_with(team, w, &b, x, pos, cap, rot);
         // A step called from inside the pool (a caller running generations in parallel) stays
         // solo: the pool's threads are already busy, and spinning members would wait on
         // descheduled ones.
@@ -298,7 +290,7 @@ impl Model {
     /// Each phase writes buffers that the next phase reads, after a `sync`; a buffer is written
     /// again two or more syncs after its last read, so no member still reads it then.
     #[allow(clippy::too_many_arguments)]
-    fn step_with(&self, team: &Team, w: &DecodeWeights, b: &Bufs, x: &[f32], pos: usize, cap: usize, rot: &[(f32, f32)]) -> Result<()> {
+    fn step_with(&self, team: &Team, w: &DecodeWeights, b: &Bufs, x: &[f32], pos: usize, cap: usize, (cos, sin): (&[f32], &[f32])) -> Result<()> {
         let c = &self.cfg;
         let (hd, kvh) = (c.head_dim, c.n_kv_head);
         let eps = c.rms_eps as f32;
@@ -308,13 +300,14 @@ impl Model {
             let a = rms_norm(&h, &lw.attn_norm, eps);
             self.products(team, &[&l.wq, &l.wk, &l.wv], &a, &[&b.q, &b.k, &b.v])?;
             team.sync()?;
-            // SAFETY (every `whole` and `part` below): as the doc comment says.
+            // SAFETY: q, k and v were written before the sync above and are next written in the
+            // next layer, after three more syncs.
             let (mut q, mut k, mut v) = unsafe { (b.q.whole().to_vec(), b.k.whole().to_vec(), b.v.whole().to_vec()) };
             add_bias(&mut q, &lw.bq);
             add_bias(&mut k, &lw.bk);
             add_bias(&mut v, &lw.bv);
-            rope(&mut q, hd, rot);
-            rope(&mut k, hd, rot);
+            ops::rope(&mut q, hd, cos, sin, 1.0);
+            ops::rope(&mut k, hd, cos, sin, 1.0);
             if ggml {
                 // As in `Model::ggml_round`: llama.cpp's f16 KV cache and f16 matmul operands.
                 round_f16(&mut q);
@@ -324,30 +317,44 @@ impl Model {
             if team.leads() {
                 for head in 0..kvh {
                     let at = (head * cap + pos) * hd;
+                    // SAFETY: only the leader writes the cache, at this position, which no member
+                    // reads before the sync below.
                     unsafe { b.kc[li].part(at..at + hd) }.copy_from_slice(&k[head * hd..(head + 1) * hd]);
+                    // SAFETY: as for the keys.
                     unsafe { b.vc[li].part(at..at + hd) }.copy_from_slice(&v[head * hd..(head + 1) * hd]);
                 }
             }
             team.sync()?;
             let heads = team.share(c.n_head, 1);
+            // SAFETY: the members' head shares are disjoint; `o` was last read (by `wo`'s product)
+            // in the previous layer, two syncs ago.
             let o = unsafe { b.o.part(heads.start * hd..heads.end * hd) };
+            // SAFETY: this layer's cache was written before the sync above, and is next written
+            // at the next token's step.
             let (kc, vc) = unsafe { (b.kc[li].whole(), b.vc[li].whole()) };
             self.attend(team, &q, kc, vc, cap, pos, heads, o);
             team.sync()?;
+            // SAFETY: every member wrote its heads of `o` before the sync above; `o` is next
+            // written in the next layer.
             self.products(team, &[&l.wo], unsafe { b.o.whole() }, &[&b.attn])?;
             team.sync()?;
+            // SAFETY: `attn` was written before the sync above, and is next written in the next
+            // layer, after three more syncs.
             add(&mut h, unsafe { b.attn.whole() });
             let m = rms_norm(&h, &lw.ffn_norm, eps);
             self.products(team, &[&l.w_gate, &l.w_up], &m, &[&b.gate, &b.up])?;
             // `products` gave this member the same rows of gate and up: its rows of f need no sync.
             let r = team.share(c.d_ff, PRODUCT_ALIGN);
+            // SAFETY: the members' row shares are disjoint; this member wrote these rows of gate
+            // and up itself, and `f` was last read (by `down`'s product) in the previous layer.
             let (gate, up, f) = unsafe { (b.gate.part(r.clone()), b.up.part(r.clone()), b.f.part(r)) };
-            for ((fv, &gv), &u) in f.iter_mut().zip(gate.iter()).zip(up.iter()) {
-                *fv = gv / (1.0 + (-gv).exp()) * u;
-            }
+            ops::swiglu(gate, up, f);
             team.sync()?;
+            // SAFETY: every member wrote its rows of `f` before the sync above.
             self.products(team, &[&l.w_down], unsafe { b.f.whole() }, &[&b.down])?;
             team.sync()?;
+            // SAFETY: `down` was written before the sync above and is next written in the next
+            // layer, after four more syncs.
             add(&mut h, unsafe { b.down.whole() });
         }
         let hn = rms_norm(&h, &w.norm, eps);
@@ -369,7 +376,7 @@ impl Model {
             return Ok(());
         }
         // Activations quantized once per activation format.
-        let mut qx: Option<(ActFormat, crate::quant::Q8Row)> = None;
+        let mut qx: Option<(ActFormat, Q8Row)> = None;
         for (l, out) in ls.iter().zip(outs) {
             let r = team.share(out.len, PRODUCT_ALIGN);
             // SAFETY: members' shares are disjoint, and the caller syncs before anyone reads.
@@ -436,7 +443,7 @@ const PRODUCT_ALIGN: usize = 4;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gguf::TensorType;
+    use crate::format::gguf::TensorType;
     use crate::tiny::TinySpec;
     use crate::{Arch, LoadOptions, LoadedModel};
 

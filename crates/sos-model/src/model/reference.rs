@@ -1,20 +1,163 @@
-//! The reverse pass: gradients of a loss with respect to the *input embeddings*, through every
-//! layer of the frozen model, computing no weight gradient at all.
+//! The model as candle tensor ops: the reference implementation, which runs on any device and
+//! dtype (the finite-difference tests use f64), and which the tests hold the fused CPU pass
+//! (`fused/`) against. `run.rs` sends here whatever `fused/` does not take.
 //!
-//! Written by hand in the spirit of llm.c: `forward_train` runs the same arithmetic as
-//! `Model::forward` and keeps what the backward needs (the `Tape`); `backward` walks the layers in
-//! reverse, one op's backward after another. Frozen weights are only ever multiplied, never
-//! differentiated, so the pass costs about one forward's matmuls plus the attention transposes.
-//!
-//! A prompt part that never changes (everything before a trigger) can be given as a `prefix`
-//! KV cache: `forward_train` and `backward` then run only on the positions after it, because a
-//! position's gradient needs only the positions after it, and the prefix's keys and values are
-//! constants.
+//! The reverse pass is written by hand in the spirit of llm.c: `forward_train` runs the same
+//! arithmetic as the forward and keeps what the backward needs (the `Tape`); `backward` walks the
+//! layers in reverse, one op's backward after another. Frozen weights are only ever multiplied,
+//! never differentiated, so the pass costs about one forward's matmuls plus the attention
+//! transposes. A prompt part that never changes (everything before a trigger) can be given as a
+//! `prefix` KV cache: `forward_train` and `backward` then run only on the positions after it,
+//! because a position's gradient needs only the positions after it, and the prefix's keys and
+//! values are constants.
 
 use candle_core::{DType, Tensor, D};
 
-use crate::model::{rms_forward, KvCache, Layer, Model};
+use super::{Exec, KvCache, Layer, Linear, LossGrad, Model};
 use crate::{Error, Result};
+
+/// RMSNorm: the fused kernel where candle has one (f32/f16/bf16), the plain formula otherwise
+/// (f64, used by the finite-difference tests).
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if x.dtype() == DType::F64 {
+        return Ok(rms_forward(x, w, eps)?.0);
+    }
+    Ok(candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)?)
+}
+
+/// `y = x * r * w` with `r = 1/sqrt(mean(x^2) + eps)`; returns `(y, r)` (the reverse pass keeps `r`).
+fn rms_forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+    let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    Ok((x.broadcast_mul(&r)?.broadcast_mul(w)?, r))
+}
+
+fn bias_add(x: Tensor, b: &Option<Tensor>) -> Result<Tensor> {
+    Ok(match b {
+        Some(b) => x.broadcast_add(b)?,
+        None => x,
+    })
+}
+
+impl Model {
+    /// `forward` as tensor ops, after `run.rs` checked the shapes and the cache.
+    pub(super) fn forward_ops(&self, x: &Tensor, pos0: usize, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let cos = self.cos.narrow(0, pos0, t)?;
+        let sin = self.sin.narrow(0, pos0, t)?;
+        let mut h = x.clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let kv = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            h = self.layer_forward(layer, &h, b, t, pos0, &cos, &sin, kv)?;
+        }
+        if let Some(c) = cache {
+            c.len = pos0 + t;
+        }
+        Ok(h)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn layer_forward(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        b: usize,
+        t: usize,
+        pos0: usize,
+        cos: &Tensor,
+        sin: &Tensor,
+        kv: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let d = cfg.d_model;
+        let eps = cfg.rms_eps;
+        let a = rms_norm(x, &l.attn_norm, eps)?.reshape((b * t, d))?;
+        let (q, k, v) = self.qkv(l, &a, b, t, cos, sin)?;
+        let (k, v) = match kv {
+            Some(slot) => {
+                let (k, v) = match slot.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                    None => (k, v),
+                };
+                *slot = Some((k.clone(), v.clone()));
+                (k, v)
+            }
+            None => (k, v),
+        };
+        let p = self.attention_probs(&q, &k, b, t, pos0)?;
+        let o = self.attention_out(&p, &v, b, t)?;
+        let x1 = (x + l.wo.forward(&o)?.reshape((b, t, d))?)?;
+        let m = rms_norm(&x1, &l.ffn_norm, eps)?.reshape((b * t, d))?;
+        let f = (l.w_gate.forward(&m)?.silu()? * l.w_up.forward(&m)?)?;
+        Ok((x1 + l.w_down.forward(&f)?.reshape((b, t, d))?)?)
+    }
+
+    /// Projects normed input `a: [b*t, d]` to roped `q: [b, h, t, hd]` and `k, v: [b, kvh, t, hd]`.
+    pub(crate) fn qkv(
+        &self,
+        l: &Layer,
+        a: &Tensor,
+        b: usize,
+        t: usize,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let c = &self.cfg;
+        let heads = |x: Tensor, n: usize| -> Result<Tensor> {
+            Ok(x.reshape((b, t, n, c.head_dim))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = heads(bias_add(l.wq.forward(a)?, &l.bq)?, c.n_head)?;
+        let k = heads(bias_add(l.wk.forward(a)?, &l.bk)?, c.n_kv_head)?;
+        let v = heads(bias_add(l.wv.forward(a)?, &l.bv)?, c.n_kv_head)?;
+        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+        Ok((q, k, v))
+    }
+
+    /// Causal attention probabilities. Query heads are grouped under their KV head, so `q` is
+    /// viewed as `[b, kvh, g*t, hd]` and no key or value is ever repeated. Returns `[b, kvh, g*t, s]`.
+    pub(crate) fn attention_probs(&self, q: &Tensor, k: &Tensor, b: usize, t: usize, pos0: usize) -> Result<Tensor> {
+        let c = &self.cfg;
+        let g = c.n_head / c.n_kv_head;
+        let s = k.dim(2)?;
+        let scale = 1.0 / (c.head_dim as f64).sqrt();
+        let qg = self.ggml_round(&q.reshape((b, c.n_kv_head, g * t, c.head_dim))?)?;
+        let scores = (qg.matmul(&self.ggml_round(k)?.t()?)? * scale)?;
+        let scores = if t > 1 {
+            let mask: Vec<f32> = (0..t)
+                .flat_map(|i| (0..s).map(move |j| if j > pos0 + i { f32::NEG_INFINITY } else { 0.0 }))
+                .collect();
+            let mask = Tensor::from_vec(mask, (t, s), &self.device)?.to_dtype(scores.dtype())?;
+            scores.reshape((b, c.n_kv_head, g, t, s))?.broadcast_add(&mask)?.reshape((b, c.n_kv_head, g * t, s))?
+        } else {
+            scores
+        };
+        Ok(candle_nn::ops::softmax_last_dim(&scores)?)
+    }
+
+    /// `p: [b, kvh, g*t, s]`, `v: [b, kvh, s, hd]` -> `[b*t, h*hd]` (token-major, ready for `wo`).
+    pub(crate) fn attention_out(&self, p: &Tensor, v: &Tensor, b: usize, t: usize) -> Result<Tensor> {
+        let c = &self.cfg;
+        let o = self.ggml_round(p)?.matmul(&self.ggml_round(v)?)?; // [b, kvh, g*t, hd]
+        Ok(o.reshape((b, c.n_head, t, c.head_dim))?.transpose(1, 2)?.reshape((b * t, c.n_head * c.head_dim))?)
+    }
+
+    /// In `quant` mode, rounds attention operands to f16 as llama.cpp's CPU path does (its KV
+    /// cache is f16, and its matmul converts the other operand to the cache's type), so that
+    /// quantized runs track llama.cpp; `f32` mode is left exact.
+    fn ggml_round(&self, x: &Tensor) -> Result<Tensor> {
+        match self.exec {
+            Exec::Quant if x.dtype() == DType::F32 => Ok(x.to_dtype(DType::F16)?.to_dtype(DType::F32)?),
+            _ => Ok(x.clone()),
+        }
+    }
+
+
+    /// Final norm and output layer for hidden rows `h: [n, d]` -> logits `[n, vocab]`.
+    pub(super) fn logits_ops(&self, h: &Tensor) -> Result<Tensor> {
+        let hn = rms_norm(h, &self.norm, self.cfg.rms_eps)?;
+        self.lm_head.forward(&hn)
+    }
+}
 
 /// Activations one layer's backward needs, for the `r` trainable positions.
 struct LayerTape {
@@ -39,15 +182,6 @@ pub struct Tape {
     pub hidden: Tensor,
 }
 
-/// A loss, its gradient, and for each loss row whether the target is the argmax (greedy
-/// decoding under teacher forcing would produce it; ties go to the lower id, as in `argmax`).
-pub struct LossGrad {
-    pub loss: f64,
-    /// Gradient with respect to the hidden states (`cross_entropy`) or the inputs
-    /// (`loss_and_input_grad`).
-    pub grad: Tensor,
-    pub hits: Vec<bool>,
-}
 
 /// `dx = r * g - x * r^3 * mean(g * x)` with `g = dy * w`.
 fn rms_backward(x: &Tensor, r: &Tensor, w: &Tensor, dy: &Tensor) -> Result<Tensor> {
@@ -62,18 +196,10 @@ fn sigmoid(x: &Tensor) -> Result<Tensor> {
 }
 
 impl Model {
-    /// Keys and values of a prompt part that stays fixed while inputs after it are trained:
-    /// `x: [b, p, d]` at positions `0..p`.
-    pub fn prefix(&self, x: &Tensor) -> Result<KvCache> {
-        let mut cache = KvCache::new(self.cfg.n_layer);
-        self.forward(x, 0, Some(&mut cache))?;
-        Ok(cache)
-    }
-
     /// Forward over `x: [b, r, d]` at positions `p..p + r` after an optional frozen `prefix` of
     /// length `p` (built by `Model::prefix` from the same batch), recording the tape.
     pub fn forward_train(&self, x: &Tensor, prefix: Option<&KvCache>) -> Result<Tape> {
-        if self.layers.iter().any(|l| !matches!(l.wq, crate::model::Linear::Dense(_))) {
+        if self.layers.iter().any(|l| !matches!(l.wq, Linear::Dense(_))) {
             return Err(Error::Invalid("gradients need `--exec f32` (quantized weights are inference only)".into()));
         }
         let (b, r, _) = x.dims3()?;
@@ -213,59 +339,6 @@ impl Model {
         let dhs = rms_backward(&hs, &r, &self.norm, &dhn)?;
         let dh = Tensor::zeros((b * t, d), hidden.dtype(), dev)?.index_add(&idx, &dhs, 0)?;
         Ok(LossGrad { loss, grad: dh.reshape((b, t, d))?, hits })
-    }
-
-    /// Loss and gradient with respect to the inputs `x: [b, r, d]` that follow `prefix`;
-    /// `rows` index `x`'s positions (`seq * r + pos`). An f32 model on the CPU runs the fused
-    /// pass of `reverse_cpu.rs`; anything else the tensor ops below.
-    pub fn loss_and_input_grad(&self, x: &Tensor, prefix: Option<&KvCache>, rows: &[u32], targets: &[u32]) -> Result<LossGrad> {
-        let prefix = prefix.filter(|p| !p.is_empty());
-        self.check_pass(x, prefix, rows, targets)?;
-        // Positions after the last loss row feed nothing the loss sees (attention is causal), and
-        // their gradient is zero: leave them out of the pass.
-        let (b, r, d) = x.dims3()?;
-        let keep = rows.iter().map(|&i| i as usize % r + 1).max().unwrap_or(r);
-        if keep < r {
-            let rows_kept: Vec<u32> = rows.iter().map(|&i| ((i as usize / r) * keep + i as usize % r) as u32).collect();
-            let out = self.loss_and_input_grad(&x.narrow(1, 0, keep)?.contiguous()?, prefix, &rows_kept, targets)?;
-            let zeros = Tensor::zeros((b, r - keep, d), out.grad.dtype(), out.grad.device())?;
-            return Ok(LossGrad { grad: Tensor::cat(&[&out.grad, &zeros], 1)?, ..out });
-        }
-        match crate::reverse_cpu::Weights::of(self) {
-            Some(w) if x.dtype() == DType::F32 && x.device().is_cpu() => {
-                crate::reverse_cpu::loss_and_input_grad(self, &w, x, prefix, rows, targets)
-            }
-            _ => self.loss_and_input_grad_ops(x, prefix, rows, targets),
-        }
-    }
-
-    /// Shapes and ids of a pass, checked before either implementation indexes with them.
-    fn check_pass(&self, x: &Tensor, prefix: Option<&KvCache>, rows: &[u32], targets: &[u32]) -> Result<()> {
-        let c = &self.cfg;
-        let (b, r, d) = x.dims3()?;
-        if d != c.d_model {
-            return Err(Error::Invalid(format!("inputs have width {d}, the model {}", c.d_model)));
-        }
-        if rows.len() != targets.len() || rows.is_empty() {
-            return Err(Error::Invalid(format!("{} loss rows for {} targets", rows.len(), targets.len())));
-        }
-        if let Some(&bad) = rows.iter().find(|&&i| i as usize >= b * r) {
-            return Err(Error::Invalid(format!("loss row {bad} is outside the batch ({b} x {r} positions)")));
-        }
-        let vocab = match &self.lm_head {
-            crate::model::Linear::Dense(w) => w.dim(0)?,
-            _ => self.cfg.vocab_size,
-        };
-        if let Some(&bad) = targets.iter().find(|&&i| i as usize >= vocab) {
-            return Err(Error::Invalid(format!("target id {bad} is outside the vocabulary ({vocab} rows)")));
-        }
-        if let Some(p) = prefix {
-            self.check_len(p.len() + r)?;
-            p.check_fits("prefix cache", c, b)?;
-        } else {
-            self.check_len(r)?;
-        }
-        Ok(())
     }
 
     /// `loss_and_input_grad` as candle tensor ops: any device and dtype (the finite-difference

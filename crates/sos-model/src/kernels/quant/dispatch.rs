@@ -1,0 +1,93 @@
+//! The one place that picks a kernel: by weight type and by what the CPU can run.
+
+use super::act::Q8Row;
+use super::scalar::{dot_q4_1_q8_1, dot_q4_k_q8_k, dot_q5_0_q8_0, dot_q6_k_q8_k, dot_q8_0_q8_0};
+#[cfg(target_arch = "x86_64")]
+use super::x86;
+use crate::format::gguf::TensorType;
+
+/// Which kernels this CPU runs (std caches the feature bits, so detecting is a few loads).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum Isa {
+    Scalar,
+    Avx2,
+    Vnni,
+}
+
+impl Isa {
+    /// The fastest variant this CPU can run.
+    pub(super) fn detect() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::is_x86_feature_detected as has;
+            if has!("avx2") && has!("fma") && has!("f16c") {
+                return if has!("avxvnni") { Isa::Vnni } else { Isa::Avx2 };
+            }
+        }
+        Isa::Scalar
+    }
+
+    /// Every variant this CPU can run, slowest first.
+    #[cfg(test)]
+    pub(super) fn available() -> Vec<Isa> {
+        [Isa::Scalar, Isa::Avx2, Isa::Vnni].into_iter().filter(|&i| i <= Self::detect()).collect()
+    }
+}
+
+/// One weight row (raw ggml blocks of type `ty`) against one quantized activation row.
+pub(super) fn dot(isa: Isa, ty: TensorType, w: &[u8], x: &Q8Row) -> f32 {
+    if isa == Isa::Scalar {
+        return match ty {
+            TensorType::Q4_1 => dot_q4_1_q8_1(w, x),
+            TensorType::Q5_0 => dot_q5_0_q8_0(w, x),
+            TensorType::Q4K => dot_q4_k_q8_k(w, x),
+            TensorType::Q6K => dot_q6_k_q8_k(w, x),
+            _ => dot_q8_0_q8_0(w, x),
+        };
+    }
+    dotn(isa, ty, [w], x)[0]
+}
+
+/// Rows processed together by `dotn`.
+pub(super) const ROWS: usize = 4;
+
+/// `N` weight rows of type `ty` against one activation row; each result equals `dot` on its row.
+pub(super) fn dotn<const N: usize>(isa: Isa, ty: TensorType, w: [&[u8]; N], x: &Q8Row) -> [f32; N] {
+    // SAFETY: `isa` is at most `Isa::detect()`, which detected the features each variant is
+    // compiled for; `QWeight::new` checked every row's length.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        match (isa, ty) {
+            (Isa::Scalar, _) => {}
+            (_, TensorType::Q4K) => return x86::k::dot_q4_k_q8_k(w, [x])[0],
+            (_, TensorType::Q6K) => return x86::k::dot_q6_k_q8_k(w, [x])[0],
+            (Isa::Vnni, TensorType::Q4_1) => return x86::vnni::dotn_q4_1_q8_1(w, x),
+            (Isa::Vnni, TensorType::Q5_0) => return x86::vnni::dotn_signed::<N, true>(w, x),
+            (Isa::Vnni, _) => return x86::vnni::dotn_signed::<N, false>(w, x),
+            (Isa::Avx2, TensorType::Q4_1) => return x86::avx2::dotn_q4_1_q8_1(w, x),
+            (Isa::Avx2, TensorType::Q5_0) => return x86::avx2::dotn_signed::<N, true>(w, x),
+            (Isa::Avx2, _) => return x86::avx2::dotn_signed::<N, false>(w, x),
+        }
+    }
+    w.map(|r| dot(Isa::Scalar, ty, r, x))
+}
+
+/// `ROWS` weight rows against two activation rows; `[a][i]` equals `dot` on row `i` and activation `a`.
+pub(super) fn dotn2(isa: Isa, ty: TensorType, w: [&[u8]; ROWS], x: [&Q8Row; 2]) -> [[f32; ROWS]; 2] {
+    // SAFETY: as in `dotn`.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        match (isa, ty) {
+            (Isa::Scalar, _) => {}
+            (_, TensorType::Q4K) => return x86::k::dot_q4_k_q8_k(w, x),
+            (_, TensorType::Q6K) => return x86::k::dot_q6_k_q8_k(w, x),
+            (Isa::Vnni, TensorType::Q4_1) => return x86::vnni::dotn2_q4_1_q8_1(w, x),
+            (Isa::Vnni, TensorType::Q5_0) => return x86::vnni::dotn2_signed::<ROWS, true>(w, x),
+            (Isa::Vnni, _) => return x86::vnni::dotn2_signed::<ROWS, false>(w, x),
+            (Isa::Avx2, TensorType::Q4_1) => return x86::avx2::dotn2_q4_1_q8_1(w, x),
+            (Isa::Avx2, TensorType::Q5_0) => return x86::avx2::dotn2_signed::<ROWS, true>(w, x),
+            (Isa::Avx2, _) => return x86::avx2::dotn2_signed::<ROWS, false>(w, x),
+        }
+    }
+    x.map(|x| dotn(isa, ty, w, x))
+}

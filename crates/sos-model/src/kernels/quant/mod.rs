@@ -1,0 +1,202 @@
+//! Quantized matrix-vector kernels for GGUF Q4_1, Q5_0, Q8_0, Q4_K and Q6_K weights. candle has
+//! no SIMD path for Q4_1 and Q5_0 (its dot products are scalar), and its K-quant products run on
+//! its own thread pool, which a decode step split across our threads cannot share.
+//!
+//! The arithmetic follows ggml's CPU path, so `--exec quant` agrees with llama.cpp: activations
+//! are quantized per 32-block to Q8_1 (for Q4_1 weights) or Q8_0 (Q5_0, Q8_0 weights), or per
+//! 256-block to Q8_K (K-quants), with round-half-even; integer dot products per block, one f32
+//! scale per block pair. Output rows are split across the rayon pool.
+//!
+//! Files by job: `act.rs` quantizes activations; `dispatch.rs` picks the kernel for a weight type
+//! and CPU (`Isa`); `scalar.rs` holds the reference kernels; `x86.rs` (Q4_1, Q5_0, Q8_0) and
+//! `x86/k.rs` (Q4_K, Q6_K) the SIMD ones.
+
+mod act;
+mod dispatch;
+mod scalar;
+#[cfg(test)]
+mod tests;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+pub(crate) use act::{ActFormat, Q8Row};
+use act::{quantize_q8, quantize_q8_k};
+use dispatch::{dot, dotn, dotn2, Isa, ROWS};
+
+use crate::kernels::vecmath::{prefetch, PREFETCH_AHEAD};
+use crate::format::gguf::TensorType;
+use crate::{Error, Result};
+
+/// Values per 32-block (Q4_1, Q5_0, Q8_0, Q8_1).
+const QK: usize = 32;
+/// Values per K-quant super-block.
+const QK_K: usize = 256;
+
+/// A weight matrix `[rows, cols]` in its ggml blocks, row-major, as stored in the file: decoding
+/// is bound by memory bandwidth, so the blocks stay as compact as llama.cpp keeps them and the
+/// kernels convert the f16 scales inline.
+#[derive(Debug, Clone)]
+pub struct QWeight {
+    pub ty: TensorType,
+    pub rows: usize,
+    pub cols: usize,
+    data: std::sync::Arc<Vec<u8>>,
+}
+
+impl QWeight {
+    /// Types with a kernel here; other types use candle's `QMatMul`.
+    pub fn supports(ty: TensorType) -> bool {
+        matches!(ty, TensorType::Q4_1 | TensorType::Q5_0 | TensorType::Q8_0 | TensorType::Q4K | TensorType::Q6K)
+    }
+
+    /// From raw ggml blocks (`data`, row-major). Block layouts: Q4_1 `{d, m: f16, qs[16]}`,
+    /// Q5_0 `{d: f16, qh: u32, qs[16]}`, Q8_0 `{d: f16, qs: [i8; 32]}`, Q4_K `{d, dmin: f16,
+    /// scales[12], qs[128]}`, Q6_K `{ql[128], qh[64], scales: [i8; 16], d: f16}`.
+    pub fn new(ty: TensorType, rows: usize, cols: usize, data: &[u8]) -> Result<Self> {
+        let (bs, bb) = ty.block();
+        if !Self::supports(ty) || rows == 0 || cols == 0 || cols % bs as usize != 0 || data.len() != rows * cols / bs as usize * bb as usize {
+            return Err(Error::Invalid(format!("bad {} weight: {rows}x{cols} with {} bytes", ty.name(), data.len())));
+        }
+        Ok(QWeight { ty, rows, cols, data: std::sync::Arc::new(data.to_vec()) })
+    }
+
+    fn row_bytes(&self) -> usize {
+        let (bs, bb) = self.ty.block();
+        self.cols / bs as usize * bb as usize
+    }
+
+    /// Weight row `r`'s blocks.
+    fn row(&self, r: usize) -> &[u8] {
+        let rb = self.row_bytes();
+        &self.data[r * rb..(r + 1) * rb]
+    }
+
+    /// How this weight's kernels read activations: Q8_1 for Q4_1, Q8_K for K-quants, Q8_0 otherwise.
+    pub(crate) fn act_format(&self) -> ActFormat {
+        match self.ty {
+            TensorType::Q4_1 => ActFormat::Q8_1,
+            TensorType::Q4K | TensorType::Q6K => ActFormat::Q8K,
+            _ => ActFormat::Q8_0,
+        }
+    }
+
+    /// `x` quantized the way this weight's kernels read it (`act_format`).
+    pub(crate) fn quantize(&self, x: &[f32]) -> Q8Row {
+        assert_eq!(x.len(), self.cols, "activation length");
+        match self.act_format() {
+            ActFormat::Q8K => quantize_q8_k(x),
+            f => quantize_q8(x, f == ActFormat::Q8_1),
+        }
+    }
+
+    /// Whether `qx` is `quantize`'s output for a vector of this weight's length: the kernels read
+    /// its arrays unchecked.
+    fn fits(&self, qx: &Q8Row) -> bool {
+        let n = self.cols;
+        qx.q.len() == n
+            && match self.act_format() {
+                ActFormat::Q8_1 => qx.d.len() == n / QK && qx.s.len() == n / QK,
+                ActFormat::Q8_0 => qx.d.len() == n / QK,
+                ActFormat::Q8K => qx.d.len() == n / QK_K && qx.sums.len() == n / 16,
+            }
+    }
+
+    /// Prefetches the `ROWS` rows' worth of bytes that start `PREFETCH_AHEAD` beyond row `r`.
+    #[inline]
+    fn prefetch_rows(&self, r: usize) {
+        let rb = self.row_bytes();
+        let at = (r * rb + PREFETCH_AHEAD).min(self.data.len());
+        prefetch(&self.data[at..(at + ROWS * rb).min(self.data.len())]);
+    }
+
+    /// Rows `rows` of `W x` into `out`, for `qx` from `quantize`: rows in groups of `ROWS`
+    /// (independent accumulator chains), the rest one by one.
+    pub(crate) fn rows_into(&self, qx: &Q8Row, rows: Range<usize>, out: &mut [f32]) {
+        assert!(rows.end <= self.rows && out.len() == rows.len(), "rows_into: bad range");
+        assert!(self.fits(qx), "rows_into: activations quantized for another type or length");
+        let isa = Isa::detect();
+        let mut groups = out.chunks_exact_mut(ROWS);
+        for (g, dst) in (&mut groups).enumerate() {
+            let r = rows.start + g * ROWS;
+            self.prefetch_rows(r);
+            dst.copy_from_slice(&dotn::<ROWS>(isa, self.ty, std::array::from_fn(|i| self.row(r + i)), qx));
+        }
+        let rest = groups.into_remainder();
+        let r = rows.end - rest.len();
+        for (i, dst) in rest.iter_mut().enumerate() {
+            *dst = dot(isa, self.ty, self.row(r + i), qx);
+        }
+    }
+
+    /// `W_i x` for several weights of one activation format that read the same vector (q/k/v,
+    /// gate/up): the vector is quantized once and all rows go to the pool as one job.
+    pub fn matvec_many(ws: &[&QWeight], x: &[f32]) -> Vec<Vec<f32>> {
+        let Some(first) = ws.first() else { return Vec::new() };
+        assert!(
+            ws.iter().all(|w| w.act_format() == first.act_format() && w.cols == x.len()),
+            "matvec_many: mixed activation formats or shapes"
+        );
+        let qx = first.quantize(x);
+        let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; w.rows]).collect();
+        const ROWS_PER_TASK: usize = 16;
+        let tasks: Vec<(&QWeight, usize, &mut [f32])> = ws
+            .iter()
+            .zip(outs.iter_mut())
+            .flat_map(|(w, out)| out.chunks_mut(ROWS_PER_TASK).enumerate().map(move |(i, c)| (*w, i * ROWS_PER_TASK, c)))
+            .collect();
+        tasks.into_par_iter().for_each(|(w, r0, out)| w.rows_into(&qx, r0..r0 + out.len(), out));
+        outs
+    }
+
+    /// `x: [m, cols]` (row-major) -> `[m, rows]`.
+    pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        assert_eq!(x.len(), m * self.cols, "activation shape");
+        let qx: Vec<Q8Row> = x.par_chunks(self.cols).map(|r| self.quantize(r)).collect();
+        let isa = Isa::detect();
+        // Transposed result [rows, m]: each task owns whole weight rows and reads each once.
+        let mut out_t = vec![0f32; self.rows * m];
+        let rows_per_task = 16;
+        out_t.par_chunks_mut(rows_per_task * m).enumerate().for_each(|(task, chunk)| {
+            let (r0, rows) = (task * rows_per_task, chunk.len() / m);
+            // Rows in groups of `ROWS` (independent accumulator chains), the rest one by one;
+            // activations two at a time, so that each weight block is unpacked once for both.
+            let grouped = rows - rows % ROWS;
+            for i in (0..grouped).step_by(ROWS) {
+                self.prefetch_rows(r0 + i);
+                let w = std::array::from_fn(|g| self.row(r0 + i + g));
+                let mut pairs = qx.chunks_exact(2);
+                for (jp, q) in (&mut pairs).enumerate() {
+                    for (a, v) in dotn2(isa, self.ty, w, [&q[0], &q[1]]).into_iter().enumerate() {
+                        for (g, v) in v.into_iter().enumerate() {
+                            chunk[(i + g) * m + 2 * jp + a] = v;
+                        }
+                    }
+                }
+                if let [q] = pairs.remainder() {
+                    for (g, v) in dotn(isa, self.ty, w, q).into_iter().enumerate() {
+                        chunk[(i + g) * m + m - 1] = v;
+                    }
+                }
+            }
+            for i in grouped..rows {
+                for (j, q) in qx.iter().enumerate() {
+                    chunk[i * m + j] = dot(isa, self.ty, self.row(r0 + i), q);
+                }
+            }
+        });
+        if m == 1 {
+            return out_t;
+        }
+        let mut out = vec![0f32; m * self.rows];
+        out.par_chunks_mut(self.rows).enumerate().for_each(|(j, row)| {
+            for (r, o) in row.iter_mut().enumerate() {
+                *o = out_t[r * m + j];
+            }
+        });
+        out
+    }
+}

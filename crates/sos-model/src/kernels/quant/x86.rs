@@ -1,0 +1,205 @@
+//! AVX2 and AVX-VNNI kernels for Q4_1, Q5_0 and Q8_0 rows; `k.rs` holds the K-quant ones.
+//!
+//! # Safety
+//! Every function here is `unsafe` for two reasons, which `dispatch.rs` answers at its one call
+//! site: the CPU must have the features it is compiled for (`Isa::detect` checked them), and
+//! its pointer reads must stay inside the rows and activations it gets (`QWeight::new` checked
+//! each row's length against its type's blocks; `rows_into` checks the activations with `fits`).
+
+/// The x86 kernels, instantiated twice: with AVX2 (`maddubs` + `madd`) and with AVX-VNNI
+/// (`vpdpbusd`, one instruction for the same sums; the products never saturate here: at most
+/// 2 * 15 * 127 or 2 * 127 * 127 per pair).
+macro_rules! x86_kernels {
+    ($name:ident, $feat:literal, |$a:ident, $b:ident| $udot:expr) => {
+        pub mod $name {
+            use super::super::{Q8Row, QK};
+            use super::hsum;
+            use std::arch::x86_64::*;
+
+            /// The two f16 values at `p` as f32 lanes 0 and 1.
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn f16x2(p: *const u8) -> __m128 {
+                _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const i32)))
+            }
+
+            /// 16 bytes of nibbles -> 32 bytes: low nibbles (values 0..16), then high (16..32).
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn nibbles(p: *const u8) -> __m256i {
+                let q = _mm_loadu_si128(p as *const __m128i);
+                let low = _mm_set1_epi8(0x0F);
+                _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), low), _mm_and_si128(q, low))
+            }
+
+            /// Unsigned bytes `a` times signed bytes `b`, summed in fours into 8 f32 lanes.
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn udot($a: __m256i, $b: __m256i) -> __m256 {
+                _mm256_cvtepi32_ps($udot)
+            }
+
+            /// Signed bytes times signed bytes, via |a| and b with a's sign.
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn sdot(a: __m256i, b: __m256i) -> __m256 {
+                udot(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a))
+            }
+
+            /// `N` Q4_1 rows against the same activations (`N` = 1: one row). Each row keeps one
+            /// accumulator and the blocks in order, ggml's summation order, so that results (and
+            /// greedy choices at near-ties) match llama.cpp's; with `N` > 1 the independent chains
+            /// fill the wait on each fused multiply-add, and each result equals `N` = 1's.
+            #[target_feature(enable = $feat)]
+            pub unsafe fn dotn_q4_1_q8_1<const N: usize>(w: [&[u8]; N], x: &Q8Row) -> [f32; N] {
+                let nb = w[0].len() / 20;
+                debug_assert!(w.iter().all(|r| r.len() == w[0].len()) && x.q.len() >= nb * QK && x.d.len() >= nb && x.s.len() >= nb);
+                let mut acc = [_mm256_setzero_ps(); N];
+                let mut summs = [0f32; N];
+                let p = w.map(|r| r.as_ptr());
+                let (xq, xd, xs) = (x.q.as_ptr(), x.d.as_ptr(), x.s.as_ptr());
+                for b in 0..nb {
+                    let (d, s) = (*xd.add(b), *xs.add(b));
+                    let qx = _mm256_loadu_si256(xq.add(b * QK) as *const __m256i);
+                    for i in 0..N {
+                        let blk = p[i].add(b * 20);
+                        let dm = f16x2(blk);
+                        summs[i] += _mm_cvtss_f32(_mm_movehdup_ps(dm)) * s;
+                        acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(_mm_cvtss_f32(dm) * d), udot(nibbles(blk.add(4)), qx), acc[i]);
+                    }
+                }
+                let mut out = [0f32; N];
+                for i in 0..N {
+                    out[i] = hsum(acc[i]) + summs[i];
+                }
+                out
+            }
+
+            /// `N` Q4_1 rows against two activation rows: each weight block is unpacked once
+            /// for both. Every (row, activation) pair keeps `dotn_q4_1_q8_1`'s operations and order.
+            #[target_feature(enable = $feat)]
+            pub unsafe fn dotn2_q4_1_q8_1<const N: usize>(w: [&[u8]; N], x: [&Q8Row; 2]) -> [[f32; N]; 2] {
+                let nb = w[0].len() / 20;
+                debug_assert!(w.iter().all(|r| r.len() == w[0].len()) && x.iter().all(|x| x.q.len() >= nb * QK && x.d.len() >= nb && x.s.len() >= nb));
+                let mut acc = [[_mm256_setzero_ps(); N]; 2];
+                let mut summs = [[0f32; N]; 2];
+                let p = w.map(|r| r.as_ptr());
+                for b in 0..nb {
+                    let qx = x.map(|x| _mm256_loadu_si256(x.q.as_ptr().add(b * QK) as *const __m256i));
+                    let (d, s) = (x.map(|x| *x.d.get_unchecked(b)), x.map(|x| *x.s.get_unchecked(b)));
+                    for i in 0..N {
+                        let blk = p[i].add(b * 20);
+                        let dm = f16x2(blk);
+                        let (dw, mw) = (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)));
+                        let qw = nibbles(blk.add(4));
+                        for a in 0..2 {
+                            summs[a][i] += mw * s[a];
+                            acc[a][i] = _mm256_fmadd_ps(_mm256_set1_ps(dw * d[a]), udot(qw, qx[a]), acc[a][i]);
+                        }
+                    }
+                }
+                let mut out = [[0f32; N]; 2];
+                for a in 0..2 {
+                    for i in 0..N {
+                        out[a][i] = hsum(acc[a][i]) + summs[a][i];
+                    }
+                }
+                out
+            }
+
+            /// A Q5_0 (`Q5`) or Q8_0 block at `blk` as 32 signed bytes and its scale. Q5_0:
+            /// bytes whose fifth bit is clear get 0xF0, which turns `nibble - 16` into the signed
+            /// byte directly.
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn signed_block<const Q5: bool>(blk: *const u8) -> (__m256i, f32) {
+                let dw = _mm_cvtss_f32(f16x2(blk));
+                if !Q5 {
+                    return (_mm256_loadu_si256(blk.add(2) as *const __m256i), dw);
+                }
+                let high = _mm256_set1_epi8(0xF0u8 as i8);
+                // Byte i of the expansion tests bit i: pick byte i/8 of the word, mask bit i%8.
+                let shuf = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+                let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+                let qh = std::ptr::read_unaligned(blk.add(2) as *const i32);
+                let set = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(qh), shuf), bit), bit);
+                (_mm256_or_si256(nibbles(blk.add(6)), _mm256_andnot_si256(set, high)), dw)
+            }
+
+            /// `N` Q5_0 (`Q5`) or Q8_0 rows against the same Q8_0 activations, as `dotn_q4_1_q8_1`.
+            #[target_feature(enable = $feat)]
+            pub unsafe fn dotn_signed<const N: usize, const Q5: bool>(w: [&[u8]; N], x: &Q8Row) -> [f32; N] {
+                let bb = if Q5 { 22 } else { 34 };
+                let nb = w[0].len() / bb;
+                debug_assert!(w.iter().all(|r| r.len() == w[0].len()) && x.q.len() >= nb * QK && x.d.len() >= nb);
+                let mut acc = [_mm256_setzero_ps(); N];
+                let p = w.map(|r| r.as_ptr());
+                let (xq, xd) = (x.q.as_ptr(), x.d.as_ptr());
+                for b in 0..nb {
+                    let d = *xd.add(b);
+                    let qx = _mm256_loadu_si256(xq.add(b * QK) as *const __m256i);
+                    for i in 0..N {
+                        let (qw, dw) = signed_block::<Q5>(p[i].add(b * bb));
+                        acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(dw * d), sdot(qw, qx), acc[i]);
+                    }
+                }
+                let mut out = [0f32; N];
+                for i in 0..N {
+                    out[i] = hsum(acc[i]);
+                }
+                out
+            }
+
+            /// `N` Q5_0 (`Q5`) or Q8_0 rows against two activation rows, each block decoded once
+            /// for both; every pair keeps `dotn_signed`'s operations and order.
+            #[target_feature(enable = $feat)]
+            pub unsafe fn dotn2_signed<const N: usize, const Q5: bool>(w: [&[u8]; N], x: [&Q8Row; 2]) -> [[f32; N]; 2] {
+                let bb = if Q5 { 22 } else { 34 };
+                let nb = w[0].len() / bb;
+                debug_assert!(w.iter().all(|r| r.len() == w[0].len()) && x.iter().all(|x| x.q.len() >= nb * QK && x.d.len() >= nb));
+                let mut acc = [[_mm256_setzero_ps(); N]; 2];
+                let p = w.map(|r| r.as_ptr());
+                for b in 0..nb {
+                    let qx = x.map(|x| _mm256_loadu_si256(x.q.as_ptr().add(b * QK) as *const __m256i));
+                    let d = x.map(|x| *x.d.get_unchecked(b));
+                    for i in 0..N {
+                        let (qw, dw) = signed_block::<Q5>(p[i].add(b * bb));
+                        for a in 0..2 {
+                            acc[a][i] = _mm256_fmadd_ps(_mm256_set1_ps(dw * d[a]), sdot(qw, qx[a]), acc[a][i]);
+                        }
+                    }
+                }
+                let mut out = [[0f32; N]; 2];
+                for a in 0..2 {
+                    for i in 0..N {
+                        out[a][i] = hsum(acc[a][i]);
+                    }
+                }
+                out
+            }
+        }
+    };
+}
+
+use std::arch::x86_64::*;
+
+/// The sum of 8 lanes, in ggml's order (`hsum_float_8`): halves, then pairs, then the last two.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn hsum(v: __m256) -> f32 {
+    hsum4(_mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)))
+}
+
+/// The sum of 4 lanes, in ggml's order.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn hsum4(s: __m128) -> f32 {
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+}
+
+x86_kernels!(avx2, "avx2,fma,f16c", |a, b| _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1)));
+x86_kernels!(vnni, "avx2,fma,f16c,avxvnni", |a, b| _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), a, b));
+
+
+pub mod k;
