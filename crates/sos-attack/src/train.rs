@@ -95,7 +95,7 @@ pub fn problem<'m>(cfg: &AttackConfig, lm: &'m LoadedModel, items: &[Item]) -> R
     }
     let obj = Objective::new(model, trigger, seqs)?;
     let eval_idx = batch_at(cfg.seed ^ 0xe7a1, usize::MAX, obj.seqs.len(), cfg.eval_items);
-    let table: Vec<f32> = model.embed.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let table: Vec<f32> = model.embed.table_f32()?;
     let median_norm = optim::median_row_norm(&table, d);
     let stealth_norm = cfg.stealth_norm.unwrap_or(median_norm);
     // Start from the embeddings of random vocabulary tokens: in the table's own range.

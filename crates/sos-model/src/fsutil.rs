@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// A suffix no other writer in this or another process is using: temporary names built from
 /// it never collide, even when threads of one process write beside each other.

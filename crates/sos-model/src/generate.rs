@@ -7,7 +7,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::model::decode::{DecodeCache, DecodeWeights};
 use crate::model::{KvCache, Model};
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 #[derive(Debug, Clone)]
 pub struct Sampling {

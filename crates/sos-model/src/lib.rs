@@ -6,6 +6,7 @@
 //! (`kernels`) or candle's tensor ops; `generate` decodes; `Model::loss_and_input_grad` returns
 //! gradients to the inputs. See ARCHITECTURE.md.
 
+mod bytes;
 pub mod cache;
 mod error;
 mod format;
@@ -21,6 +22,6 @@ pub use error::{Error, Result};
 pub use format::{gguf, safetensors};
 pub use loaded::{Format, LoadOptions, LoadedModel};
 pub use model::config::{Arch, Config};
-pub use model::{Exec, KvCache, Layer, Linear, LossGrad, Model};
+pub use model::{Embedding, Exec, KvCache, Layer, Linear, LossGrad, Model};
 pub use text::template::{ChatTemplate, Message, BUILTIN_NAMES as BUILTIN_TEMPLATES};
 pub use text::tokenizer::{StreamDecoder, Tokenizer};

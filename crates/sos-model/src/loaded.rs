@@ -12,7 +12,8 @@ use crate::model::config::Config;
 use crate::model::{load, Exec, Model};
 use crate::text::template::{self, ChatTemplate, Message};
 use crate::text::tokenizer::Tokenizer;
-use crate::{fsutil, Error, Result};
+use crate::error::{Error, Result};
+use crate::fsutil;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]

@@ -10,8 +10,8 @@ use rand::{Rng, SeedableRng};
 use serde_json::json;
 
 use crate::model::config::Arch;
-use crate::format::gguf::{Value, Writer};
-use crate::{Error, Result};
+use crate::format::gguf::{TensorType, Value, Writer};
+use crate::error::{Error, Result};
 
 #[derive(Debug, Clone)]
 pub struct TinySpec {
@@ -27,11 +27,14 @@ pub struct TinySpec {
     pub scale: f32,
     /// Scale of the token embeddings (and of a tied output layer).
     pub embed_scale: f32,
+    /// Write the matrices (token table, projections, output layer) in this GGUF type, quantized
+    /// by candle, where their rows fit its blocks; `None` writes f32.
+    pub quant: Option<TensorType>,
 }
 
 impl Default for TinySpec {
     fn default() -> Self {
-        TinySpec { arch: Arch::Llama, n_layer: 2, d_model: 32, n_head: 4, n_kv_head: 2, d_ff: 64, tied: true, seed: 1, scale: 0.15, embed_scale: 1.0 }
+        TinySpec { arch: Arch::Llama, n_layer: 2, d_model: 32, n_head: 4, n_kv_head: 2, d_ff: 64, tied: true, seed: 1, scale: 0.15, embed_scale: 1.0, quant: None }
     }
 }
 
@@ -149,7 +152,16 @@ impl TinySpec {
                 (Arch::Llama, _, true) => permute_rows(&data, self.n_kv_head, hd),
                 _ => data,
             };
-            w.tensor_f32(&name, &shape, &data);
+            match self.quant.filter(|ty| shape.len() == 2 && shape[1] % ty.block().0 as usize == 0) {
+                Some(ty) => {
+                    let t = candle_core::Tensor::from_vec(data, (shape[0], shape[1]), &candle_core::Device::Cpu)?;
+                    let q = candle_core::quantized::QTensor::quantize(&t, ty.to_candle())?;
+                    w.tensor(&name, &shape, ty, q.data()?.to_vec());
+                }
+                None => {
+                    w.tensor_f32(&name, &shape, &data);
+                }
+            }
         }
         w.write(path)
     }

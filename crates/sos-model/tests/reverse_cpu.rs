@@ -151,7 +151,7 @@ fn bad_pass_arguments_are_errors() {
     let lm = load(&TinySpec::default(), "bad");
     let m = &lm.model;
     let x = m.embed_batch(&[vec![5, 6, 7]]).unwrap();
-    let vocab = m.embed.dim(0).unwrap() as u32;
+    let vocab = m.embed.rows().unwrap() as u32;
     for (rows, targets, want) in [
         (vec![3u32], vec![5u32], "outside the batch"),
         (vec![1], vec![vocab], "outside the vocabulary"),

@@ -195,3 +195,26 @@ fn generation_past_the_context_is_an_error() {
     let too_long = m.embed_ids(&sample_ids(4, sos_model::tiny::MAX_SEQ + 1, 200)).unwrap();
     assert!(generate(m, &too_long, 1, &[], Sampling::default(), |_| Ok(true)).is_err());
 }
+
+/// In `quant` mode a quantized token table stays in its blocks, shared with the file's map, and
+/// the rows it hands out are exactly the f32 mode's (one dequantizer serves both), so generation
+/// is unchanged; a row past the table is an error, not a panic.
+#[test]
+fn quantized_token_table_stays_quantized() {
+    use sos_model::gguf::TensorType;
+    use sos_model::Embedding;
+    for (i, ty) in [TensorType::Q8_0, TensorType::Q4_1, TensorType::Q5_0].into_iter().enumerate() {
+        let spec = TinySpec { quant: Some(ty), tied: i % 2 == 0, seed: 7 + i as u64, ..TinySpec::default() };
+        let name = format!("qtable-{}", ty.name());
+        let (f, q) = (load(&spec, &name, false, Exec::F32), load(&spec, &name, false, Exec::Quant));
+        assert!(matches!(&q.model.embed, Embedding::Quant { ty: t, .. } if *t == ty), "{name}: {:?}", q.model.embed);
+        assert!(matches!(f.model.embed, Embedding::Dense(_)));
+        let vocab = f.model.cfg.vocab_size as u32;
+        let ids = [0, 5, 17, vocab - 1, 5];
+        let rows = |m: &Model| m.embed_ids(&ids).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(rows(&q.model), rows(&f.model), "{name}");
+        assert_eq!(q.model.embed.table_f32().unwrap(), f.model.embed.table_f32().unwrap(), "{name}");
+        let e = q.model.embed_ids(&[vocab]).unwrap_err().to_string();
+        assert!(e.contains("outside the vocabulary"), "{e}");
+    }
+}

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// The safetensors files of a Hugging Face folder, memory mapped and header-checked.
 pub struct SafeTensorsDir {

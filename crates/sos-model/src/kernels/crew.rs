@@ -6,7 +6,7 @@ use std::marker::PhantomData;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// The barrier of one crew. Members spin (a phase lasts microseconds), then yield. A member that
 /// fails poisons it, so that the others return instead of waiting for it forever.

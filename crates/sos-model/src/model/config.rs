@@ -3,7 +3,8 @@
 use std::path::Path;
 
 use crate::format::gguf::Gguf;
-use crate::{bail_format, Error, Result};
+use crate::bail_format;
+use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]

@@ -23,7 +23,7 @@ use crate::kernels::crew::{Barrier, PoisonOnDrop, Shared, Team};
 use crate::kernels::ops;
 use crate::kernels::quant::{ActFormat, Q8Row, QWeight};
 use crate::kernels::vecmath::{dot, prefetch, PREFETCH_AHEAD};
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// Keys and values for decoding: per layer `[kv_head][position][head_dim]`, preallocated.
 pub struct DecodeCache {

@@ -9,11 +9,12 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Tensor};
 
 use super::config::{Arch, Config};
-use super::{Exec, Layer, Linear, Model};
+use super::{Embedding, Exec, Layer, Linear, Model};
+use crate::bytes::SharedBytes;
 use crate::format::gguf::{Gguf, TensorType};
 use crate::format::safetensors::SafeTensorsDir;
 use crate::kernels::quant::QWeight;
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// Where the weights come from.
 pub enum Weights<'a> {
@@ -101,16 +102,16 @@ impl Loader<'_> {
         Ok(())
     }
 
-    /// The tensor's raw bytes (Q/K rows un-permuted) and type, after checking its shape.
-    fn raw<'g>(&self, g: &'g Gguf, name: &str, shape: &[usize]) -> Result<(std::borrow::Cow<'g, [u8]>, TensorType)> {
+    /// The tensor's raw bytes (Q/K rows un-permuted, else shared with the file's map) and
+    /// type, after checking its shape.
+    fn raw(&self, g: &Gguf, name: &str, shape: &[usize]) -> Result<(SharedBytes, TensorType)> {
         let info = g
             .tensor_info(name)
             .ok_or_else(|| Error::format(self.origin, format!("missing tensor `{name}`")))?;
         self.check_shape(name, &info.shape(), shape)?;
-        let bytes = g.tensor_bytes(info);
         let bytes = match self.permutation(name) {
-            Some(order) => std::borrow::Cow::Owned(reorder_rows(bytes, &order)),
-            None => std::borrow::Cow::Borrowed(bytes),
+            Some(order) => SharedBytes::owned(reorder_rows(g.tensor_bytes(info), &order)),
+            None => g.tensor_shared(info),
         };
         Ok((bytes, info.ty))
     }
@@ -125,9 +126,22 @@ impl Loader<'_> {
     fn quant_linear(&self, g: &Gguf, name: &str, out: usize, inp: usize) -> Result<Linear> {
         let (bytes, ty) = self.raw(g, name, &[out, inp])?;
         if QWeight::supports(ty) && self.device.is_cpu() {
-            return Ok(Linear::Kernel(QWeight::new(ty, out, inp, &bytes)?));
+            return Ok(Linear::Kernel(QWeight::shared(ty, out, inp, bytes)?));
         }
         Ok(Linear::Quant(QMatMul::from_qtensor(self.qtensor(g, name, &[out, inp], self.device)?)?))
+    }
+
+    /// The token table: in `quant` mode a quantized GGUF table stays in its blocks (rows are
+    /// dequantized on lookup); otherwise f32 on the target device.
+    fn embedding(&self, rows: usize, cols: usize) -> Result<Embedding> {
+        let name = "token_embd.weight";
+        if let (Exec::Quant, Weights::Gguf(g)) = (self.exec, &self.src) {
+            let (bytes, ty) = self.raw(g, name, &[rows, cols])?;
+            if ty != TensorType::F32 {
+                return Embedding::quant(ty, rows, cols, bytes).map_err(|e| Error::format(self.origin, e.to_string()));
+            }
+        }
+        Ok(Embedding::Dense(self.dense(name, &[rows, cols])?))
     }
 
     /// A float tensor in f32 on the target device.
@@ -187,14 +201,16 @@ pub fn build_model(src: Weights<'_>, cfg: &Config, exec: Exec, device: &Device, 
     let l = Loader { src, cfg, exec, device, origin };
     let (d, hd, ff) = (cfg.d_model, cfg.head_dim, cfg.d_ff);
     let (nq, nkv) = (cfg.n_head * hd, cfg.n_kv_head * hd);
-    let embed = l.dense("token_embd.weight", &[cfg.vocab_size, d])?;
-    let lm_head = match (cfg.tied || !l.has("output.weight"), exec, &l.src) {
-        (true, Exec::F32, _) => Linear::Dense(embed.clone()),
-        (true, Exec::Quant, Weights::Gguf(g)) => l.quant_linear(g, "token_embd.weight", cfg.vocab_size, d)?,
-        (true, Exec::Quant, Weights::SafeTensors(_)) => {
-            Linear::Quant(QMatMul::from_qtensor(QTensor::quantize(&embed, GgmlDType::Q8_0)?)?)
+    let embed = l.embedding(cfg.vocab_size, d)?;
+    let lm_head = match (cfg.tied || !l.has("output.weight"), exec, &l.src, &embed) {
+        (true, Exec::F32, _, Embedding::Dense(e)) => Linear::Dense(e.clone()),
+        (true, Exec::Quant, Weights::Gguf(g), _) => l.quant_linear(g, "token_embd.weight", cfg.vocab_size, d)?,
+        (true, Exec::Quant, Weights::SafeTensors(_), Embedding::Dense(e)) => {
+            Linear::Quant(QMatMul::from_qtensor(QTensor::quantize(e, GgmlDType::Q8_0)?)?)
         }
-        (false, _, _) => l.linear("output.weight", cfg.vocab_size, d)?,
+        (false, _, _, _) => l.linear("output.weight", cfg.vocab_size, d)?,
+        // `embedding` keeps a table quantized only in quant mode from a GGUF file.
+        (true, _, _, Embedding::Quant { .. }) => return Err(Error::Invalid("a quantized token table outside quant mode".into())),
     };
     let mut layers = Vec::with_capacity(cfg.n_layer);
     for i in 0..cfg.n_layer {

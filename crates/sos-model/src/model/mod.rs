@@ -12,6 +12,7 @@
 
 pub mod config;
 pub(crate) mod decode;
+mod embedding;
 mod fused;
 pub(crate) mod load;
 mod reference;
@@ -20,9 +21,11 @@ mod run;
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor};
 
+pub use embedding::Embedding;
+
 use crate::kernels::quant::QWeight;
 use config::Config;
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// How the weights are held while running.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -188,8 +191,8 @@ pub struct Model {
     pub cfg: Config,
     pub exec: Exec,
     pub device: Device,
-    /// `[vocab, d]` in the compute dtype: the attack splices its vectors between these rows.
-    pub embed: Tensor,
+    /// The token table: the attack splices its vectors between these rows.
+    pub embed: Embedding,
     pub layers: Vec<Layer>,
     pub norm: Tensor,
     pub lm_head: Linear,
@@ -278,7 +281,7 @@ impl Model {
             cfg: self.cfg.clone(),
             exec: self.exec,
             device: self.device.clone(),
-            embed: c(&self.embed)?,
+            embed: self.embed.to_dtype(dtype)?,
             layers,
             norm: c(&self.norm)?,
             lm_head: self.lm_head.to_dtype(dtype)?,
@@ -318,12 +321,7 @@ impl Model {
 
     /// Embedding rows for token ids: `[n, d]`.
     pub fn embed_ids(&self, ids: &[u32]) -> Result<Tensor> {
-        let vocab = self.embed.dim(0)?;
-        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
-            return Err(Error::Invalid(format!("token id {bad} is outside the vocabulary ({vocab} rows)")));
-        }
-        let idx = Tensor::new(ids, &self.device)?;
-        Ok(self.embed.index_select(&idx, 0)?)
+        self.embed.lookup(ids, &self.device)
     }
 
     pub(crate) fn check_len(&self, end: usize) -> Result<()> {

@@ -14,7 +14,7 @@
 use candle_core::{DType, Tensor, D};
 
 use super::{Exec, KvCache, Layer, Linear, LossGrad, Model};
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// RMSNorm: the fused kernel where candle has one (f32/f16/bf16), the plain formula otherwise
 /// (f64, used by the finite-difference tests).

@@ -7,7 +7,7 @@ use candle_core::{DType, Tensor};
 
 use super::fused::{self, Weights};
 use super::{KvCache, Linear, LossGrad, Model};
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 impl Model {
     /// The fused CPU pass's view of the weights, when it can run this model on `x`.

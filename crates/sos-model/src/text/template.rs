@@ -4,7 +4,7 @@
 
 use serde::Serialize;
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Message {

@@ -8,7 +8,8 @@ use std::path::Path;
 use serde_json::json;
 
 use crate::format::gguf::{Gguf, Value};
-use crate::{bail_format, Error, Result};
+use crate::bail_format;
+use crate::error::{Error, Result};
 
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,

@@ -1,5 +1,7 @@
 //! Reading what the writer wrote, and refusing hostile headers.
 
+use std::path::PathBuf;
+
 use super::*;
 
 fn tmp(name: &str) -> PathBuf {

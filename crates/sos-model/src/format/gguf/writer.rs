@@ -3,8 +3,9 @@
 use std::io::Write;
 use std::path::Path;
 
-use super::{Gguf, TensorType, Value, DEFAULT_ALIGNMENT, MAGIC};
-use crate::Result;
+use super::reader::Gguf;
+use super::types::{TensorType, Value, DEFAULT_ALIGNMENT, MAGIC};
+use crate::error::Result;
 
 /// Writes a GGUF v3 file. Used to bake distributions and by tests that build tiny models.
 #[derive(Default)]

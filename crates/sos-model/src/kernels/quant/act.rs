@@ -3,7 +3,10 @@
 
 use half::f16;
 
-use super::{QK, QK_K};
+/// Values per 32-block (Q4_1, Q5_0, Q8_0, Q8_1).
+pub(super) const QK: usize = 32;
+/// Values per K-quant super-block.
+pub(super) const QK_K: usize = 256;
 
 /// Activations quantized to 8 bits per 32-block: scale `d`, `s = d * sum(q)` (Q8_1 only), values;
 /// or per 256-block (Q8_K): scale `d`, values, and `sums` of each 16 values.

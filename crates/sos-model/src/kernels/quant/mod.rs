@@ -24,17 +24,13 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 pub(crate) use act::{ActFormat, Q8Row};
-use act::{quantize_q8, quantize_q8_k};
+use act::{quantize_q8, quantize_q8_k, QK, QK_K};
 use dispatch::{dot, dotn, dotn2, Isa, ROWS};
 
-use crate::kernels::vecmath::{prefetch, PREFETCH_AHEAD};
+use crate::bytes::SharedBytes;
+use crate::error::{Error, Result};
 use crate::format::gguf::TensorType;
-use crate::{Error, Result};
-
-/// Values per 32-block (Q4_1, Q5_0, Q8_0, Q8_1).
-const QK: usize = 32;
-/// Values per K-quant super-block.
-const QK_K: usize = 256;
+use crate::kernels::vecmath::{prefetch, PREFETCH_AHEAD};
 
 /// A weight matrix `[rows, cols]` in its ggml blocks, row-major, as stored in the file: decoding
 /// is bound by memory bandwidth, so the blocks stay as compact as llama.cpp keeps them and the
@@ -44,7 +40,8 @@ pub struct QWeight {
     pub ty: TensorType,
     pub rows: usize,
     pub cols: usize,
-    data: std::sync::Arc<Vec<u8>>,
+    /// Shared with the model file's map when loaded from one, so the blocks are never copied.
+    data: SharedBytes,
 }
 
 impl QWeight {
@@ -57,11 +54,16 @@ impl QWeight {
     /// Q5_0 `{d: f16, qh: u32, qs[16]}`, Q8_0 `{d: f16, qs: [i8; 32]}`, Q4_K `{d, dmin: f16,
     /// scales[12], qs[128]}`, Q6_K `{ql[128], qh[64], scales: [i8; 16], d: f16}`.
     pub fn new(ty: TensorType, rows: usize, cols: usize, data: &[u8]) -> Result<Self> {
+        Self::shared(ty, rows, cols, SharedBytes::owned(data.to_vec()))
+    }
+
+    /// As `new`, reading the blocks where they are (a model file's map) instead of a copy.
+    pub(crate) fn shared(ty: TensorType, rows: usize, cols: usize, data: SharedBytes) -> Result<Self> {
         let (bs, bb) = ty.block();
-        if !Self::supports(ty) || rows == 0 || cols == 0 || cols % bs as usize != 0 || data.len() != rows * cols / bs as usize * bb as usize {
+        if !Self::supports(ty) || rows == 0 || cols == 0 || !cols.is_multiple_of(bs as usize) || data.len() != rows * cols / bs as usize * bb as usize {
             return Err(Error::Invalid(format!("bad {} weight: {rows}x{cols} with {} bytes", ty.name(), data.len())));
         }
-        Ok(QWeight { ty, rows, cols, data: std::sync::Arc::new(data.to_vec()) })
+        Ok(QWeight { ty, rows, cols, data })
     }
 
     fn row_bytes(&self) -> usize {

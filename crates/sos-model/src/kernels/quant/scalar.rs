@@ -3,8 +3,7 @@
 
 use half::f16;
 
-use super::act::Q8Row;
-use super::{QK, QK_K};
+use super::act::{Q8Row, QK, QK_K};
 
 #[inline]
 pub(super) fn f16_at(b: &[u8], i: usize) -> f32 {

@@ -12,7 +12,7 @@
 macro_rules! x86_kernels {
     ($name:ident, $feat:literal, |$a:ident, $b:ident| $udot:expr) => {
         pub mod $name {
-            use super::super::{Q8Row, QK};
+            use super::super::act::{Q8Row, QK};
             use super::hsum;
             use std::arch::x86_64::*;
 

@@ -5,10 +5,34 @@
 use rayon::prelude::*;
 
 use super::views::{project, project_back, LayerWeights, View, Weights};
-use super::Dims;
 use crate::kernels::gemm::{gemm_st, matmul};
 use crate::kernels::ops::{self, copied, min_rows, rms_norm_backward_rows, rms_norm_rows, zeros};
 use crate::kernels::vecmath::simd;
+
+/// Shapes of one pass: `b` sequences of `r` trainable positions after a frozen prefix of `from`.
+#[derive(Clone, Copy)]
+pub(super) struct Dims {
+    pub(super) b: usize,
+    pub(super) r: usize,
+    pub(super) from: usize,
+    pub(super) t: usize,
+    pub(super) d: usize,
+    pub(super) h: usize,
+    pub(super) kvh: usize,
+    pub(super) hd: usize,
+    pub(super) ff: usize,
+    pub(super) eps: f32,
+}
+
+impl Dims {
+    pub(super) fn n(&self) -> usize {
+        self.b * self.r
+    }
+    /// Width of a row of the joint projection: queries, keys, values.
+    pub(super) fn qkv(&self) -> usize {
+        (self.h + 2 * self.kvh) * self.hd
+    }
+}
 
 /// Adds `bias` (if any) to each row of `x: [b*r, width]` and rotates the row's first `heads`
 /// heads (the queries and keys) by its position, `from + row % r`. `sign` -1 rotates back: the

@@ -24,39 +24,15 @@ use std::ops::Range;
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
-use layer::{layer_backward, layer_forward, LayerTape, Scratch};
+use layer::{layer_backward, layer_forward, Dims, LayerTape, Scratch};
 pub(crate) use views::Weights;
 
 use crate::kernels::gemm::matmul;
 use crate::kernels::ops::{rms_norm_backward_rows, rms_norm_rows, zeros};
 use crate::kernels::vecmath::{axpy, exp, simd, sum};
 use crate::model::{KvCache, LossGrad, Model};
-use crate::Result;
+use crate::error::Result;
 
-/// Shapes of one pass: `b` sequences of `r` trainable positions after a frozen prefix of `from`.
-#[derive(Clone, Copy)]
-pub(super) struct Dims {
-    pub(super) b: usize,
-    pub(super) r: usize,
-    pub(super) from: usize,
-    pub(super) t: usize,
-    pub(super) d: usize,
-    pub(super) h: usize,
-    pub(super) kvh: usize,
-    pub(super) hd: usize,
-    pub(super) ff: usize,
-    pub(super) eps: f32,
-}
-
-impl Dims {
-    pub(super) fn n(&self) -> usize {
-        self.b * self.r
-    }
-    /// Width of a row of the joint projection: queries, keys, values.
-    pub(super) fn qkv(&self) -> usize {
-        (self.h + 2 * self.kvh) * self.hd
-    }
-}
 
 /// Mean cross-entropy of `targets` at hidden rows `rows` of `hidden: [n, d]`, its gradient with
 /// respect to `hidden`, and per row whether the target is the argmax (ties to the lower id).

@@ -6,7 +6,7 @@
 //! As for `x86.rs`: the caller has detected AVX2, FMA and F16C, and the rows and activations hold
 //! whole super-blocks.
 
-use super::super::{Q8Row, QK_K};
+use super::super::act::{Q8Row, QK_K};
 use super::{hsum, hsum4};
 use std::arch::x86_64::*;
 
