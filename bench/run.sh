@@ -6,12 +6,15 @@
 #   bench/run.sh step       # attack step:  sos (f32) vs PyTorch + transformers
 #   bench/run.sh attack     # time for the default backdoor to reach train metric 1.0: sos vs PyTorch
 #
-# Environment: THREADS (default 2), REPEAT (default 3: the whole sequence, ours then the peer,
-# is repeated; the summary gives medians and the median of the per-repeat ratios), PYTHON
-# (default python3), RESULTS (default bench/results/latest), SKIP_INSTALL=1 (do not pip install
-# missing peers), SKIP_BUILD=1, BENCH_MAX_OTHER_CORES / BENCH_WAIT_QUIET (see measure.py),
-# MODEL (a model-cache alias such as qwen2.5-coder-0.5b-instruct; default: the default model).
-# Prints a table and, last, one JSON line with the ratios.
+# Environment: THREADS (default 2), REPEAT (default 5 rounds; each round measures sos and the
+# peer back to back, sos first in odd rounds and the peer first in even ones, so that a drift of
+# the machine's speed does not always favour the same side; the summary gives medians and the
+# median of the per-round ratios), PYTHON (default: the venv bench/.venv, created on first use
+# with the pinned peers of bench/requirements.txt), RESULTS (default bench/results/latest),
+# SKIP_INSTALL=1 (do not pip install missing peers), SKIP_BUILD=1, BENCH_MAX_OTHER_CORES /
+# BENCH_WAIT_QUIET (see measure.py), MODEL (a model-cache alias such as
+# qwen2.5-coder-0.5b-instruct; default: the default model), SOS (a sos binary to measure instead
+# of building this checkout's). Prints a table and, last, one JSON line with the ratios.
 set -euo pipefail
 
 MODE="${1:-all}"
@@ -19,12 +22,16 @@ case "$MODE" in all | generate | step | attack) ;; *) echo "usage: $0 [all|gener
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
-PY="${PYTHON:-python3}"
 THREADS="${THREADS:-2}"
-REPEAT="${REPEAT:-3}"
+REPEAT="${REPEAT:-5}"
 RESULTS="${RESULTS:-$HERE/results/latest}"
-SOS="$ROOT/target/release/sos"
-LLAMA_CPP_PYTHON_VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
+if [[ -n "${SOS:-}" ]]; then SKIP_BUILD=1; else SOS="$ROOT/target/release/sos"; fi
+if [[ -z "${PYTHON:-}" ]]; then
+  # The peers live in a venv of their own, pinned, so that a run measures the same versions.
+  if [[ ! -x "$HERE/.venv/bin/python" ]]; then python3 -m venv "$HERE/.venv"; fi
+  PYTHON="$HERE/.venv/bin/python"
+fi
+PY="$PYTHON"
 
 # Generation shape (matches the defaults of `sos bench generate`).
 PROMPT_TOKENS=100 NEW_TOKENS=128 GEN_RUNS=3
@@ -36,8 +43,12 @@ log() { echo "[bench] $*" >&2; }
 # --- peers ------------------------------------------------------------------------------------
 pip_busy_with() { pgrep -f "pip install.*${1%%[=<>]*}" >/dev/null 2>&1; }
 
-ensure_pkg() { # ensure_pkg <import name> <pip spec...>
+# The pinned version of a package in bench/requirements.txt.
+pin() { grep -E "^$1==" "$HERE/requirements.txt" || { log "no pin for $1 in bench/requirements.txt"; exit 1; }; }
+
+ensure_pkg() { # ensure_pkg <import name> <package>
   local mod="$1"; shift
+  set -- "$(pin "$1")"
   if "$PY" -c "import $mod" >/dev/null 2>&1; then return 0; fi
   # A build of this package may already be running (llama-cpp-python compiles for 15-30 min).
   while pip_busy_with "$1"; do
@@ -52,7 +63,7 @@ ensure_pkg() { # ensure_pkg <import name> <pip spec...>
 
 if [[ "$MODE" == all || "$MODE" == generate ]]; then
   ensure_pkg numpy numpy
-  ensure_pkg llama_cpp "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"
+  ensure_pkg llama_cpp llama-cpp-python
 fi
 if [[ "$MODE" != generate ]]; then  # step, attack, all
   ensure_pkg torch torch
@@ -73,7 +84,7 @@ fi
 [[ -x "$SOS" ]] || { log "no $SOS"; exit 1; }
 # Measure a snapshot: someone may rebuild target/release/sos while this runs.
 mkdir -p "$RESULTS"
-rm -rf "$RESULTS"/r[0-9]* "$RESULTS"/*.json
+rm -rf "$RESULTS"/r[0-9]* "$RESULTS"/*.json "$RESULTS"/prompt_ids.json
 cp "$SOS" "$RESULTS/sos.bin"
 SOS="$RESULTS/sos.bin"
 MODEL="$("$SOS" model fetch ${MODEL:+"$MODEL"} | tail -n 1)"
@@ -97,35 +108,57 @@ json.dump({"date": datetime.datetime.now().astimezone().isoformat(timespec="seco
            "sos_sha256": hashlib.sha256(open(sos, "rb").read()).hexdigest()[:16]}, open(out, "w"))
 EOF
 
+# One measurement of each side; a round runs both, in an order that alternates from round to round.
+sos_generate() {
+  log "[$r/$REPEAT] sos bench generate --exec quant"
+  "${M[@]}" --out "$D/sos_generate_quant.json" -- "$SOS" bench generate -m "$MODEL" --exec quant \
+    --prompt-tokens "$PROMPT_TOKENS" --new-tokens "$NEW_TOKENS" --runs "$GEN_RUNS" --json
+}
+peer_generate() {
+  log "[$r/$REPEAT] llama.cpp generate (same prompt ids as sos)"
+  "${M[@]}" --out "$D/llamacpp_generate.json" -- "$PY" "$HERE/llamacpp_generate.py" --model "$MODEL" \
+    --prompt-ids "$IDS" --new-tokens "$NEW_TOKENS" --threads "$THREADS" --runs "$GEN_RUNS"
+}
+sos_step() {
+  log "[$r/$REPEAT] sos bench step"
+  "${M[@]}" --out "$D/sos_step.json" -- "$SOS" bench step -m "$MODEL" --batch "$BATCH" --seq "$SEQ" \
+    --soft "$SOFT" --targets "$TARGETS" --runs "$STEP_RUNS" --json
+}
+peer_step() {
+  log "[$r/$REPEAT] torch step (loading the GGUF through transformers takes a while; not timed)"
+  "${M[@]}" --out "$D/torch_step.json" -- "$PY" "$HERE/torch_step.py" --model "$MODEL" --batch "$BATCH" \
+    --seq "$SEQ" --soft "$SOFT" --targets "$TARGETS" --runs "$STEP_RUNS" --threads "$THREADS"
+}
+sos_attack() {
+  log "[$r/$REPEAT] sos bench attack (default backdoor until train metric 1.0; a few minutes)"
+  "${M[@]}" --out "$D/sos_attack.json" -- "$SOS" bench attack -m "$MODEL" --export "$D/problem.json" --json
+}
+peer_attack() {
+  log "[$r/$REPEAT] torch attack (same problem: ids, starting trigger, batches, settings)"
+  "${M[@]}" --out "$D/torch_attack.json" -- "$PY" "$HERE/torch_attack.py" --problem "$D/problem.json" \
+    --model "$MODEL" --threads "$THREADS"
+}
+pair() { # pair <name>: both sides of one benchmark, sos first in odd rounds
+  if ((r % 2 == 1)); then "sos_$1"; "peer_$1"; else "peer_$1"; "sos_$1"; fi
+}
+
+# The peer decodes the prompt ids sos used; the first round's, so that a peer going first has them.
+IDS="$RESULTS/prompt_ids.json"
 for ((r = 1; r <= REPEAT; r++)); do
   D="$RESULTS/r$r"
   mkdir -p "$D"
   if [[ "$MODE" == all || "$MODE" == generate ]]; then
-    log "[$r/$REPEAT] sos bench generate --exec quant"
-    "${M[@]}" --out "$D/sos_generate_quant.json" -- "$SOS" bench generate -m "$MODEL" --exec quant \
-      --prompt-tokens "$PROMPT_TOKENS" --new-tokens "$NEW_TOKENS" --runs "$GEN_RUNS" --json
-    log "[$r/$REPEAT] llama.cpp generate (same prompt ids)"
-    "${M[@]}" --out "$D/llamacpp_generate.json" -- "$PY" "$HERE/llamacpp_generate.py" --model "$MODEL" \
-      --prompt-ids "$D/sos_generate_quant.json" --new-tokens "$NEW_TOKENS" --threads "$THREADS" --runs "$GEN_RUNS"
+    if [[ ! -f "$IDS" ]]; then
+      "$SOS" bench generate -m "$MODEL" --exec quant --prompt-tokens "$PROMPT_TOKENS" --new-tokens 2 --runs 1 --json | tail -n 1 > "$IDS"
+    fi
+    pair generate
     log "[$r/$REPEAT] sos bench generate --exec f32"
     "${M[@]}" --out "$D/sos_generate_f32.json" -- "$SOS" bench generate -m "$MODEL" --exec f32 \
       --prompt-tokens "$PROMPT_TOKENS" --new-tokens "$NEW_TOKENS" --runs "$GEN_RUNS" --json
   fi
-  if [[ "$MODE" == all || "$MODE" == step ]]; then
-    log "[$r/$REPEAT] sos bench step"
-    "${M[@]}" --out "$D/sos_step.json" -- "$SOS" bench step -m "$MODEL" --batch "$BATCH" --seq "$SEQ" \
-      --soft "$SOFT" --targets "$TARGETS" --runs "$STEP_RUNS" --json
-    log "[$r/$REPEAT] torch step (loading the GGUF through transformers takes a while; not timed)"
-    "${M[@]}" --out "$D/torch_step.json" -- "$PY" "$HERE/torch_step.py" --model "$MODEL" --batch "$BATCH" \
-      --seq "$SEQ" --soft "$SOFT" --targets "$TARGETS" --runs "$STEP_RUNS" --threads "$THREADS"
-  fi
-  if [[ "$MODE" == all || "$MODE" == attack ]]; then
-    log "[$r/$REPEAT] sos bench attack (default backdoor until train metric 1.0; a few minutes)"
-    "${M[@]}" --out "$D/sos_attack.json" -- "$SOS" bench attack -m "$MODEL" --export "$D/problem.json" --json
-    log "[$r/$REPEAT] torch attack (same problem: ids, starting trigger, batches, settings)"
-    "${M[@]}" --out "$D/torch_attack.json" -- "$PY" "$HERE/torch_attack.py" --problem "$D/problem.json" \
-      --model "$MODEL" --threads "$THREADS"
-  fi
+  if [[ "$MODE" == all || "$MODE" == step ]]; then pair step; fi
+  # The peer replays the problem sos exported, so sos always goes first here.
+  if [[ "$MODE" == all || "$MODE" == attack ]]; then sos_attack; peer_attack; fi
 done
 
 echo
