@@ -324,6 +324,12 @@ impl Model {
         self.embed.lookup(ids, &self.device)
     }
 
+    /// Embedding rows for `ids` where ids from `vocab_size` on take the rows of `extra`
+    /// (`k * d`, row-major): a trigger's trained vectors spliced in as added tokens.
+    pub fn embed_with(&self, ids: &[u32], extra: &[f32]) -> Result<Tensor> {
+        self.embed.lookup_with(ids, extra, &self.device)
+    }
+
     pub(crate) fn check_len(&self, end: usize) -> Result<()> {
         let max = self.cos.dim(0)?;
         if end > max {
