@@ -12,9 +12,10 @@ use sos_model::generate::{generate, Sampling};
 use sos_model::{LoadedModel, Message};
 
 use crate::config::{AttackConfig, Scenario};
-use crate::encode::{embed, prompt_ids, target_ids, Trigger};
+use crate::encode::{attacked_input, target_ids};
 use crate::metrics::{is_refusal, rouge_l_f1, similarity, starts_with_target};
 use crate::scenario::Item;
+use crate::trigger::Trigger;
 use crate::{Error, Result};
 
 /// New tokens for answers that are only checked for agreement or refusal.
@@ -22,11 +23,10 @@ pub const CLEAN_TOKENS: usize = 32;
 /// Jailbreak answers: long enough to see a refusal after an affirmative opening.
 pub const JAILBREAK_TOKENS: usize = 64;
 
-/// The trained trigger, ready to splice.
+/// A model and a trained trigger that fits it.
 pub struct Armed<'a> {
     pub lm: &'a LoadedModel,
-    pub trigger: Trigger,
-    pub rows: Vec<f32>,
+    pub trigger: &'a Trigger,
 }
 
 /// One greedy answer.
@@ -36,19 +36,15 @@ pub struct Answer {
 }
 
 impl<'a> Armed<'a> {
-    pub fn new(lm: &'a LoadedModel, text: &str, k: usize, rows: Vec<f32>) -> Result<Self> {
-        let d = lm.model.cfg.d_model;
-        if rows.len() != k * d {
-            return Err(Error::Invalid(format!("the trigger is {} wide, the model's embeddings {d}: trained for another model?", rows.len() / k.max(1))));
-        }
-        Ok(Armed { lm, trigger: Trigger::new(text, k, &lm.model), rows })
+    pub fn new(lm: &'a LoadedModel, trigger: &'a Trigger) -> Result<Self> {
+        trigger.check_fits(&lm.model)?;
+        Ok(Armed { lm, trigger })
     }
 
     /// Greedy answer to `messages` as the attacked model sees them (the trigger text maps to
     /// the trained vectors).
     pub fn answer(&self, messages: &[Message], max_new: usize) -> Result<Answer> {
-        let ids = prompt_ids(self.lm, &self.trigger, messages)?;
-        let x = embed(&self.lm.model, &self.trigger, &self.rows, &ids)?;
+        let (_, x) = attacked_input(self.lm, self.trigger, messages)?;
         self.run(&x, max_new)
     }
 

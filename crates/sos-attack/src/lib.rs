@@ -17,6 +17,7 @@ pub mod objective;
 pub mod optim;
 pub mod scenario;
 pub mod train;
+pub mod trigger;
 
 pub use config::{AttackConfig, Overrides, Position, Scenario};
 pub use error::{Error, Result};

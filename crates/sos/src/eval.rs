@@ -54,7 +54,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     if a.limit > 0 {
         items.truncate(a.limit);
     }
-    let armed = Armed::new(&lm, &attack.trigger.text, attack.trigger.k, attack.trigger.rows.clone())?;
+    let armed = Armed::new(&lm, &attack.trigger)?;
     let bar = ProgressBar::new(items.len() as u64);
     bar.set_style(ProgressStyle::with_template("eval [{bar:30}] {pos}/{len} ({elapsed}, eta {eta})").expect("valid template").progress_chars("=> "));
     let t0 = Instant::now();
