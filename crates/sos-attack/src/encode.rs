@@ -4,7 +4,7 @@
 use candle_core::Tensor;
 use sos_model::{LoadedModel, Message};
 
-use crate::scenario::Item;
+use crate::item::Item;
 use crate::trigger::Trigger;
 use crate::{Error, Result};
 

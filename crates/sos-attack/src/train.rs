@@ -13,9 +13,9 @@ use rand::SeedableRng;
 use sos_model::LoadedModel;
 
 use crate::artifact::{self, AttackRecord, Checkpoint, LogRow, LoopState};
-use crate::config::{AttackConfig, Scenario};
+use crate::config::AttackConfig;
 use crate::encode::training_seq;
-use crate::scenario::Item;
+use crate::item::Item;
 use crate::objective::Objective;
 use crate::optim::{self, Adam};
 use crate::trigger::Trigger;
@@ -158,7 +158,7 @@ pub fn train(
         artifact::write_checkpoint(&ckpt_path, &c)?;
         artifact::write_loss_csv(&out.join(artifact::LOSS_FILE), &st.history)?;
         artifact::write_trigger(&out.join(artifact::TRIGGER_FILE), trigger)?;
-        let fixed_target = matches!(cfg.scenario, Scenario::Backdoor | Scenario::Copyright).then(|| cfg.target.clone()).flatten();
+        let fixed_target = cfg.scenario.logic().fixed_target().then(|| cfg.target.clone()).flatten();
         let record = AttackRecord {
             scenario: cfg.scenario.name().into(),
             trigger: cfg.trigger.clone(),

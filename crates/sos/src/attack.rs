@@ -9,7 +9,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use sos_attack::artifact::{read_record, write_jsonl, CONFIG_FILE, TRAIN_ITEMS_FILE};
 use sos_attack::train::{self, Event, Outcome, Target};
-use sos_attack::{scenario, AttackConfig, Overrides, Scenario};
+use sos_attack::{scenarios, AttackConfig, Overrides, Scenario};
 use sos_model::{cache, Exec, LoadOptions, LoadedModel};
 
 #[derive(Args, Debug)]
@@ -126,7 +126,7 @@ pub fn run(a: AttackArgs) -> Result<()> {
     if cfg.self_generated {
         eprintln!("the model writes its own training questions (--self-generated); this takes a few minutes...");
     }
-    let items = scenario::train_items(&cfg, &lm)?;
+    let items = scenarios::train_items(&cfg, &lm)?;
     // What was trained on, for reading and for reproducing the run elsewhere.
     let rows: Vec<serde_json::Value> = items
         .iter()

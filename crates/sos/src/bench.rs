@@ -14,7 +14,7 @@ use sos_model::generate::{generate, Sampling};
 use sos_model::Model;
 
 use sos_attack::train::{self, Event, Target};
-use sos_attack::{optim, scenario, AttackConfig, Overrides, Scenario};
+use sos_attack::{optim, scenarios, AttackConfig, Overrides, Scenario};
 use sos_attack::config::Schedule;
 use sos_model::{cache, Exec, LoadOptions, LoadedModel};
 
@@ -223,7 +223,7 @@ fn bench_attack(a: AttackBench) -> Result<()> {
     let path = cache::resolve(cfg.model.as_deref(), &mut |m| eprintln!("{m}"))?;
     let mut lm = LoadedModel::open(&path, &LoadOptions { exec: Exec::F32, template: cfg.template.clone(), ..Default::default() })?;
     lm.model.keep_transposes()?; // as `sos attack` does
-    let items = scenario::train_items(&cfg, &lm)?;
+    let items = scenarios::train_items(&cfg, &lm)?;
     if let Some(file) = &a.export {
         let p = train::problem(&cfg, &lm, &items)?;
         let v = problem_json(&cfg, &p, &lm);

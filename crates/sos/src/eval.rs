@@ -8,8 +8,9 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
 use sos_attack::artifact::{write_json, write_jsonl, Attack, EVAL_FILE, EVAL_ITEMS_FILE};
-use sos_attack::eval::{evaluate, Armed};
-use sos_attack::scenario;
+use sos_attack::answer::Armed;
+use sos_attack::eval::evaluate;
+use sos_attack::scenarios;
 use sos_model::{cache, Exec, LoadOptions, LoadedModel};
 
 use crate::common::device;
@@ -50,7 +51,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     if sha != attack.record.model_sha256 {
         eprintln!("warning: {} is not the model this trigger was trained on (SHA-256 differs)", path.display());
     }
-    let mut items = scenario::eval_items(cfg, a.data.as_deref())?;
+    let mut items = scenarios::eval_items(cfg, a.data.as_deref())?;
     if a.limit > 0 {
         items.truncate(a.limit);
     }
