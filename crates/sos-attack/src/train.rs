@@ -4,7 +4,7 @@
 //! Every random choice is a function of the seed and the step number, and the checkpoint holds
 //! the rest of the loop's state, so a resumed run continues bit for bit.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
@@ -13,7 +13,7 @@ use rand::SeedableRng;
 use sos_model::LoadedModel;
 
 use crate::artifact::{self, AttackRecord, Checkpoint, LogRow, LoopState};
-use crate::config::AttackConfig;
+use crate::config::{AttackConfig, Schedule, Scenario};
 use crate::encode::training_seq;
 use crate::item::Item;
 use crate::objective::Objective;
@@ -21,10 +21,24 @@ use crate::optim::{self, Adam};
 use crate::trigger::Trigger;
 use crate::{Error, Result};
 
-/// What the loop reports as it goes.
+/// What an attack reports as it goes.
 #[derive(Debug, Clone)]
 pub enum Event {
-    Prepared { train_items: usize, skipped: usize, prefix_tokens: usize, mean_tokens: f64, start_step: usize, steps: usize },
+    /// A progress line of fetching the model (`attack::run_attack` only).
+    Fetching(String),
+    /// The model is loaded; the examples are being made (`attack::run_attack` only).
+    Preparing { scenario: Scenario, self_generated: bool },
+    /// The training sequences are ready (and the limits they were cut to); the loop starts.
+    Prepared {
+        train_items: usize,
+        skipped: usize,
+        prefix_tokens: usize,
+        mean_tokens: f64,
+        start_step: usize,
+        steps: usize,
+        max_prompt_tokens: usize,
+        max_target_tokens: usize,
+    },
     Step { step: usize, loss: f64, lr: f64, metric: Option<f64> },
     Checkpoint { step: usize },
 }
@@ -67,6 +81,36 @@ pub struct Problem<'m> {
     pub stealth_norm: f64,
     /// Items left out for exceeding `max_prompt_tokens` or `max_target_tokens`.
     pub skipped: usize,
+}
+
+impl Problem<'_> {
+    /// The problem as plain numbers a peer can rebuild it from (`sos bench attack --export`,
+    /// read by bench/torch_attack.py): the token ids, which of them are trigger slots, the
+    /// starting trigger rows, the batch of every step, the sequences the train metric is
+    /// measured on, and the optimiser settings (formulas in bench/README.md).
+    pub fn to_json(&self, cfg: &AttackConfig) -> serde_json::Value {
+        let n = self.obj.seqs.len();
+        serde_json::json!({
+            "model_sha256_hint": "same GGUF as the sos run",
+            "d_model": self.init.d,
+            "trigger_base": self.obj.base,
+            "trigger_len": self.init.k,
+            "shared_prefix_len": self.obj.prefix_len,
+            "seqs": self.obj.seqs.iter().map(|s| serde_json::json!({"ids": s.ids, "prompt_len": s.prompt_len})).collect::<Vec<_>>(),
+            "init_rows": self.init.rows,
+            "eval_idx": self.eval_idx,
+            "batches": (0..cfg.steps).map(|s| batch_at(cfg.seed, s, n, cfg.batch)).collect::<Vec<_>>(),
+            "steps": cfg.steps,
+            "lr": cfg.lr,
+            "warmup": cfg.warmup,
+            "schedule": match cfg.schedule { Schedule::Cosine => "cosine", Schedule::Constant => "constant" },
+            "cosine_floor": 0.1,
+            "clip": cfg.clip,
+            "adam": {"beta1": optim::BETA1, "beta2": optim::BETA2, "eps": optim::EPS},
+            "eval_every": cfg.eval_every,
+            "eval_batch": cfg.batch,
+        })
+    }
 }
 
 /// Builds the problem `cfg` poses on `items`; every random choice follows `cfg.seed`.
@@ -144,7 +188,16 @@ pub fn train(
     sos_model::fsutil::write_atomic(&out.join(artifact::CONFIG_FILE), |f| std::io::Write::write_all(f, cfg.to_toml().as_bytes()))?;
 
     let mean_tokens = obj.seqs.iter().map(|s| s.ids.len()).sum::<usize>() as f64 / n as f64;
-    on_event(Event::Prepared { train_items: n, skipped, prefix_tokens: obj.prefix_len, mean_tokens, start_step: st.step, steps: cfg.steps });
+    on_event(Event::Prepared {
+        train_items: n,
+        skipped,
+        prefix_tokens: obj.prefix_len,
+        mean_tokens,
+        start_step: st.step,
+        steps: cfg.steps,
+        max_prompt_tokens: cfg.max_prompt_tokens,
+        max_target_tokens: cfg.max_target_tokens,
+    });
     // All at once: `hits` groups the examples by length into passes of up to
     // `tokens_per_pass` positions, which pads less and multiplies bigger matrices than batches
     // of `cfg.batch` (measured: 5.9 s -> 4.8 s per evaluation of 32 backdoor examples).
@@ -232,17 +285,4 @@ pub fn train(
         save(&st, &trigger, &adam, true)?;
     }
     Ok(Outcome::Finished)
-}
-
-/// The output folder of a run: refuses to overwrite a previous run unless resuming.
-pub fn prepare_out(out: &Path, resume: bool) -> Result<PathBuf> {
-    let ckpt = out.join(artifact::CHECKPOINT_FILE);
-    if resume {
-        if !ckpt.is_file() {
-            return Err(Error::file(&ckpt, "nothing to resume: no checkpoint here"));
-        }
-    } else if out.join(artifact::RECORD_FILE).exists() || ckpt.exists() {
-        return Err(Error::file(out, "already holds an attack; pass --resume to continue it, or choose another --out"));
-    }
-    Ok(out.to_path_buf())
 }

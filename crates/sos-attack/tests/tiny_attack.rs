@@ -181,9 +181,9 @@ fn interrupted_run_resumes_bit_for_bit() {
 #[test]
 fn resume_and_overwrite_are_guarded() {
     let out = tmpdir("guard");
-    assert!(sos_attack::train::prepare_out(&out, true).is_err(), "resume without a checkpoint");
+    assert!(sos_attack::attack::prepare_out(&out, true).is_err(), "resume without a checkpoint");
     std::fs::write(out.join(artifact::RECORD_FILE), "{}").unwrap();
-    let e = sos_attack::train::prepare_out(&out, false).unwrap_err().to_string();
+    let e = sos_attack::attack::prepare_out(&out, false).unwrap_err().to_string();
     assert!(e.contains("--resume"), "{e}");
 }
 
