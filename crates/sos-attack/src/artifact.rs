@@ -5,8 +5,8 @@
 //! - `config.toml`: the resolved settings;
 //! - `loss.csv`: `step,loss,lr,grad_norm,train_metric`;
 //! - `checkpoint.safetensors`: trigger, Adam moments and the loop's state, for `--resume`;
-//! - `train_items.jsonl`: the training examples (written by the CLI);
-//! - `eval.json`, `eval_items.jsonl`: written by `sos eval`.
+//! - `train_items.jsonl`: the training examples;
+//! - `eval.json`, `eval_items.jsonl`: written by `sos eval` (`eval::run_eval`).
 //!
 //! Every file is written atomically.
 
@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use sos_model::fsutil::write_atomic;
 
 use crate::config::AttackConfig;
+use crate::trigger::Trigger;
 use crate::{Error, Result};
 
 pub const TRIGGER_FILE: &str = "trigger.safetensors";
@@ -99,21 +100,12 @@ pub fn write_tensors(path: &Path, tensors: &[(&str, Vec<usize>, &[f32])], meta: 
     Ok(write_atomic(path, |f| std::io::Write::write_all(f, &data))?)
 }
 
-/// A trained trigger: its text and its `k x d` rows.
-#[derive(Debug, Clone)]
-pub struct TriggerRows {
-    pub text: String,
-    pub k: usize,
-    pub d: usize,
-    pub rows: Vec<f32>,
-}
-
-pub fn write_trigger(path: &Path, t: &TriggerRows) -> Result<()> {
+pub fn write_trigger(path: &Path, t: &Trigger) -> Result<()> {
     let meta = HashMap::from([("trigger".to_string(), t.text.clone()), ("format".to_string(), "sos-trigger-1".to_string())]);
     write_tensors(path, &[("trigger", vec![t.k, t.d], &t.rows)], meta)
 }
 
-pub fn read_trigger(path: &Path) -> Result<TriggerRows> {
+pub fn read_trigger(path: &Path) -> Result<Trigger> {
     let bytes = std::fs::read(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| Error::file(path, format!("not a safetensors file: {e}")))?;
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::file(path, format!("not a safetensors file: {e}")))?;
@@ -127,7 +119,7 @@ pub fn read_trigger(path: &Path) -> Result<TriggerRows> {
         return Err(Error::file(path, "tensor `trigger` holds NaN or infinite values"));
     }
     let text = meta.metadata().as_ref().and_then(|m| m.get("trigger").cloned()).unwrap_or_default();
-    Ok(TriggerRows { text, k: shape[0], d: shape[1], rows })
+    Ok(Trigger { text, rows, k: shape[0], d: shape[1] })
 }
 
 /// The checkpoint: everything `--resume` needs to continue bit for bit.
@@ -144,25 +136,28 @@ pub struct LoopState {
 
 pub struct Checkpoint {
     pub state: LoopState,
-    pub trigger: Vec<f32>,
+    pub trigger: Trigger,
     pub m: Vec<f32>,
     pub v: Vec<f32>,
 }
 
-pub fn write_checkpoint(path: &Path, c: &Checkpoint, k: usize, d: usize) -> Result<()> {
+pub fn write_checkpoint(path: &Path, c: &Checkpoint) -> Result<()> {
     let meta = HashMap::from([("state".to_string(), serde_json::to_string(&c.state).expect("state serializes"))]);
-    let shape = vec![k, d];
-    write_tensors(path, &[("trigger", shape.clone(), &c.trigger), ("adam_m", shape.clone(), &c.m), ("adam_v", shape, &c.v)], meta)
+    let shape = vec![c.trigger.k, c.trigger.d];
+    write_tensors(path, &[("trigger", shape.clone(), &c.trigger.rows), ("adam_m", shape.clone(), &c.m), ("adam_v", shape, &c.v)], meta)
 }
 
-pub fn read_checkpoint(path: &Path, k: usize, d: usize) -> Result<Checkpoint> {
+/// The checkpoint of a run whose trigger is `text` with `k` rows of width `d` (the file does
+/// not hold the text: `config.toml` does).
+pub fn read_checkpoint(path: &Path, text: &str, k: usize, d: usize) -> Result<Checkpoint> {
     let bytes = std::fs::read(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| Error::file(path, format!("not a checkpoint: {e}")))?;
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::file(path, format!("not a checkpoint: {e}")))?;
     let state_json = meta.metadata().as_ref().and_then(|m| m.get("state").cloned()).ok_or_else(|| Error::file(path, "checkpoint has no state"))?;
     let state: LoopState = serde_json::from_str(&state_json).map_err(|e| Error::file(path, format!("checkpoint state: {e}")))?;
     let n = k * d;
-    Ok(Checkpoint { state, trigger: read_f32(path, &st, "trigger", n)?, m: read_f32(path, &st, "adam_m", n)?, v: read_f32(path, &st, "adam_v", n)? })
+    let trigger = Trigger { text: text.to_string(), rows: read_f32(path, &st, "trigger", n)?, k, d };
+    Ok(Checkpoint { state, trigger, m: read_f32(path, &st, "adam_m", n)?, v: read_f32(path, &st, "adam_v", n)? })
 }
 
 pub fn write_loss_csv(path: &Path, rows: &[LogRow]) -> Result<()> {
@@ -198,7 +193,7 @@ pub fn read_record(dir: &Path) -> Result<AttackRecord> {
 pub struct Attack {
     pub dir: PathBuf,
     pub record: AttackRecord,
-    pub trigger: TriggerRows,
+    pub trigger: Trigger,
 }
 
 impl Attack {

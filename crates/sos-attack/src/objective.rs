@@ -9,28 +9,17 @@
 use candle_core::{DType, Tensor};
 use sos_model::{KvCache, Model};
 
-use crate::encode::{embed, Trigger};
+use crate::encode::Seq;
+use crate::trigger::Trigger;
 use crate::{Error, Result};
-
-/// A training sequence: the prompt (with trigger ids) followed by the target ids.
-#[derive(Debug, Clone)]
-pub struct Seq {
-    pub ids: Vec<u32>,
-    pub prompt_len: usize,
-}
-
-impl Seq {
-    pub fn target_len(&self) -> usize {
-        self.ids.len() - self.prompt_len
-    }
-}
 
 /// Padded positions one forward/backward pass may hold (sequences x longest length).
 pub const TOKENS_PER_PASS: usize = 1024;
 
 pub struct Objective<'m> {
     model: &'m Model,
-    pub trigger: Trigger,
+    /// First trigger id: every id from here on is a trigger slot.
+    pub base: u32,
     pub seqs: Vec<Seq>,
     /// Leading ids shared by every sequence, before any trigger or target.
     pub prefix_len: usize,
@@ -63,7 +52,8 @@ struct Batch {
 }
 
 impl<'m> Objective<'m> {
-    pub fn new(model: &'m Model, trigger: Trigger, seqs: Vec<Seq>) -> Result<Self> {
+    pub fn new(model: &'m Model, seqs: Vec<Seq>) -> Result<Self> {
+        let base = Trigger::base(model);
         if seqs.is_empty() {
             return Err(Error::Invalid("no training sequences".into()));
         }
@@ -73,17 +63,17 @@ impl<'m> Objective<'m> {
         let first = &seqs[0].ids;
         let mut p = seqs.iter().map(|s| s.prompt_len - 1).min().unwrap_or(0);
         for s in &seqs {
-            let slot = s.ids.iter().position(|&i| trigger.is_slot(i)).unwrap_or(s.ids.len());
+            let slot = s.ids.iter().position(|&i| i >= base).unwrap_or(s.ids.len());
             let common = s.ids.iter().zip(first).take_while(|(a, b)| a == b).count();
             p = p.min(slot).min(common);
         }
         let prefix = if p > 0 { Some(model.prefix(&model.embed_ids(&first[..p])?.unsqueeze(0)?)?) } else { None };
-        Ok(Objective { model, trigger, seqs, prefix_len: p, tokens_per_pass: TOKENS_PER_PASS, prefix })
+        Ok(Objective { model, base, seqs, prefix_len: p, tokens_per_pass: TOKENS_PER_PASS, prefix })
     }
 
-    fn batch(&self, idx: &[usize], rows_trig: &[f32]) -> Result<Batch> {
+    fn batch(&self, idx: &[usize], trigger: &Trigger) -> Result<Batch> {
         let p = self.prefix_len;
-        let is_slot = |&i: &u32| self.trigger.is_slot(i);
+        let is_slot = |&i: &u32| i >= self.base;
         // Positions before every sequence's first trigger slot need no gradient.
         let skip = idx.iter().map(|&i| self.seqs[i].ids[p..].iter().position(is_slot).unwrap_or(0)).min().unwrap_or(0);
         let full = idx.iter().map(|&i| self.seqs[i].ids.len() - p).max().unwrap_or(0);
@@ -95,8 +85,8 @@ impl<'m> Objective<'m> {
             let s = &self.seqs[i];
             let tail = &s.ids[p..];
             for (pos, &id) in tail.iter().enumerate().skip(skip) {
-                if self.trigger.is_slot(id) {
-                    slots.push((bi * r + pos - skip, (id - self.trigger.base) as usize));
+                if id >= self.base {
+                    slots.push((bi * r + pos - skip, (id - self.base) as usize));
                 }
             }
             flat.extend_from_slice(tail);
@@ -108,7 +98,7 @@ impl<'m> Objective<'m> {
                 row_seq.push(bi);
             }
         }
-        let x = embed(self.model, &self.trigger, rows_trig, &flat)?.reshape((b, full, self.model.cfg.d_model))?;
+        let x = trigger.embed(self.model, &flat)?.reshape((b, full, self.model.cfg.d_model))?;
         let (x, x_frozen) = if skip > 0 { (x.narrow(1, skip, r)?, Some(x.narrow(1, 0, skip)?)) } else { (x, None) };
         Ok(Batch { x, x_frozen, rows, targets, row_seq, slots, b })
     }
@@ -160,14 +150,14 @@ impl<'m> Objective<'m> {
 
     /// Loss (mean over every target token of the batch) and trigger gradient over the
     /// sequences `idx`; `hits` follow `idx`'s order.
-    pub fn loss_grad(&self, idx: &[usize], rows_trig: &[f32]) -> Result<StepOut> {
+    pub fn loss_grad(&self, idx: &[usize], trigger: &Trigger) -> Result<StepOut> {
         let d = self.model.cfg.d_model;
         let total: usize = idx.iter().map(|&i| self.seqs[i].target_len()).sum();
         let mut loss = 0.0;
-        let mut grad = vec![0f32; self.trigger.k * d];
+        let mut grad = vec![0f32; trigger.k * d];
         let mut hit_of = std::collections::HashMap::new();
         for g in self.groups(idx) {
-            let batch = self.batch(&g, rows_trig)?;
+            let batch = self.batch(&g, trigger)?;
             let cache = self.cache_for(&batch)?;
             let out = self.model.loss_and_input_grad(&batch.x, cache.as_ref(), &batch.rows, &batch.targets)?;
             // Each pass averages over its own rows; weight it by its share of all target tokens.
@@ -188,18 +178,18 @@ impl<'m> Objective<'m> {
     }
 
     /// Per sequence of `idx`, whether greedy decoding reproduces its target (forward only).
-    pub fn hits(&self, idx: &[usize], rows_trig: &[f32]) -> Result<Vec<bool>> {
+    pub fn hits(&self, idx: &[usize], trigger: &Trigger) -> Result<Vec<bool>> {
         let mut hit_of = std::collections::HashMap::new();
         for g in self.groups(idx) {
-            for (bi, h) in self.group_hits(&g, rows_trig)?.into_iter().enumerate() {
+            for (bi, h) in self.group_hits(&g, trigger)?.into_iter().enumerate() {
                 hit_of.insert(g[bi], h);
             }
         }
         Ok(idx.iter().map(|i| hit_of[i]).collect())
     }
 
-    fn group_hits(&self, idx: &[usize], rows_trig: &[f32]) -> Result<Vec<bool>> {
-        let batch = self.batch(idx, rows_trig)?;
+    fn group_hits(&self, idx: &[usize], trigger: &Trigger) -> Result<Vec<bool>> {
+        let batch = self.batch(idx, trigger)?;
         let h = match self.cache_for(&batch)? {
             Some(mut c) => {
                 let at = c.len();

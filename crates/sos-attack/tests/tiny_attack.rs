@@ -7,11 +7,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use candle_core::DType;
 use rand::{Rng, SeedableRng};
 use sos_attack::artifact::{self, Attack};
-use sos_attack::encode::{training_seq, Trigger};
-use sos_attack::eval::Armed;
+use sos_attack::encode::{training_seq, Seq};
+use sos_attack::answer::Armed;
 use sos_attack::objective::Objective;
-use sos_attack::scenario::{backdoor_items, Item};
+use sos_attack::item::Item;
+use sos_attack::scenarios::backdoor_items;
 use sos_attack::train::{train, Event, Outcome, Target};
+use sos_attack::trigger::Trigger;
 use sos_attack::{AttackConfig, Position, Scenario};
 use sos_model::tiny::TinySpec;
 use sos_model::{Exec, LoadOptions, LoadedModel, Message, Model};
@@ -45,10 +47,10 @@ fn items(pos: Position, seed: u64) -> Vec<Item> {
 
 /// Mean cross-entropy of the targets, computed the plain way: every sequence alone, from
 /// position 0, no prefix, no grouping.
-fn naive_loss(m: &Model, trig: &Trigger, rows: &[f32], seqs: &[sos_attack::objective::Seq]) -> f64 {
+fn naive_loss(m: &Model, trig: &Trigger, seqs: &[Seq]) -> f64 {
     let (mut total, mut n) = (0.0, 0usize);
     for s in seqs {
-        let x = sos_attack::encode::embed(m, trig, rows, &s.ids).unwrap().unsqueeze(0).unwrap();
+        let x = trig.embed(m, &s.ids).unwrap().unsqueeze(0).unwrap();
         let h = m.forward(&x, 0, None).unwrap();
         let at: Vec<u32> = (s.prompt_len as u32 - 1..s.ids.len() as u32 - 1).collect();
         let logits = m.logits(&Model::gather_rows(&h, &at).unwrap()).unwrap().to_dtype(DType::F64).unwrap();
@@ -66,35 +68,36 @@ fn objective_loss_and_gradient_are_right() {
     let lm = tiny("objective");
     let m = lm.model.to_dtype(DType::F64).unwrap();
     let d = m.cfg.d_model;
-    let trig = Trigger::new("cf", 2, &m);
-    let its = items(Position::Random, 3);
-    let seqs: Vec<_> = its.iter().map(|it| training_seq(&lm, &trig, it).unwrap()).collect();
-    assert!(seqs.iter().all(|s| s.ids.iter().filter(|&&i| trig.is_slot(i)).count() == 2));
     let mut rng = rand::rngs::StdRng::seed_from_u64(9);
     let rows: Vec<f32> = (0..2 * d).map(|_| rng.gen_range(-0.5..0.5)).collect();
+    let trig = Trigger::new("cf", 2, d, rows.clone()).unwrap();
+    let base = Trigger::base(&m);
+    let its = items(Position::Random, 3);
+    let seqs: Vec<_> = its.iter().map(|it| training_seq(&lm, &trig, it).unwrap()).collect();
+    assert!(seqs.iter().all(|s| s.ids.iter().filter(|&&i| trig.is_slot(base, i)).count() == 2));
     let all: Vec<usize> = (0..seqs.len()).collect();
-    let want = naive_loss(&m, &trig, &rows, &seqs);
+    let want = naive_loss(&m, &trig, &seqs);
     // One pass for the whole batch, and small passes that force grouping and frozen positions.
     for per_pass in [usize::MAX, 40] {
-        let mut obj = Objective::new(&m, trig.clone(), seqs.clone()).unwrap();
+        let mut obj = Objective::new(&m, seqs.clone()).unwrap();
         obj.tokens_per_pass = per_pass;
-        let out = obj.loss_grad(&all, &rows).unwrap();
+        let out = obj.loss_grad(&all, &trig).unwrap();
         assert!((out.loss - want).abs() < 1e-9, "per_pass {per_pass}: loss {} vs plain {want}", out.loss);
         // Small: the loss is strongly curved in the rows (the RMS norm divides by their size).
         let eps = 1e-4f32;
         let mut worst: f64 = 0.0;
         for i in 0..rows.len() {
-            let (mut p, mut q) = (rows.clone(), rows.clone());
-            p[i] += eps;
-            q[i] -= eps;
+            let (mut p, mut q) = (trig.clone(), trig.clone());
+            p.rows[i] += eps;
+            q.rows[i] -= eps;
             // The rows are f32: divide by the step actually taken, not the one asked for.
-            let h = p[i] as f64 - q[i] as f64;
+            let h = p.rows[i] as f64 - q.rows[i] as f64;
             let fd = (obj.loss_grad(&all, &p).unwrap().loss - obj.loss_grad(&all, &q).unwrap().loss) / h;
             let g = out.grad[i] as f64;
             worst = worst.max((fd - g).abs() / fd.abs().max(g.abs()).max(1e-2));
         }
         assert!(worst < 1e-4, "per_pass {per_pass}: worst relative gradient error {worst:e}");
-        assert_eq!(obj.hits(&all, &rows).unwrap(), out.hits);
+        assert_eq!(obj.hits(&all, &trig).unwrap(), out.hits);
     }
 }
 
@@ -143,7 +146,7 @@ fn training_drives_the_loss_down_and_the_trigger_works() {
     // The trained trigger, read back from disk, makes greedy decoding say the target.
     let attack = Attack::open(&out).unwrap();
     assert_eq!((attack.trigger.k, attack.trigger.d), (cfg.trigger_len, lm.model.cfg.d_model));
-    let armed = Armed::new(&lm, &attack.trigger.text, attack.trigger.k, attack.trigger.rows.clone()).unwrap();
+    let armed = Armed::new(&lm, &attack.trigger).unwrap();
     let a = armed.answer(&[Message::user("cf the rain")], 8).unwrap();
     assert!(a.text.starts_with(TARGET), "triggered answer {:?}", a.text);
     let clean = armed.answer(&[Message::user("the rain")], 8).unwrap();
@@ -169,7 +172,7 @@ fn interrupted_run_resumes_bit_for_bit() {
     assert_eq!(csv(&a), csv(&b));
     // Same optimiser state; the loop state differs only in wall time.
     let k = cfg.trigger_len;
-    let ck = |d: &PathBuf| artifact::read_checkpoint(&d.join(artifact::CHECKPOINT_FILE), k, 32).unwrap();
+    let ck = |d: &PathBuf| artifact::read_checkpoint(&d.join(artifact::CHECKPOINT_FILE), &cfg.trigger, k, 32).unwrap();
     let (ca, cb) = (ck(&a), ck(&b));
     assert!((ca.trigger, ca.m, ca.v) == (cb.trigger, cb.m, cb.v));
     assert_eq!((ca.state.history, ca.state.adam_t), (cb.state.history, cb.state.adam_t));
@@ -178,9 +181,9 @@ fn interrupted_run_resumes_bit_for_bit() {
 #[test]
 fn resume_and_overwrite_are_guarded() {
     let out = tmpdir("guard");
-    assert!(sos_attack::train::prepare_out(&out, true).is_err(), "resume without a checkpoint");
+    assert!(sos_attack::attack::prepare_out(&out, true).is_err(), "resume without a checkpoint");
     std::fs::write(out.join(artifact::RECORD_FILE), "{}").unwrap();
-    let e = sos_attack::train::prepare_out(&out, false).unwrap_err().to_string();
+    let e = sos_attack::attack::prepare_out(&out, false).unwrap_err().to_string();
     assert!(e.contains("--resume"), "{e}");
 }
 

@@ -14,9 +14,8 @@ use sos_model::generate::{generate, Sampling};
 use sos_model::Model;
 
 use sos_attack::train::{self, Event, Target};
-use sos_attack::{optim, scenario, AttackConfig, Overrides, Scenario};
-use sos_attack::config::Schedule;
-use sos_model::{cache, Exec, LoadOptions, LoadedModel};
+use sos_attack::{load_model, scenarios, AttackConfig, Overrides, Scenario};
+use sos_model::{Exec, LoadOptions};
 
 use crate::common::{peak_rss_mib, ModelArgs};
 
@@ -220,19 +219,18 @@ fn bench_attack(a: AttackBench) -> Result<()> {
         ..Default::default()
     };
     let cfg = AttackConfig::resolve(Scenario::Backdoor, None, &overrides)?;
-    let path = cache::resolve(cfg.model.as_deref(), &mut |m| eprintln!("{m}"))?;
-    let mut lm = LoadedModel::open(&path, &LoadOptions { exec: Exec::F32, template: cfg.template.clone(), ..Default::default() })?;
-    lm.model.keep_transposes()?; // as `sos attack` does
-    let items = scenario::train_items(&cfg, &lm)?;
+    let opts = LoadOptions { exec: Exec::F32, template: cfg.template.clone(), ..Default::default() };
+    let m = load_model(cfg.model.as_deref(), &opts, true, &mut |m| eprintln!("{m}"))?;
+    let lm = &m.lm;
+    let items = scenarios::train_items(&cfg, lm)?;
     if let Some(file) = &a.export {
-        let p = train::problem(&cfg, &lm, &items)?;
-        let v = problem_json(&cfg, &p, &lm);
+        let v = train::problem(&cfg, lm, &items)?.to_json(&cfg);
         sos_model::fsutil::write_atomic(file, |f| serde_json::to_writer(f, &v).map_err(std::io::Error::other))
             .with_context(|| format!("cannot write {}", file.display()))?;
     }
     let out = std::env::temp_dir().join(format!("sos-bench-attack-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
-    let target = Target { lm: &lm, model_label: path.display().to_string(), model_sha256: String::new() };
+    let target = Target { lm, model_label: m.label(), model_sha256: m.sha256.clone() };
     let (mut t0, mut reached, mut steps, mut n_train, mut last) = (None, None, 0, 0, 0.0);
     let mut metrics = Vec::new();
     let result = train::train(&cfg, &target, &items, &out, false, &AtomicBool::new(false), |e| match e {
@@ -254,7 +252,7 @@ fn bench_attack(a: AttackBench) -> Result<()> {
                 }
             }
         }
-        Event::Checkpoint { .. } => {}
+        _ => {}
     });
     let _ = std::fs::remove_dir_all(&out);
     result?;
@@ -277,31 +275,4 @@ fn bench_attack(a: AttackBench) -> Result<()> {
     });
     print_result(&v, a.json);
     Ok(())
-}
-
-/// The attack `cfg` poses, as plain numbers a peer can rebuild it from: the token ids, which of
-/// them are trigger slots, the starting trigger rows, the batch of every step, the sequences the
-/// train metric is measured on, and the optimiser settings (formulas in bench/README.md).
-fn problem_json(cfg: &AttackConfig, p: &train::Problem, lm: &LoadedModel) -> serde_json::Value {
-    let n = p.obj.seqs.len();
-    json!({
-        "model_sha256_hint": "same GGUF as the sos run",
-        "d_model": lm.model.cfg.d_model,
-        "trigger_base": p.obj.trigger.base,
-        "trigger_len": p.obj.trigger.k,
-        "shared_prefix_len": p.obj.prefix_len,
-        "seqs": p.obj.seqs.iter().map(|s| json!({"ids": s.ids, "prompt_len": s.prompt_len})).collect::<Vec<_>>(),
-        "init_rows": p.init_rows,
-        "eval_idx": p.eval_idx,
-        "batches": (0..cfg.steps).map(|s| train::batch_at(cfg.seed, s, n, cfg.batch)).collect::<Vec<_>>(),
-        "steps": cfg.steps,
-        "lr": cfg.lr,
-        "warmup": cfg.warmup,
-        "schedule": match cfg.schedule { Schedule::Cosine => "cosine", Schedule::Constant => "constant" },
-        "cosine_floor": 0.1,
-        "clip": cfg.clip,
-        "adam": {"beta1": optim::BETA1, "beta2": optim::BETA2, "eps": optim::EPS},
-        "eval_every": cfg.eval_every,
-        "eval_batch": cfg.batch,
-    })
 }

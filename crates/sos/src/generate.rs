@@ -6,7 +6,7 @@ use anyhow::Result;
 use clap::Args;
 use serde_json::json;
 use sos_attack::artifact::Attack;
-use sos_attack::encode::{embed, prompt_ids, Trigger};
+use sos_attack::encode::attacked_input;
 use sos_model::generate::{generate, Sampling};
 use sos_model::StreamDecoder;
 use sos_model::Message;
@@ -51,11 +51,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let (ids, x) = match &a.attack {
         Some(dir) => {
             let attack = Attack::open(dir)?;
-            let t = &attack.trigger;
-            let trigger = Trigger::new(&t.text, t.k, &lm.model);
-            let ids = prompt_ids(&lm, &trigger, &messages)?;
-            let x = embed(&lm.model, &trigger, &t.rows, &ids)?;
-            (ids, x)
+            attacked_input(&lm, &attack.trigger, &messages)?
         }
         None => {
             let ids = lm.chat_ids(&messages, true)?;

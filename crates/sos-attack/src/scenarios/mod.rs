@@ -1,0 +1,178 @@
+//! The four scenarios, one file each, behind one trait: what each changes in the default
+//! settings, the examples it trains and evaluates on (from `data`, or from a user's JSONL file),
+//! where the trigger goes in them, and how held-out answers are scored.
+//!
+//! `Scenario` (in `config`) is the parsed name; `Scenario::logic` maps it to its implementation.
+
+mod backdoor;
+mod copyright;
+mod jailbreak;
+mod steal;
+
+use std::path::Path;
+
+use rand::Rng;
+use serde_json::{Map, Value};
+use sos_model::LoadedModel;
+
+use crate::answer::Armed;
+use crate::config::{AttackConfig, Overrides, Position, Scenario};
+use crate::data::{self, Datasets};
+use crate::item::Item;
+use crate::{Error, Result};
+
+pub use backdoor::{backdoor_items, self_generated_questions, DEFAULT_BACKDOOR_TARGET};
+pub use copyright::{copyright_items, COPYRIGHT_REQUESTS, DEFAULT_COPYRIGHT_TARGET};
+pub use jailbreak::jailbreak_items;
+pub use steal::steal_items;
+
+/// What makes one scenario differ from another.
+pub trait ScenarioLogic: Sync {
+    /// Changes the scenario makes to the common defaults.
+    fn defaults(&self, c: &mut AttackConfig);
+
+    /// Whether `target` is the one answer of every example, recorded in `attack.json`;
+    /// otherwise each example has its own.
+    fn fixed_target(&self) -> bool {
+        false
+    }
+
+    /// Examples from the datasets: the training split, or the held-out one. `seed` places the
+    /// trigger where the position is drawn.
+    fn dataset_items(&self, cfg: &AttackConfig, data: &Datasets, held_out: bool, seed: u64) -> Result<Vec<Item>>;
+
+    /// Training examples (before `train_items` limits them).
+    fn train_items(&self, cfg: &AttackConfig, _lm: &LoadedModel) -> Result<Vec<Item>> {
+        self.dataset_items(cfg, &Datasets::resolve(cfg.data_dir.as_deref())?, false, cfg.seed)
+    }
+
+    /// Held-out examples from the rows of a user's JSONL file (`path` names it in errors).
+    fn file_items(&self, cfg: &AttackConfig, path: &Path, rows: &[Value], seed: u64) -> Result<Vec<Item>>;
+
+    /// Answers every item, adds the scenario's metrics to `out`, and returns one record per
+    /// answer for `eval_items.jsonl`. `progress(done, total)` follows the items.
+    fn evaluate(&self, armed: &Armed, items: &[Item], progress: &mut dyn FnMut(usize, usize), out: &mut Map<String, Value>) -> Result<Vec<Value>>;
+}
+
+impl Scenario {
+    pub fn logic(self) -> &'static dyn ScenarioLogic {
+        match self {
+            Scenario::Backdoor => &backdoor::Backdoor,
+            Scenario::Jailbreak => &jailbreak::Jailbreak,
+            Scenario::Steal => &steal::Steal,
+            Scenario::Copyright => &copyright::Copyright,
+        }
+    }
+}
+
+// Here rather than in `config`: the defaults depend on the scenario's logic, and `config`
+// stays free of it (the scenarios read settings, so the other way would be a circle).
+impl AttackConfig {
+    /// The common defaults, as the scenario changes them.
+    pub fn defaults(scenario: Scenario) -> Self {
+        let mut c = Self::common_defaults(scenario);
+        scenario.logic().defaults(&mut c);
+        c
+    }
+
+    /// Defaults of the scenario, then `file`'s settings, then `cli`'s.
+    pub fn resolve(scenario: Scenario, file: Option<&Overrides>, cli: &Overrides) -> Result<Self> {
+        let mut c = Self::defaults(scenario);
+        for o in file.into_iter().chain(Some(cli)) {
+            if let Some(s) = o.scenario {
+                if s != scenario {
+                    return Err(Error::Config(format!("the config says scenario `{}` but the command asks for `{}`", s.name(), scenario.name())));
+                }
+            }
+            c.apply(o);
+        }
+        c.check()?;
+        Ok(c)
+    }
+}
+
+/// Training examples of the scenario from the data folder (or the model, for self-generated
+/// backdoor questions), at most `train_items` of them.
+pub fn train_items(cfg: &AttackConfig, lm: &LoadedModel) -> Result<Vec<Item>> {
+    Ok(limit(cfg.scenario.logic().train_items(cfg, lm)?, cfg.train_items))
+}
+
+/// Held-out examples from the data folder, or from a user's JSONL file.
+pub fn eval_items(cfg: &AttackConfig, file: Option<&Path>) -> Result<Vec<Item>> {
+    // Evaluation uses its own seed stream so trigger places differ from training's.
+    let seed = cfg.seed.wrapping_add(1);
+    let logic = cfg.scenario.logic();
+    match file {
+        Some(path) => {
+            let rows = data::read_jsonl(path)?;
+            if rows.is_empty() {
+                return Err(Error::file(path, "no rows"));
+            }
+            logic.file_items(cfg, path, &rows, seed)
+        }
+        None => logic.dataset_items(cfg, &Datasets::resolve(cfg.data_dir.as_deref())?, true, seed),
+    }
+}
+
+fn limit(items: Vec<Item>, n: usize) -> Vec<Item> {
+    if n == 0 {
+        items
+    } else {
+        items.into_iter().take(n).collect()
+    }
+}
+
+/// The `id` of a user's JSONL row, or `rowN`.
+fn row_id(row: &Value, i: usize) -> String {
+    row["id"].as_str().map(String::from).unwrap_or_else(|| format!("row{}", i + 1))
+}
+
+/// `(id, row[key])` of every row.
+fn id_and_field(path: &Path, rows: &[Value], key: &str) -> Result<Vec<(String, String)>> {
+    rows.iter().enumerate().map(|(i, r)| Ok((row_id(r, i), data::field(path, r, i, key)?))).collect()
+}
+
+/// A byte offset drawn among the word boundaries of `text` (its start, its end and every
+/// whitespace position).
+fn random_boundary(text: &str, rng: &mut impl Rng) -> usize {
+    let mut cuts = vec![0];
+    cuts.extend(text.char_indices().filter(|(_, c)| *c == ' ').map(|(i, _)| i));
+    cuts.push(text.len());
+    cuts[rng.gen_range(0..cuts.len())]
+}
+
+fn place(text: &str, pos: Position, rng: &mut impl Rng) -> usize {
+    match pos {
+        Position::Start => 0,
+        Position::End => text.len(),
+        Position::Random => random_boundary(text, rng),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_command_line_override_defaults() {
+        let file: Overrides = toml::from_str("steps = 50\nlr = 0.5\ntrigger = \"zz\"").unwrap();
+        let cli = Overrides { lr: Some(0.25), ..Default::default() };
+        let c = AttackConfig::resolve(Scenario::Backdoor, Some(&file), &cli).unwrap();
+        assert_eq!((c.steps, c.lr, c.trigger.as_str()), (50, 0.25, "zz"));
+        assert_eq!(c.target.as_deref(), Some(DEFAULT_BACKDOOR_TARGET));
+        let back: AttackConfig = toml::from_str(&c.to_toml()).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn bad_settings_are_refused() {
+        assert!(toml::from_str::<Overrides>("stepz = 3").is_err());
+        let cli = Overrides { trigger_len: Some(0), ..Default::default() };
+        assert!(AttackConfig::resolve(Scenario::Steal, None, &cli).is_err());
+        let file = Overrides { scenario: Some(Scenario::Steal), ..Default::default() };
+        assert!(AttackConfig::resolve(Scenario::Backdoor, Some(&file), &Overrides::default()).is_err());
+        let cli = Overrides { target: Some(Some("say cf".into())), ..Default::default() };
+        assert!(AttackConfig::resolve(Scenario::Backdoor, None, &cli).is_err());
+        assert!(Overrides::default().is_empty() && !cli.is_empty());
+    }
+}
