@@ -14,7 +14,8 @@
 # SKIP_INSTALL=1 (do not pip install missing peers), SKIP_BUILD=1, BENCH_MAX_OTHER_CORES /
 # BENCH_WAIT_QUIET (see measure.py), MODEL (a model-cache alias such as
 # qwen2.5-coder-0.5b-instruct; default: the default model), SOS (a sos binary to measure instead
-# of building this checkout's). Prints a table and, last, one JSON line with the ratios.
+# of building this checkout's), SKIP_F32=1 (generate: leave out the `--exec f32` row, which takes
+# minutes on the larger models). Prints a table and, last, one JSON line with the ratios.
 set -euo pipefail
 
 MODE="${1:-all}"
@@ -152,9 +153,11 @@ for ((r = 1; r <= REPEAT; r++)); do
       "$SOS" bench generate -m "$MODEL" --exec quant --prompt-tokens "$PROMPT_TOKENS" --new-tokens 2 --runs 1 --json | tail -n 1 > "$IDS"
     fi
     pair generate
-    log "[$r/$REPEAT] sos bench generate --exec f32"
-    "${M[@]}" --out "$D/sos_generate_f32.json" -- "$SOS" bench generate -m "$MODEL" --exec f32 \
-      --prompt-tokens "$PROMPT_TOKENS" --new-tokens "$NEW_TOKENS" --runs "$GEN_RUNS" --json
+    if [[ "${SKIP_F32:-0}" != 1 ]]; then
+      log "[$r/$REPEAT] sos bench generate --exec f32"
+      "${M[@]}" --out "$D/sos_generate_f32.json" -- "$SOS" bench generate -m "$MODEL" --exec f32 \
+        --prompt-tokens "$PROMPT_TOKENS" --new-tokens "$NEW_TOKENS" --runs "$GEN_RUNS" --json
+    fi
   fi
   if [[ "$MODE" == all || "$MODE" == step ]]; then pair step; fi
   # The peer replays the problem sos exported, so sos always goes first here.
