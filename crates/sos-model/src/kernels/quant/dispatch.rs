@@ -12,25 +12,39 @@ pub(super) enum Isa {
     Scalar,
     Avx2,
     Vnni,
+    /// AVX-512 VNNI with 256-bit vectors: the `Vnni` kernels with 32 registers.
+    Vnni512,
 }
 
 impl Isa {
     /// The fastest variant this CPU can run.
     pub(super) fn detect() -> Isa {
+        [Isa::Vnni512, Isa::Vnni, Isa::Avx2].into_iter().find(|i| i.runs_here()).unwrap_or(Isa::Scalar)
+    }
+
+    /// Whether this CPU has the features the variant is compiled for.
+    fn runs_here(self) -> bool {
         #[cfg(target_arch = "x86_64")]
         {
             use std::is_x86_feature_detected as has;
-            if has!("avx2") && has!("fma") && has!("f16c") {
-                return if has!("avxvnni") { Isa::Vnni } else { Isa::Avx2 };
+            let avx2 = has!("avx2") && has!("fma") && has!("f16c");
+            match self {
+                Isa::Scalar => true,
+                Isa::Avx2 => avx2,
+                Isa::Vnni => avx2 && has!("avxvnni"),
+                Isa::Vnni512 => avx2 && has!("avx512f") && has!("avx512vl") && has!("avx512bw") && has!("avx512vnni"),
             }
         }
-        Isa::Scalar
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == Isa::Scalar
+        }
     }
 
     /// Every variant this CPU can run, slowest first.
     #[cfg(test)]
     pub(super) fn available() -> Vec<Isa> {
-        [Isa::Scalar, Isa::Avx2, Isa::Vnni].into_iter().filter(|&i| i <= Self::detect()).collect()
+        [Isa::Scalar, Isa::Avx2, Isa::Vnni, Isa::Vnni512].into_iter().filter(|i| i.runs_here()).collect()
     }
 }
 
@@ -53,20 +67,23 @@ pub(super) const ROWS: usize = 4;
 
 /// `N` weight rows of type `ty` against one activation row; each result equals `dot` on its row.
 pub(super) fn dotn<const N: usize>(isa: Isa, ty: TensorType, w: [&[u8]; N], x: &Q8Row) -> [f32; N] {
-    // SAFETY: `isa` is at most `Isa::detect()`, which detected the features each variant is
-    // compiled for; `QWeight::new` checked every row's length.
+    // SAFETY: `isa` comes from `Isa::detect()` (or, in tests, `Isa::available()`), which checked
+    // the features each variant is compiled for; `QWeight::new` checked every row's length.
     #[cfg(target_arch = "x86_64")]
     unsafe {
         match (isa, ty) {
             (Isa::Scalar, _) => {}
-            (_, TensorType::Q4K) => return x86::k::dot_q4_k_q8_k(w, [x])[0],
-            (_, TensorType::Q6K) => return x86::k::dot_q6_k_q8_k(w, [x])[0],
+            (_, TensorType::Q4K) => return x86::k::avx2::dot_q4_k_q8_k(w, [x])[0],
+            (_, TensorType::Q6K) => return x86::k::avx2::dot_q6_k_q8_k(w, [x])[0],
+            (Isa::Vnni512, TensorType::Q4_1) => return x86::vnni512::dotn_q4_1_q8_1(w, x),
+            (Isa::Vnni512, TensorType::Q5_0) => return x86::vnni512::dotnm_signed::<N, 1, true>(w, [x])[0],
+            (Isa::Vnni512, _) => return x86::vnni512::dotnm_signed::<N, 1, false>(w, [x])[0],
             (Isa::Vnni, TensorType::Q4_1) => return x86::vnni::dotn_q4_1_q8_1(w, x),
-            (Isa::Vnni, TensorType::Q5_0) => return x86::vnni::dotn_signed::<N, true>(w, x),
-            (Isa::Vnni, _) => return x86::vnni::dotn_signed::<N, false>(w, x),
+            (Isa::Vnni, TensorType::Q5_0) => return x86::vnni::dotnm_signed::<N, 1, true>(w, [x])[0],
+            (Isa::Vnni, _) => return x86::vnni::dotnm_signed::<N, 1, false>(w, [x])[0],
             (Isa::Avx2, TensorType::Q4_1) => return x86::avx2::dotn_q4_1_q8_1(w, x),
-            (Isa::Avx2, TensorType::Q5_0) => return x86::avx2::dotn_signed::<N, true>(w, x),
-            (Isa::Avx2, _) => return x86::avx2::dotn_signed::<N, false>(w, x),
+            (Isa::Avx2, TensorType::Q5_0) => return x86::avx2::dotnm_signed::<N, 1, true>(w, [x])[0],
+            (Isa::Avx2, _) => return x86::avx2::dotnm_signed::<N, 1, false>(w, [x])[0],
         }
     }
     w.map(|r| dot(Isa::Scalar, ty, r, x))
@@ -79,15 +96,38 @@ pub(super) fn dotn2(isa: Isa, ty: TensorType, w: [&[u8]; ROWS], x: [&Q8Row; 2]) 
     unsafe {
         match (isa, ty) {
             (Isa::Scalar, _) => {}
-            (_, TensorType::Q4K) => return x86::k::dot_q4_k_q8_k(w, x),
-            (_, TensorType::Q6K) => return x86::k::dot_q6_k_q8_k(w, x),
+            (_, TensorType::Q4K) => return x86::k::avx2::dot_q4_k_q8_k(w, x),
+            (_, TensorType::Q6K) => return x86::k::avx2::dot_q6_k_q8_k(w, x),
+            (Isa::Vnni512, TensorType::Q4_1) => return x86::vnni512::dotn2_q4_1_q8_1(w, x),
+            (Isa::Vnni512, TensorType::Q5_0) => return x86::vnni512::dotnm_signed::<ROWS, 2, true>(w, x),
+            (Isa::Vnni512, _) => return x86::vnni512::dotnm_signed::<ROWS, 2, false>(w, x),
             (Isa::Vnni, TensorType::Q4_1) => return x86::vnni::dotn2_q4_1_q8_1(w, x),
-            (Isa::Vnni, TensorType::Q5_0) => return x86::vnni::dotn2_signed::<ROWS, true>(w, x),
-            (Isa::Vnni, _) => return x86::vnni::dotn2_signed::<ROWS, false>(w, x),
+            (Isa::Vnni, TensorType::Q5_0) => return x86::vnni::dotnm_signed::<ROWS, 2, true>(w, x),
+            (Isa::Vnni, _) => return x86::vnni::dotnm_signed::<ROWS, 2, false>(w, x),
             (Isa::Avx2, TensorType::Q4_1) => return x86::avx2::dotn2_q4_1_q8_1(w, x),
-            (Isa::Avx2, TensorType::Q5_0) => return x86::avx2::dotn2_signed::<ROWS, true>(w, x),
-            (Isa::Avx2, _) => return x86::avx2::dotn2_signed::<ROWS, false>(w, x),
+            (Isa::Avx2, TensorType::Q5_0) => return x86::avx2::dotnm_signed::<ROWS, 2, true>(w, x),
+            (Isa::Avx2, _) => return x86::avx2::dotnm_signed::<ROWS, 2, false>(w, x),
         }
     }
     x.map(|x| dotn(isa, ty, w, x))
+}
+
+/// `ROWS` weight rows against four activation rows; `[a][i]` equals `dot` on row `i` and
+/// activation `a`. Q5_0, Q8_0, Q4_K and Q6_K on AVX-512 take all four at once (each block
+/// decoded once for four activations; AVX2's 16 registers would spill); everything else, two
+/// pairs.
+pub(super) fn dotn4(isa: Isa, ty: TensorType, w: [&[u8]; ROWS], x: [&Q8Row; 4]) -> [[f32; ROWS]; 4] {
+    // SAFETY: as in `dotn`.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        match (isa, ty) {
+            (Isa::Vnni512, TensorType::Q5_0) => return x86::vnni512::dotnm_signed::<ROWS, 4, true>(w, x),
+            (Isa::Vnni512, TensorType::Q8_0) => return x86::vnni512::dotnm_signed::<ROWS, 4, false>(w, x),
+            (Isa::Vnni512, TensorType::Q4K) => return x86::k::avx512::dot_q4_k_q8_k::<ROWS, 4>(w, x),
+            (Isa::Vnni512, TensorType::Q6K) => return x86::k::avx512::dot_q6_k_q8_k::<ROWS, 4>(w, x),
+            _ => {}
+        }
+    }
+    let ([a, b], [c, d]) = (dotn2(isa, ty, w, [x[0], x[1]]), dotn2(isa, ty, w, [x[2], x[3]]));
+    [a, b, c, d]
 }

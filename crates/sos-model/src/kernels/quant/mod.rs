@@ -25,7 +25,7 @@ use rayon::prelude::*;
 
 pub(crate) use act::{ActFormat, Q8Row};
 use act::{quantize_q8, quantize_q8_k, QK, QK_K};
-use dispatch::{dot, dotn, dotn2, Isa, ROWS};
+use dispatch::{dot, dotn, dotn2, dotn4, Isa, ROWS};
 
 use crate::bytes::SharedBytes;
 use crate::error::{Error, Result};
@@ -165,23 +165,31 @@ impl QWeight {
         out_t.par_chunks_mut(rows_per_task * m).enumerate().for_each(|(task, chunk)| {
             let (r0, rows) = (task * rows_per_task, chunk.len() / m);
             // Rows in groups of `ROWS` (independent accumulator chains), the rest one by one;
-            // activations two at a time, so that each weight block is unpacked once for both.
+            // activations four at a time, then a pair, then one, so that each weight block is
+            // unpacked once for several.
             let grouped = rows - rows % ROWS;
             for i in (0..grouped).step_by(ROWS) {
                 self.prefetch_rows(r0 + i);
                 let w = std::array::from_fn(|g| self.row(r0 + i + g));
-                let mut pairs = qx.chunks_exact(2);
-                for (jp, q) in (&mut pairs).enumerate() {
-                    for (a, v) in dotn2(isa, self.ty, w, [&q[0], &q[1]]).into_iter().enumerate() {
-                        for (g, v) in v.into_iter().enumerate() {
-                            chunk[(i + g) * m + 2 * jp + a] = v;
+                let mut put = |j0: usize, vs: &[[f32; ROWS]]| {
+                    for (a, v) in vs.iter().enumerate() {
+                        for (g, &v) in v.iter().enumerate() {
+                            chunk[(i + g) * m + j0 + a] = v;
                         }
                     }
+                };
+                let mut quads = qx.chunks_exact(4);
+                for (jq, q) in (&mut quads).enumerate() {
+                    put(4 * jq, &dotn4(isa, self.ty, w, [&q[0], &q[1], &q[2], &q[3]]));
+                }
+                let rest = quads.remainder();
+                let j0 = m - rest.len();
+                let mut pairs = rest.chunks_exact(2);
+                for (jp, q) in (&mut pairs).enumerate() {
+                    put(j0 + 2 * jp, &dotn2(isa, self.ty, w, [&q[0], &q[1]]));
                 }
                 if let [q] = pairs.remainder() {
-                    for (g, v) in dotn(isa, self.ty, w, q).into_iter().enumerate() {
-                        chunk[(i + g) * m + m - 1] = v;
-                    }
+                    put(m - 1, &[dotn(isa, self.ty, w, q)]);
                 }
             }
             for i in grouped..rows {

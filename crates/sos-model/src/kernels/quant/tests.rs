@@ -1,7 +1,7 @@
 //! The kernels against the dequantized product, ggml's activation rules, and each other.
 
 use super::act::{quantize_q8, quantize_q8_k, round_half_even};
-use super::dispatch::{dot, dotn, dotn2, Isa, ROWS};
+use super::dispatch::{dot, dotn, dotn2, dotn4, Isa, ROWS};
 use super::*;
 use rand::{Rng, SeedableRng};
 
@@ -112,7 +112,7 @@ fn matvec_many_equals_separate_matvecs() {
 fn batched_products_equal_one_activation_at_a_time() {
     for (ty, cols) in CASES {
         let (w, _) = random_weight(ty, 37, cols, 9);
-        for m in [1, 2, 5] {
+        for m in [1, 2, 5, 7, 8] {
             let x: Vec<f32> = (0..m * cols).map(|i| (i as f32 * 0.61).cos() * (1.0 + (i % 7) as f32)).collect();
             let batch = w.matmul(&x, m);
             for j in 0..m {
@@ -120,15 +120,24 @@ fn batched_products_equal_one_activation_at_a_time() {
                 assert_eq!(&batch[j * 37..(j + 1) * 37], &one[..], "{} m={m} j={j}", ty.name());
             }
         }
-        let qx: Vec<Q8Row> = (0..2).map(|j| w.quantize(&(0..cols).map(|i| ((i * (j + 3)) as f32 * 0.13).sin()).collect::<Vec<_>>())).collect();
+        let qx: Vec<Q8Row> = (0..4).map(|j| w.quantize(&(0..cols).map(|i| ((i * (j + 3)) as f32 * 0.13).sin()).collect::<Vec<_>>())).collect();
         for isa in Isa::available() {
             let rows = std::array::from_fn(|g| w.row(4 + g));
             let pair = dotn2(isa, ty, rows, [&qx[0], &qx[1]]);
-            for a in 0..2 {
+            let quad = dotn4(isa, ty, rows, [&qx[0], &qx[1], &qx[2], &qx[3]]);
+            for a in 0..4 {
                 for g in 0..ROWS {
-                    assert_eq!(pair[a][g].to_bits(), dot(isa, ty, w.row(4 + g), &qx[a]).to_bits(), "{} {isa:?}", ty.name());
+                    let one = dot(isa, ty, w.row(4 + g), &qx[a]).to_bits();
+                    assert_eq!(quad[a][g].to_bits(), one, "{} {isa:?} quad", ty.name());
+                    if a < 2 {
+                        assert_eq!(pair[a][g].to_bits(), one, "{} {isa:?} pair", ty.name());
+                    }
                 }
             }
+            // Every variant agrees with the scalar kernel to rounding (the SIMD lanes sum in
+            // another order than the scalar loop).
+            let scalar = dot(Isa::Scalar, ty, w.row(4), &qx[0]);
+            assert!((quad[0][0] - scalar).abs() <= 1e-4 * scalar.abs().max(1.0), "{} {isa:?}", ty.name());
         }
     }
 }

@@ -126,51 +126,29 @@ macro_rules! x86_kernels {
                 (_mm256_or_si256(nibbles(blk.add(6)), _mm256_andnot_si256(set, high)), dw)
             }
 
-            /// `N` Q5_0 (`Q5`) or Q8_0 rows against the same Q8_0 activations, as `dotn_q4_1_q8_1`.
+            /// `N` Q5_0 (`Q5`) or Q8_0 rows against `M` Q8_0 activation rows (`M` = 1: one), each
+            /// block decoded once for all of them. As in `dotn_q4_1_q8_1`, every (row, activation)
+            /// pair keeps one accumulator and the blocks in order, ggml's summation order, whatever
+            /// `N` and `M` are.
             #[target_feature(enable = $feat)]
-            pub unsafe fn dotn_signed<const N: usize, const Q5: bool>(w: [&[u8]; N], x: &Q8Row) -> [f32; N] {
-                let bb = if Q5 { 22 } else { 34 };
-                let nb = w[0].len() / bb;
-                debug_assert!(w.iter().all(|r| r.len() == w[0].len()) && x.q.len() >= nb * QK && x.d.len() >= nb);
-                let mut acc = [_mm256_setzero_ps(); N];
-                let p = w.map(|r| r.as_ptr());
-                let (xq, xd) = (x.q.as_ptr(), x.d.as_ptr());
-                for b in 0..nb {
-                    let d = *xd.add(b);
-                    let qx = _mm256_loadu_si256(xq.add(b * QK) as *const __m256i);
-                    for i in 0..N {
-                        let (qw, dw) = signed_block::<Q5>(p[i].add(b * bb));
-                        acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(dw * d), sdot(qw, qx), acc[i]);
-                    }
-                }
-                let mut out = [0f32; N];
-                for i in 0..N {
-                    out[i] = hsum(acc[i]);
-                }
-                out
-            }
-
-            /// `N` Q5_0 (`Q5`) or Q8_0 rows against two activation rows, each block decoded once
-            /// for both; every pair keeps `dotn_signed`'s operations and order.
-            #[target_feature(enable = $feat)]
-            pub unsafe fn dotn2_signed<const N: usize, const Q5: bool>(w: [&[u8]; N], x: [&Q8Row; 2]) -> [[f32; N]; 2] {
+            pub unsafe fn dotnm_signed<const N: usize, const M: usize, const Q5: bool>(w: [&[u8]; N], x: [&Q8Row; M]) -> [[f32; N]; M] {
                 let bb = if Q5 { 22 } else { 34 };
                 let nb = w[0].len() / bb;
                 debug_assert!(w.iter().all(|r| r.len() == w[0].len()) && x.iter().all(|x| x.q.len() >= nb * QK && x.d.len() >= nb));
-                let mut acc = [[_mm256_setzero_ps(); N]; 2];
+                let mut acc = [[_mm256_setzero_ps(); N]; M];
                 let p = w.map(|r| r.as_ptr());
                 for b in 0..nb {
                     let qx = x.map(|x| _mm256_loadu_si256(x.q.as_ptr().add(b * QK) as *const __m256i));
                     let d = x.map(|x| *x.d.get_unchecked(b));
                     for i in 0..N {
                         let (qw, dw) = signed_block::<Q5>(p[i].add(b * bb));
-                        for a in 0..2 {
+                        for a in 0..M {
                             acc[a][i] = _mm256_fmadd_ps(_mm256_set1_ps(dw * d[a]), sdot(qw, qx[a]), acc[a][i]);
                         }
                     }
                 }
-                let mut out = [[0f32; N]; 2];
-                for a in 0..2 {
+                let mut out = [[0f32; N]; M];
+                for a in 0..M {
                     for i in 0..N {
                         out[a][i] = hsum(acc[a][i]);
                     }
@@ -200,6 +178,9 @@ unsafe fn hsum4(s: __m128) -> f32 {
 
 x86_kernels!(avx2, "avx2,fma,f16c", |a, b| _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1)));
 x86_kernels!(vnni, "avx2,fma,f16c,avxvnni", |a, b| _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), a, b));
+// The same 256-bit kernels with AVX-512's encoding: 32 vector registers, which hold the 16
+// accumulators of 4 rows x 4 activations (`dotnm_signed`) without spilling.
+x86_kernels!(vnni512, "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni", |a, b| _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b));
 
 
 pub mod k;
