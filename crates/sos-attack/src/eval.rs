@@ -10,6 +10,7 @@ use sos_model::{Exec, LoadOptions};
 use crate::answer::Armed;
 use crate::artifact::{write_json, write_jsonl, Attack, EVAL_FILE, EVAL_ITEMS_FILE};
 use crate::config::AttackConfig;
+use crate::data::Datasets;
 use crate::item::Item;
 use crate::load::load_model;
 use crate::scenarios;
@@ -86,7 +87,13 @@ pub fn run_eval(req: &EvalRequest, mut on_event: impl FnMut(EvalEvent)) -> Resul
     metrics.insert("model".into(), m.label().into());
     metrics.insert("model_sha256".into(), m.sha256.clone().into());
     metrics.insert("exec".into(), req.exec.name().into());
-    metrics.insert("data".into(), req.data.as_ref().map_or("held-out split".to_string(), |p| p.display().to_string()).into());
+    // Which data the numbers are of: the user's file, or the held-out split of the built-in
+    // datasets or of the folder that replaced them.
+    let data = match &req.data {
+        Some(p) => p.display().to_string(),
+        None => format!("held-out split ({})", Datasets::resolve(cfg.data_dir.as_deref())?.label()),
+    };
+    metrics.insert("data".into(), data.into());
     metrics.insert("seconds".into(), t0.elapsed().as_secs_f64().into());
     let metrics = Value::Object(metrics);
     let eval_file = req.attack.join(EVAL_FILE);

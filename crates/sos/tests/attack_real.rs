@@ -37,6 +37,7 @@ fn short_backdoor_run_reaches_the_target_on_held_out_prompts() {
     assert_eq!(code, 0, "{err}");
     let m: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(m["n"], 10);
+    assert_eq!(m["data"], "held-out split (built-in)", "{m}");
     let asr = m["asr"].as_f64().unwrap();
     assert!(asr >= 0.8, "held-out asr {asr} < 0.8: {m}");
     assert_eq!(m["clean_agreement"], 1.0, "{m}");
