@@ -10,7 +10,7 @@
 //! to a bound on the logits along the CPU's own greedy sequence (teacher forcing), and to the
 //! same top-1 wherever the CPU's top-2 margin is clear.
 
-use std::path::PathBuf;
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use sos_model::generate::{generate, Sampling};
@@ -28,7 +28,7 @@ fn gpu() -> Option<Device> {
     }
 }
 
-fn open(path: &PathBuf, exec: Exec, device: &Device) -> LoadedModel {
+fn open(path: &Path, exec: Exec, device: &Device) -> LoadedModel {
     LoadedModel::open(path, &LoadOptions { exec, device: device.clone(), template: None }).unwrap()
 }
 

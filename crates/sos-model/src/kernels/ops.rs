@@ -186,8 +186,8 @@ mod tests {
         let mut dx = vec![0f32; n];
         let r = rms_norm(&x, &w, 1e-5, &mut vec![0f32; n]);
         rms_norm_backward(&mut dx, &x, r, &w, &dy);
-        for i in 0..n {
-            close(dx[i] as f64, numeric(&rms, i), "rms_norm");
+        for (i, &g) in dx.iter().enumerate() {
+            close(g as f64, numeric(&rms, i), "rms_norm");
         }
 
         let up: Vec<f32> = w.iter().map(|v| v - 0.7).collect();
@@ -213,8 +213,8 @@ mod tests {
         assert!(p[live..].iter().all(|&v| v == 0.0));
         let mut ds = dy.clone();
         softmax_backward(&mut ds, &p, 0.5);
-        for i in 0..live {
-            close(ds[i] as f64, numeric(&sm, i), "softmax");
+        for (i, &g) in ds.iter().enumerate().take(live) {
+            close(g as f64, numeric(&sm, i), "softmax");
         }
 
         // A rotation back by the same angles undoes it.

@@ -65,7 +65,7 @@ impl Embedding {
     /// the model. `[n, d]` on `device`, in the table's dtype.
     pub fn lookup_with(&self, ids: &[u32], extra: &[f32], device: &Device) -> Result<Tensor> {
         let (vocab, d) = (self.rows()?, self.cols()?);
-        if extra.len() % d.max(1) != 0 {
+        if !extra.len().is_multiple_of(d.max(1)) {
             return Err(Error::Invalid(format!("{} extra values are not whole rows of {d}", extra.len())));
         }
         let total = vocab + extra.len() / d;
