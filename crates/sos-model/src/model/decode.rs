@@ -300,8 +300,8 @@ impl Model {
             let a = rms_norm(&h, &lw.attn_norm, eps);
             self.products(team, &[&l.wq, &l.wk, &l.wv], &a, &[&b.q, &b.k, &b.v])?;
             team.sync()?;
-            // SAFETY: q, k and v were written before the sync above and are next written in the
-            // next layer, after three more syncs.
+            // SAFETY: q, k and v were written before the sync above and are next written by the
+            // next layer's first products, five syncs later.
             let (mut q, mut k, mut v) = unsafe { (b.q.whole().to_vec(), b.k.whole().to_vec(), b.v.whole().to_vec()) };
             add_bias(&mut q, &lw.bq);
             add_bias(&mut k, &lw.bk);
@@ -326,8 +326,8 @@ impl Model {
             }
             team.sync()?;
             let heads = team.share(c.n_head, 1);
-            // SAFETY: the members' head shares are disjoint; `o` was last read (by `wo`'s product)
-            // in the previous layer, two syncs ago.
+            // SAFETY: the members' head shares are disjoint; `o` was last read by the previous
+            // layer's `wo` product, five syncs ago.
             let o = unsafe { b.o.part(heads.start * hd..heads.end * hd) };
             // SAFETY: this layer's cache was written before the sync above, and is next written
             // at the next token's step.
@@ -338,8 +338,8 @@ impl Model {
             // written in the next layer.
             self.products(team, &[&l.wo], unsafe { b.o.whole() }, &[&b.attn])?;
             team.sync()?;
-            // SAFETY: `attn` was written before the sync above, and is next written in the next
-            // layer, after three more syncs.
+            // SAFETY: `attn` was written before the sync above, and is next written by the next
+            // layer's `wo` product, five syncs later.
             add(&mut h, unsafe { b.attn.whole() });
             let m = rms_norm(&h, &lw.ffn_norm, eps);
             self.products(team, &[&l.w_gate, &l.w_up], &m, &[&b.gate, &b.up])?;
@@ -353,8 +353,8 @@ impl Model {
             // SAFETY: every member wrote its rows of `f` before the sync above.
             self.products(team, &[&l.w_down], unsafe { b.f.whole() }, &[&b.down])?;
             team.sync()?;
-            // SAFETY: `down` was written before the sync above and is next written in the next
-            // layer, after four more syncs.
+            // SAFETY: `down` was written before the sync above, and is next written by the next
+            // layer's `down` product, five syncs later.
             add(&mut h, unsafe { b.down.whole() });
         }
         let hn = rms_norm(&h, &w.norm, eps);
