@@ -67,6 +67,21 @@ fn compare(cpu: &[Vec<f32>], gpu: &[Vec<f32>]) -> (f64, Vec<usize>) {
     (worst, flips)
 }
 
+/// `path` on the CPU and on `gpu`: identical f32 greedy tokens after `prompt` (`n` of them), and
+/// quant logits along the CPU's own greedy sequence within `bound` (relative L2), with the same
+/// top-1 wherever the CPU's is clear.
+fn check_devices(path: &Path, gpu: &Device, prompt: &[u32], n: usize, bound: f64) {
+    let (cpu_f32, gpu_f32) = (open(path, Exec::F32, &Device::Cpu), open(path, Exec::F32, gpu));
+    let want = greedy(&cpu_f32.model, prompt, n);
+    assert_eq!(greedy(&gpu_f32.model, prompt, n), want, "{path:?}: f32 tokens differ between devices");
+    let (cpu_q, gpu_q) = (open(path, Exec::Quant, &Device::Cpu), open(path, Exec::Quant, gpu));
+    let seq: Vec<u32> = prompt.iter().copied().chain(greedy(&cpu_q.model, prompt, n)).collect();
+    let (worst, flips) = compare(&logits(&cpu_q.model, &seq), &logits(&gpu_q.model, &seq));
+    eprintln!("{path:?}: quant logits differ by {worst:.2e} (relative L2), clear top-1 flips at {flips:?}");
+    assert!(worst <= bound, "{path:?}: quant logits differ by {worst:e} > {bound:e}");
+    assert!(flips.is_empty(), "{path:?}: the GPU's top-1 differs where the CPU's is clear, at {flips:?}");
+}
+
 #[test]
 fn cuda_agrees_with_the_cpu_on_tiny_models() {
     let Some(gpu) = gpu() else { return };
@@ -78,16 +93,7 @@ fn cuda_agrees_with_the_cpu_on_tiny_models() {
         let spec = TinySpec { d_model: 64, n_head: 4, n_kv_head: 2, d_ff: 128, quant: ty, ..TinySpec::default() };
         let path = dir.join(format!("{}.gguf", ty.map_or("f32", |t| t.name())));
         spec.write_gguf(&path).unwrap();
-        let prompt = [5, 9, 14, 3, 22];
-        let (cpu_f32, gpu_f32) = (open(&path, Exec::F32, &Device::Cpu), open(&path, Exec::F32, &gpu));
-        let want = greedy(&cpu_f32.model, &prompt, 12);
-        assert_eq!(greedy(&gpu_f32.model, &prompt, 12), want, "{path:?}: f32 tokens differ between devices");
-        let (cpu_q, gpu_q) = (open(&path, Exec::Quant, &Device::Cpu), open(&path, Exec::Quant, &gpu));
-        let seq: Vec<u32> = prompt.iter().copied().chain(greedy(&cpu_q.model, &prompt, 12)).collect();
-        let (worst, flips) = compare(&logits(&cpu_q.model, &seq), &logits(&gpu_q.model, &seq));
-        eprintln!("{path:?}: quant logits differ by {worst:.2e} (relative L2), clear top-1 flips at {flips:?}");
-        assert!(worst <= bound, "{path:?}: quant logits differ by {worst:e} > {bound:e}");
-        assert!(flips.is_empty(), "{path:?}: the GPU's top-1 differs where the CPU's is clear, at {flips:?}");
+        check_devices(&path, &gpu, &[5, 9, 14, 3, 22], 12, bound);
     }
 }
 
@@ -95,13 +101,7 @@ fn cuda_agrees_with_the_cpu_on_tiny_models() {
 fn cuda_agrees_with_the_cpu_on_the_default_model() {
     let Some(gpu) = gpu() else { return };
     let path = cache::resolve(None, &mut |m| eprintln!("{m}")).expect("the default model must be fetchable");
-    let (cpu, dev) = (open(&path, Exec::F32, &Device::Cpu), open(&path, Exec::F32, &gpu));
-    let prompt = cpu.tokenizer.encode("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n").unwrap();
-    let want = greedy(&cpu.model, &prompt, 16);
-    assert_eq!(greedy(&dev.model, &prompt, 16), want, "f32 greedy tokens differ between devices");
-    let (cpu_q, gpu_q) = (open(&path, Exec::Quant, &Device::Cpu), open(&path, Exec::Quant, &gpu));
-    let seq: Vec<u32> = prompt.iter().copied().chain(greedy(&cpu_q.model, &prompt, 16)).collect();
-    let (worst, flips) = compare(&logits(&cpu_q.model, &seq), &logits(&gpu_q.model, &seq));
-    eprintln!("default model, quant: logits differ by {worst:.2e} (relative L2), clear top-1 flips at {flips:?}");
-    assert!(worst <= 3e-2 && flips.is_empty(), "default model quant: {worst:e}, flips at {flips:?}");
+    let tok = sos_model::LoadedModel::open_text(&path, None).unwrap().0;
+    let prompt = tok.encode("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n").unwrap();
+    check_devices(&path, &gpu, &prompt, 16, 3e-2);
 }

@@ -131,7 +131,9 @@ impl Embedding {
     pub fn table_f32(&self) -> Result<Vec<f32>> {
         match self {
             Embedding::Dense(t) => Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?),
-            Embedding::Quant { ty, rows, cols, data } => Ok((0..*rows).map(|r| quant_row(*ty, *cols, data, r)).collect::<Result<Vec<_>>>()?.concat()),
+            Embedding::Quant { ty, rows, cols, data } => {
+                Ok(qtensor_from_ggml(ty.to_candle(), data, vec![*rows, *cols], &Device::Cpu)?.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?)
+            }
         }
     }
 

@@ -111,7 +111,7 @@ impl Loader<'_> {
         self.check_shape(name, &info.shape(), shape)?;
         let bytes = match self.permutation(name) {
             Some(order) => SharedBytes::owned(reorder_rows(g.tensor_bytes(info), &order)),
-            None => g.tensor_shared(info),
+            None => g.tensor_shared(info)?,
         };
         Ok((bytes, info.ty))
     }

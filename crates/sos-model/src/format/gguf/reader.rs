@@ -284,9 +284,11 @@ impl Gguf {
         &self.data[info.offset as usize..(info.offset + info.n_bytes) as usize]
     }
 
-    /// A tensor's bytes, sharing the file's map instead of copying it.
-    pub fn tensor_shared(&self, info: &TensorInfo) -> SharedBytes {
-        self.data.slice(info.offset as usize..(info.offset + info.n_bytes) as usize).expect("tensor extents were checked against the file when it was parsed")
+    /// A tensor's bytes, sharing the file's map instead of copying it; an error for an extent
+    /// outside the file (a `TensorInfo` of another file).
+    pub fn tensor_shared(&self, info: &TensorInfo) -> Result<SharedBytes> {
+        let (start, end) = (info.offset as usize, info.offset.saturating_add(info.n_bytes) as usize);
+        self.data.slice(start..end).ok_or_else(|| Error::format(&self.path, format!("tensor `{}` lies outside the file", info.name)))
     }
 
     /// The whole mapped file, for hashing without a second read.
