@@ -78,6 +78,24 @@ impl Linear {
             }
         })
     }
+    /// `forward` of several maps that read the same `x` (q/k/v, gate/up): quantized kernels of
+    /// one activation format share one quantized `x` and one job on the pool.
+    pub fn forward_many(ls: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
+        let kernels: Option<Vec<&QWeight>> = ls.iter().map(|l| if let Linear::Kernel(w) = l { Some(w) } else { None }).collect();
+        match kernels {
+            Some(ws) if ws.len() > 1 && ws.iter().all(|w| w.act_format() == ws[0].act_format() && w.cols == ws[0].cols) => {
+                let n = x.dim(0)?;
+                let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                QWeight::matmul_many(&ws, &xs, n)
+                    .into_iter()
+                    .zip(&ws)
+                    .map(|(y, w)| Ok(Tensor::from_vec(y, (n, w.rows), x.device())?.to_dtype(x.dtype())?))
+                    .collect()
+            }
+            _ => ls.iter().map(|l| l.forward(x)).collect(),
+        }
+    }
+
     /// The input gradient `dx = dy W` (`[n, out]` -> `[n, in]`); the weight gets none.
     pub fn backward_input(&self, dy: &Tensor) -> Result<Tensor> {
         match self {

@@ -87,7 +87,8 @@ impl Model {
         let o = self.attention_out(&p, &v, b, t)?;
         let x1 = (x + l.wo.forward(&o)?.reshape((b, t, d))?)?;
         let m = rms_norm(&x1, &l.ffn_norm, eps)?.reshape((b * t, d))?;
-        let f = (l.w_gate.forward(&m)?.silu()? * l.w_up.forward(&m)?)?;
+        let [gate, up]: [Tensor; 2] = Linear::forward_many(&[&l.w_gate, &l.w_up], &m)?.try_into().expect("two products");
+        let f = (gate.silu()? * up)?;
         Ok((x1 + l.w_down.forward(&f)?.reshape((b, t, d))?)?)
     }
 
@@ -105,9 +106,10 @@ impl Model {
         let heads = |x: Tensor, n: usize| -> Result<Tensor> {
             Ok(x.reshape((b, t, n, c.head_dim))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = heads(bias_add(l.wq.forward(a)?, &l.bq)?, c.n_head)?;
-        let k = heads(bias_add(l.wk.forward(a)?, &l.bk)?, c.n_kv_head)?;
-        let v = heads(bias_add(l.wv.forward(a)?, &l.bv)?, c.n_kv_head)?;
+        let [q, k, v]: [Tensor; 3] = Linear::forward_many(&[&l.wq, &l.wk, &l.wv], a)?.try_into().expect("three products");
+        let q = heads(bias_add(q, &l.bq)?, c.n_head)?;
+        let k = heads(bias_add(k, &l.bk)?, c.n_kv_head)?;
+        let v = heads(bias_add(v, &l.bv)?, c.n_kv_head)?;
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
         Ok((q, k, v))

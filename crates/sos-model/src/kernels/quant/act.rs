@@ -55,32 +55,45 @@ pub(super) fn quantize_q8(x: &[f32], with_sum: bool) -> Q8Row {
 /// where `max` is the value of largest magnitude (so the scale `d = 1 / (-127 / max)` may be
 /// negative), kept in f32, and the sum of each 16 values.
 pub(super) fn quantize_q8_k(x: &[f32]) -> Q8Row {
-    let nb = x.len() / QK_K;
-    let mut d = Vec::with_capacity(nb);
+    let mut d = Vec::with_capacity(x.len() / QK_K);
     let mut q = vec![0i8; x.len()];
     let mut sums = vec![0i16; x.len() / 16];
-    for (b, blk) in x.chunks_exact(QK_K).enumerate() {
-        let (mut amax, mut max) = (0f32, 0f32);
-        for &v in blk {
-            if v.abs() > amax {
-                (amax, max) = (v.abs(), v);
-            }
-        }
-        if amax == 0.0 {
-            d.push(0.0);
+    #[cfg(target_arch = "x86_64")]
+    let simd = super::dispatch::Isa::detect() == super::dispatch::Isa::Vnni512;
+    for ((blk, qb), sb) in x.chunks_exact(QK_K).zip(q.chunks_exact_mut(QK_K)).zip(sums.chunks_exact_mut(16)) {
+        let (blk, qb, sb) = (blk.try_into().unwrap(), qb.try_into().unwrap(), sb.try_into().unwrap());
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: `Isa::Vnni512` includes AVX-512 F and BW.
+            d.push(unsafe { super::x86::act::q8_k_block(blk, qb, sb) });
             continue;
         }
-        let iscale = -127.0 / max;
-        let qb = &mut q[b * QK_K..(b + 1) * QK_K];
-        for (qv, &v) in qb.iter_mut().zip(blk) {
-            *qv = (round_half_even(iscale * v) as i32).min(127) as i8;
-        }
-        for (sum, g) in sums[b * 16..(b + 1) * 16].iter_mut().zip(qb.chunks_exact(16)) {
-            *sum = g.iter().map(|&v| v as i16).sum();
-        }
-        d.push(1.0 / iscale);
+        d.push(q8_k_block(blk, qb, sb));
     }
     Q8Row { d, s: Vec::new(), q, sums }
+}
+
+/// One super-block of `quantize_q8_k`: its scale, values and sums of 16.
+pub(super) fn q8_k_block(x: &[f32; QK_K], q: &mut [i8; QK_K], sums: &mut [i16; 16]) -> f32 {
+    let (mut amax, mut max) = (0f32, 0f32);
+    for &v in x {
+        if v.abs() > amax {
+            (amax, max) = (v.abs(), v);
+        }
+    }
+    if amax == 0.0 {
+        q.fill(0);
+        sums.fill(0);
+        return 0.0;
+    }
+    let iscale = -127.0 / max;
+    for (qv, &v) in q.iter_mut().zip(x) {
+        *qv = (round_half_even(iscale * v) as i32).min(127) as i8;
+    }
+    for (sum, g) in sums.iter_mut().zip(q.chunks_exact(16)) {
+        *sum = g.iter().map(|&v| v as i16).sum();
+    }
+    1.0 / iscale
 }
 
 /// Round half to even for |v| < 2^22 (here |v| <= 127): adding 1.5 * 2^23 pushes the fraction

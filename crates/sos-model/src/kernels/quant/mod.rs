@@ -5,11 +5,15 @@
 //! The arithmetic follows ggml's CPU path, so `--exec quant` agrees with llama.cpp: activations
 //! are quantized per 32-block to Q8_1 (for Q4_1 weights) or Q8_0 (Q5_0, Q8_0 weights), or per
 //! 256-block to Q8_K (K-quants), with round-half-even; integer dot products per block, one f32
-//! scale per block pair. Output rows are split across the rayon pool.
+//! scale per block pair. For Q5_0, Q8_0, Q4_K and Q6_K every kernel keeps one rule: a block's
+//! integer sum is exact, and the blocks meet `d_w * d_x` in order, one fused multiply-add each,
+//! per (row, activation). So all kernels give the same bits (`scalar.rs` is the reference), and a
+//! batch gives what each activation gives alone. Output rows are split across the rayon pool.
 //!
 //! Files by job: `act.rs` quantizes activations; `dispatch.rs` picks the kernel for a weight type
 //! and CPU (`Isa`); `scalar.rs` holds the reference kernels; `x86.rs` (Q4_1, Q5_0, Q8_0) and
-//! `x86/k.rs` (Q4_K, Q6_K) the SIMD ones.
+//! `x86/k.rs` (Q4_K, Q6_K) the one-activation SIMD ones; `x86/tiled.rs` the AVX-512 VNNI
+//! kernels for batches (prompts), which decode a tile of weight rows once for all activations.
 
 mod act;
 mod dispatch;
@@ -156,11 +160,37 @@ impl QWeight {
 
     /// `x: [m, cols]` (row-major) -> `[m, rows]`.
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        assert_eq!(x.len(), m * self.cols, "activation shape");
-        let qx: Vec<Q8Row> = x.par_chunks(self.cols).map(|r| self.quantize(r)).collect();
+        Self::matmul_many(&[self], x, m).pop().expect("one weight, one product")
+    }
+
+    /// `x W_i^T` (`[m, rows_i]` each) for weights of one activation format and width that read
+    /// the same input `x: [m, cols]` (q/k/v, gate/up): `x` is quantized once, and on AVX-512
+    /// VNNI CPUs all the products go to the pool as one job.
+    pub fn matmul_many(ws: &[&QWeight], x: &[f32], m: usize) -> Vec<Vec<f32>> {
+        let Some(first) = ws.first() else { return Vec::new() };
+        assert!(
+            ws.iter().all(|w| w.act_format() == first.act_format() && w.cols == first.cols),
+            "matmul_many: mixed activation formats or widths"
+        );
+        assert_eq!(x.len(), m * first.cols, "activation shape");
+        let qx: Vec<Q8Row> = x.par_chunks(first.cols).map(|r| first.quantize(r)).collect();
         let isa = Isa::detect();
-        // Transposed result [rows, m]: each task owns whole weight rows and reads each once.
-        let mut out_t = vec![0f32; self.rows * m];
+        let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; w.rows * m]).collect();
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Vnni512 && m >= TILED_MIN && first.act_format() != ActFormat::Q8_1 {
+            products_tiled(ws, &qx, m, &mut outs);
+            return outs;
+        }
+        // Transposed results [rows, m]: each task owns whole weight rows and reads each once.
+        for (w, out) in ws.iter().zip(outs.iter_mut()) {
+            w.products(isa, &qx, m, out);
+        }
+        outs.into_iter().zip(ws).map(|(o, w)| transpose(o, w.rows, m)).collect()
+    }
+
+    /// `[rows, m]` products of every row against every activation of `qx`, with the
+    /// one-activation kernels.
+    fn products(&self, isa: Isa, qx: &[Q8Row], m: usize, out_t: &mut [f32]) {
         let rows_per_task = 16;
         out_t.par_chunks_mut(rows_per_task * m).enumerate().for_each(|(task, chunk)| {
             let (r0, rows) = (task * rows_per_task, chunk.len() / m);
@@ -198,15 +228,77 @@ impl QWeight {
                 }
             }
         });
-        if m == 1 {
-            return out_t;
-        }
-        let mut out = vec![0f32; m * self.rows];
-        out.par_chunks_mut(self.rows).enumerate().for_each(|(j, row)| {
-            for (r, o) in row.iter_mut().enumerate() {
-                *o = out_t[r * m + j];
-            }
-        });
-        out
     }
+}
+
+/// `matmul_many`'s products with the tiled kernels (`x86/tiled.rs`), into `outs` (`[m, rows]`
+/// per weight): each task decodes `TILE` rows of one weight once, runs them against every
+/// group of 16 activations and writes their columns; the activations are laid out once for all
+/// weights.
+#[cfg(target_arch = "x86_64")]
+fn products_tiled(ws: &[&QWeight], qx: &[Q8Row], m: usize, outs: &mut [Vec<f32>]) {
+    use x86::tiled::{run, Panel, Tile, TILE};
+
+    /// Column `r0` of one weight's output `[m, rows]`.
+    #[derive(Clone, Copy)]
+    struct Columns(*mut f32);
+    // SAFETY: each task writes only the `TILE` columns from its own `r0`, which no other task
+    // writes or reads, and `for_each_init` returns only after every task has finished.
+    unsafe impl Send for Columns {}
+    // SAFETY: as for `Send`.
+    unsafe impl Sync for Columns {}
+
+    let panel = Panel::new(qx, ws[0].ty, ws[0].cols);
+    let tasks: Vec<(&QWeight, usize, Columns)> = ws
+        .iter()
+        .zip(outs.iter_mut())
+        .flat_map(|(w, out)| {
+            let base = out.as_mut_ptr();
+            // SAFETY: `r0 < w.rows`, so the column lies inside the `m * rows` buffer.
+            (0..w.rows).step_by(TILE).map(move |r0| (*w, r0, Columns(unsafe { base.add(r0) })))
+        })
+        .collect();
+    tasks.into_par_iter().for_each_init(
+        || None::<Tile>,
+        |tile, (w, r0, out)| {
+            let tile = match tile {
+                Some(t) if t.decodes(w.ty) => t,
+                _ => tile.insert(Tile::new(w.ty, w.cols)),
+            };
+            let n = TILE.min(w.rows - r0);
+            // The pool hands each thread consecutive tasks: ask for the next tile's rows now, so
+            // that they arrive from memory while this tile's products run.
+            let rb = w.row_bytes();
+            let next = ((r0 + TILE) * rb).min(w.data.len())..((r0 + 2 * TILE) * rb).min(w.data.len());
+            prefetch(&w.data[next]);
+            let mut rows: [&[u8]; TILE] = [&[]; TILE];
+            for (i, row) in rows.iter_mut().take(n).enumerate() {
+                *row = w.row(r0 + i);
+            }
+            // SAFETY: the caller checked `Isa::Vnni512`, whose features these kernels are
+            // compiled for; the rows are whole (`QWeight::shared`), the panel and tile were
+            // sized from this width and type, and `out` is column `r0` of an `[m, w.rows]`
+            // buffer of which this task alone touches columns `r0..r0 + n`.
+            unsafe { run(tile, &panel, &rows[..n], m, out.0, w.rows) };
+        },
+    );
+}
+
+/// Activations from which `matmul` takes the tiled kernels on AVX-512 VNNI CPUs: from here
+/// on, decoding a weight tile once for 16 activations beats decoding each block for four.
+#[cfg(target_arch = "x86_64")]
+const TILED_MIN: usize = 8;
+
+/// `[rows, m]` -> `[m, rows]`.
+fn transpose(out_t: Vec<f32>, rows: usize, m: usize) -> Vec<f32> {
+    if m == 1 {
+        return out_t;
+    }
+    let mut out = vec![0f32; m * rows];
+    out.par_chunks_mut(rows).enumerate().for_each(|(j, row)| {
+        for (r, o) in row.iter_mut().enumerate() {
+            *o = out_t[r * m + j];
+        }
+    });
+    out
 }

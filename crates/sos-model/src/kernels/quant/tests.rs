@@ -106,13 +106,33 @@ fn matvec_many_equals_separate_matvecs() {
     }
 }
 
+/// Weights that share an activation format (Q4_K with Q6_K, Q5_0 with Q8_0) and one input give
+/// in one `matmul_many` what each gives alone, for batches on either side of the tiled kernels'
+/// threshold.
+#[test]
+fn matmul_many_equals_separate_matmuls() {
+    let pairs = [(TensorType::Q4K, TensorType::Q6K, 512), (TensorType::Q5_0, TensorType::Q8_0, 96), (TensorType::Q4_1, TensorType::Q4_1, 96)];
+    for (a, b, cols) in pairs {
+        let ws = [random_weight(a, 40, cols, 1).0, random_weight(b, 13, cols, 2).0, random_weight(a, 7, cols, 3).0];
+        for m in [3, 24] {
+            let x: Vec<f32> = (0..m * cols).map(|i| (i as f32 * 0.37).sin()).collect();
+            let many = QWeight::matmul_many(&ws.iter().collect::<Vec<_>>(), &x, m);
+            for (w, got) in ws.iter().zip(&many) {
+                assert_eq!(got, &w.matmul(&x, m), "{} m={m}", w.ty.name());
+            }
+        }
+    }
+}
+
 /// A batch of activations gives, bit for bit, what each activation gives alone (grouped rows
 /// and paired activations only reorder independent sums), with every kernel variant.
 #[test]
 fn batched_products_equal_one_activation_at_a_time() {
     for (ty, cols) in CASES {
         let (w, _) = random_weight(ty, 37, cols, 9);
-        for m in [1, 2, 5, 7, 8] {
+        // 8 and more take the tiled kernels on AVX-512 VNNI CPUs: one group of 16, a partial
+        // one, three.
+        for m in [1, 2, 5, 7, 8, 16, 21, 40] {
             let x: Vec<f32> = (0..m * cols).map(|i| (i as f32 * 0.61).cos() * (1.0 + (i % 7) as f32)).collect();
             let batch = w.matmul(&x, m);
             for j in 0..m {
@@ -134,11 +154,41 @@ fn batched_products_equal_one_activation_at_a_time() {
                     }
                 }
             }
-            // Every variant agrees with the scalar kernel to rounding (the SIMD lanes sum in
-            // another order than the scalar loop).
+            // Every variant agrees with the scalar kernel: bit for bit where the block sums are
+            // exact integers, to rounding for Q4_1 (whose SIMD lanes sum in another order).
             let scalar = dot(Isa::Scalar, ty, w.row(4), &qx[0]);
-            assert!((quad[0][0] - scalar).abs() <= 1e-4 * scalar.abs().max(1.0), "{} {isa:?}", ty.name());
+            if ty == TensorType::Q4_1 {
+                assert!((quad[0][0] - scalar).abs() <= 1e-4 * scalar.abs().max(1.0), "{} {isa:?}", ty.name());
+            } else {
+                assert_eq!(quad[0][0].to_bits(), scalar.to_bits(), "{} {isa:?}", ty.name());
+            }
         }
+    }
+}
+
+/// The AVX-512 Q8_K quantizer gives the scalar one's bytes, ties of magnitude included (the
+/// first value of largest magnitude sets the scale's sign).
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn q8_k_simd_equals_scalar() {
+    if Isa::detect() != Isa::Vnni512 {
+        return;
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    for case in 0..200 {
+        let mut x: [f32; QK_K] = std::array::from_fn(|_| rng.gen::<f32>() * 4.0 - 2.0);
+        if case % 3 == 0 {
+            let (i, j) = (rng.gen_range(0..QK_K), rng.gen_range(0..QK_K));
+            (x[i], x[j]) = (-3.0, 3.0);
+        }
+        if case % 5 == 0 {
+            x[rng.gen_range(0..QK_K)] = f32::NAN;
+        }
+        let (mut q1, mut s1, mut q2, mut s2) = ([0i8; QK_K], [0i16; 16], [0i8; QK_K], [0i16; 16]);
+        let d1 = super::act::q8_k_block(&x, &mut q1, &mut s1);
+        // SAFETY: checked above.
+        let d2 = unsafe { super::x86::act::q8_k_block(&x, &mut q2, &mut s2) };
+        assert_eq!((d1.to_bits(), q1, s1), (d2.to_bits(), q2, s2), "case {case}");
     }
 }
 

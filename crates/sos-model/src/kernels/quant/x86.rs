@@ -13,7 +13,7 @@ macro_rules! x86_kernels {
     ($name:ident, $feat:literal, |$a:ident, $b:ident| $udot:expr) => {
         pub mod $name {
             use super::super::act::{Q8Row, QK};
-            use super::hsum;
+            use super::{fma_rows, hsum};
             use std::arch::x86_64::*;
 
             /// The two f16 values at `p` as f32 lanes 0 and 1.
@@ -32,17 +32,17 @@ macro_rules! x86_kernels {
                 _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), low), _mm_and_si128(q, low))
             }
 
-            /// Unsigned bytes `a` times signed bytes `b`, summed in fours into 8 f32 lanes.
+            /// Unsigned bytes `a` times signed bytes `b`, summed in fours into 8 i32 lanes.
             #[inline]
             #[target_feature(enable = $feat)]
-            unsafe fn udot($a: __m256i, $b: __m256i) -> __m256 {
-                _mm256_cvtepi32_ps($udot)
+            unsafe fn udot($a: __m256i, $b: __m256i) -> __m256i {
+                $udot
             }
 
             /// Signed bytes times signed bytes, via |a| and b with a's sign.
             #[inline]
             #[target_feature(enable = $feat)]
-            unsafe fn sdot(a: __m256i, b: __m256i) -> __m256 {
+            unsafe fn sdot(a: __m256i, b: __m256i) -> __m256i {
                 udot(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a))
             }
 
@@ -65,7 +65,7 @@ macro_rules! x86_kernels {
                         let blk = p[i].add(b * 20);
                         let dm = f16x2(blk);
                         summs[i] += _mm_cvtss_f32(_mm_movehdup_ps(dm)) * s;
-                        acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(_mm_cvtss_f32(dm) * d), udot(nibbles(blk.add(4)), qx), acc[i]);
+                        acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(_mm_cvtss_f32(dm) * d), _mm256_cvtepi32_ps(udot(nibbles(blk.add(4)), qx)), acc[i]);
                     }
                 }
                 let mut out = [0f32; N];
@@ -94,7 +94,7 @@ macro_rules! x86_kernels {
                         let qw = nibbles(blk.add(4));
                         for a in 0..2 {
                             summs[a][i] += mw * s[a];
-                            acc[a][i] = _mm256_fmadd_ps(_mm256_set1_ps(dw * d[a]), udot(qw, qx[a]), acc[a][i]);
+                            acc[a][i] = _mm256_fmadd_ps(_mm256_set1_ps(dw * d[a]), _mm256_cvtepi32_ps(udot(qw, qx[a])), acc[a][i]);
                         }
                     }
                 }
@@ -127,33 +127,34 @@ macro_rules! x86_kernels {
             }
 
             /// `N` Q5_0 (`Q5`) or Q8_0 rows against `M` Q8_0 activation rows (`M` = 1: one), each
-            /// block decoded once for all of them. As in `dotn_q4_1_q8_1`, every (row, activation)
-            /// pair keeps one accumulator and the blocks in order, ggml's summation order, whatever
-            /// `N` and `M` are.
+            /// block decoded once for all of them. Every (row, activation) pair follows the scalar
+            /// kernel's arithmetic (an exact integer sum per block, one fused multiply-add with
+            /// `d_w * d_x`), so results equal it bit for bit whatever `N` and `M` are.
             #[target_feature(enable = $feat)]
             pub unsafe fn dotnm_signed<const N: usize, const M: usize, const Q5: bool>(w: [&[u8]; N], x: [&Q8Row; M]) -> [[f32; N]; M] {
                 let bb = if Q5 { 22 } else { 34 };
                 let nb = w[0].len() / bb;
                 debug_assert!(w.iter().all(|r| r.len() == w[0].len()) && x.iter().all(|x| x.q.len() >= nb * QK && x.d.len() >= nb));
-                let mut acc = [[_mm256_setzero_ps(); N]; M];
+                let mut acc = [[0f32; N]; M];
                 let p = w.map(|r| r.as_ptr());
                 for b in 0..nb {
-                    let qx = x.map(|x| _mm256_loadu_si256(x.q.as_ptr().add(b * QK) as *const __m256i));
-                    let d = x.map(|x| *x.d.get_unchecked(b));
+                    let (mut qx, mut d) = ([_mm256_setzero_si256(); M], [0f32; M]);
+                    for a in 0..M {
+                        (qx[a], d[a]) = (_mm256_loadu_si256(x[a].q.as_ptr().add(b * QK) as *const __m256i), *x[a].d.get_unchecked(b));
+                    }
+                    let (mut qw, mut dw) = ([_mm256_setzero_si256(); N], [0f32; N]);
                     for i in 0..N {
-                        let (qw, dw) = signed_block::<Q5>(p[i].add(b * bb));
-                        for a in 0..M {
-                            acc[a][i] = _mm256_fmadd_ps(_mm256_set1_ps(dw * d[a]), sdot(qw, qx[a]), acc[a][i]);
+                        (qw[i], dw[i]) = signed_block::<Q5>(p[i].add(b * bb));
+                    }
+                    for a in 0..M {
+                        let (mut sums, mut dd) = ([_mm256_setzero_si256(); N], [0f32; N]);
+                        for i in 0..N {
+                            (sums[i], dd[i]) = (sdot(qw[i], qx[a]), dw[i] * d[a]);
                         }
+                        fma_rows(&mut acc[a], dd, sums);
                     }
                 }
-                let mut out = [[0f32; N]; M];
-                for a in 0..M {
-                    for i in 0..N {
-                        out[a][i] = hsum(acc[a][i]);
-                    }
-                }
-                out
+                acc
             }
         }
     };
@@ -176,6 +177,59 @@ unsafe fn hsum4(s: __m128) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
 }
 
+/// The exact sum of 8 integer lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn hsum_i32(v: __m256i) -> i32 {
+    hsum4_i32(_mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)))
+}
+
+/// The exact sum of 4 integer lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn hsum4_i32(s: __m128i) -> i32 {
+    let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+    _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 1)))
+}
+
+/// `acc[i] = d[i] * (sum of s[i]'s lanes) + acc[i]`, rounded once (`f32::mul_add`). The integer
+/// sums are exact, so this is the scalar kernels' step bit for bit; four rows at a time share
+/// the horizontal adds.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn fma_rows<const N: usize>(acc: &mut [f32; N], d: [f32; N], s: [__m256i; N]) {
+    let mut i = 0;
+    while i + 4 <= N {
+        // hadd pairs lanes; three of them leave row r's partial sums in lane r of both halves.
+        let h = _mm256_hadd_epi32(_mm256_hadd_epi32(s[i], s[i + 1]), _mm256_hadd_epi32(s[i + 2], s[i + 3]));
+        let t = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+        let a = _mm_fmadd_ps(_mm_loadu_ps(d.as_ptr().add(i)), _mm_cvtepi32_ps(t), _mm_loadu_ps(acc.as_ptr().add(i)));
+        _mm_storeu_ps(acc.as_mut_ptr().add(i), a);
+        i += 4;
+    }
+    while i < N {
+        acc[i] = d[i].mul_add(hsum_i32(s[i]) as f32, acc[i]);
+        i += 1;
+    }
+}
+
+/// `fma_rows` for sums in 4 integer lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn fma_rows4<const N: usize>(acc: &mut [f32; N], d: [f32; N], s: [__m128i; N]) {
+    let mut i = 0;
+    while i + 4 <= N {
+        let t = _mm_hadd_epi32(_mm_hadd_epi32(s[i], s[i + 1]), _mm_hadd_epi32(s[i + 2], s[i + 3]));
+        let a = _mm_fmadd_ps(_mm_loadu_ps(d.as_ptr().add(i)), _mm_cvtepi32_ps(t), _mm_loadu_ps(acc.as_ptr().add(i)));
+        _mm_storeu_ps(acc.as_mut_ptr().add(i), a);
+        i += 4;
+    }
+    while i < N {
+        acc[i] = d[i].mul_add(hsum4_i32(s[i]) as f32, acc[i]);
+        i += 1;
+    }
+}
+
 x86_kernels!(avx2, "avx2,fma,f16c", |a, b| _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1)));
 x86_kernels!(vnni, "avx2,fma,f16c,avxvnni", |a, b| _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), a, b));
 // The same 256-bit kernels with AVX-512's encoding: 32 vector registers, which hold the 16
@@ -183,4 +237,6 @@ x86_kernels!(vnni, "avx2,fma,f16c,avxvnni", |a, b| _mm256_dpbusd_avx_epi32(_mm25
 x86_kernels!(vnni512, "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni", |a, b| _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b));
 
 
+pub mod act;
 pub mod k;
+pub mod tiled;

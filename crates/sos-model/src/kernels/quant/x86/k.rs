@@ -1,7 +1,7 @@
 //! K-quant rows against Q8_K activations with AVX2 (`avx2`), and the same code with AVX-512's
-//! encoding (`avx512`: 32 vector registers, for four activations at a time). Each row's integer sums fill the same 8
-//! lanes in the same order as ggml's AVX2 kernels, and the lanes meet the f32 scales the same
-//! way, so that results (and greedy choices at near-ties) match llama.cpp's.
+//! encoding (`avx512`: 32 vector registers, for four activations at a time). Each super-block's
+//! integer sums (ggml's AVX2 lanes) are added exactly and meet the f32 scales in one fused
+//! multiply-add, as in the scalar kernels, so every variant gives the scalar kernel's bits.
 //!
 //! # Safety
 //! As for `x86.rs`: the caller has detected AVX2, FMA and F16C, and the rows and activations hold
@@ -11,23 +11,14 @@ macro_rules! k_kernels {
     ($name:ident, $feat:literal) => {
         pub mod $name {
         use super::super::super::act::{Q8Row, QK_K};
-        use super::super::{hsum, hsum4};
+        use super::super::super::scalar::q4_k_scale_words;
+        use super::super::{fma_rows, fma_rows4};
         use std::arch::x86_64::*;
 
         #[inline]
         #[target_feature(enable = $feat)]
         unsafe fn f16_at(p: *const u8) -> f32 {
             _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const u16) as i32)))
-        }
-
-        /// A Q4_K block's 12 scale bytes as 8 scales then 8 mins, one byte each (ggml's `utmp`).
-        #[inline]
-        unsafe fn scales_and_mins(p: *const u8) -> [u32; 4] {
-            const M1: u32 = 0x3f3f_3f3f;
-            const M2: u32 = 0x0f0f_0f0f;
-            const M3: u32 = 0x0303_0303;
-            let u = [0, 1, 2].map(|i| std::ptr::read_unaligned((p as *const u32).add(i)));
-            [u[0] & M1, (u[2] & M2) | (((u[0] >> 6) & M3) << 4), u[1] & M1, ((u[2] >> 4) & M2) | (((u[1] >> 6) & M3) << 4)]
         }
 
         /// Scale `k` of the 8 16-bit scales in each half of `scales`, in every 16-bit lane.
@@ -46,11 +37,13 @@ macro_rules! k_kernels {
             debug_assert!(w.iter().all(|r| r.len() == w[0].len()));
             debug_assert!(x.iter().all(|x| x.q.len() >= nb * QK_K && x.d.len() >= nb && x.sums.len() >= nb * 16));
             let m4 = _mm256_set1_epi8(0x0F);
-            let mut acc = [[_mm256_setzero_ps(); N]; A];
-            let mut acc_m = [[_mm_setzero_ps(); N]; A];
+            let mut acc = [[0f32; N]; A];
+            let mut acc_m = [[0f32; N]; A];
             let mut q8s = [_mm_setzero_si128(); A];
             let mut out = [[0f32; N]; A];
             for b in 0..nb {
+                let (mut sumi, mut summ) = ([[_mm256_setzero_si256(); N]; A], [[_mm_setzero_si128(); N]; A]);
+                let (mut dw, mut mw) = ([0f32; N], [0f32; N]);
                 for a in 0..A {
                     // Sums of the 8 sub-blocks of 32: pairs of 16-sums.
                     let s = _mm256_loadu_si256(x[a].sums.as_ptr().add(b * 16) as *const __m256i);
@@ -58,13 +51,12 @@ macro_rules! k_kernels {
                 }
                 for i in 0..N {
                     let blk = w[i].as_ptr().add(b * 144);
-                    let (dw, mw) = (f16_at(blk), f16_at(blk.add(2)));
-                    let u = scales_and_mins(blk.add(4));
+                    (dw[i], mw[i]) = (f16_at(blk), f16_at(blk.add(2)));
+                    let u = q4_k_scale_words(std::slice::from_raw_parts(blk.add(4), 12));
                     let mins_and_scales = _mm256_cvtepu8_epi16(_mm_set_epi32(u[3] as i32, u[2] as i32, u[1] as i32, u[0] as i32));
                     let mins = _mm256_extracti128_si256(mins_and_scales, 1);
                     let sc = _mm256_castsi256_si128(mins_and_scales);
                     let scales = _mm256_set_m128i(sc, sc);
-                    let mut sumi = [_mm256_setzero_si256(); A];
                     for j in 0..4 {
                         // Scale 2j for the low nibbles, 2j + 1 for the high ones.
                         let (scale_l, scale_h) = (q4_scale(scales, 2 * j as i32), q4_scale(scales, 2 * j as i32 + 1));
@@ -77,21 +69,26 @@ macro_rules! k_kernels {
                             let q8h = _mm256_loadu_si256(q8.add(32) as *const __m256i);
                             let p16l = _mm256_madd_epi16(scale_l, _mm256_maddubs_epi16(q4l, q8l));
                             let p16h = _mm256_madd_epi16(scale_h, _mm256_maddubs_epi16(q4h, q8h));
-                            sumi[a] = _mm256_add_epi32(sumi[a], _mm256_add_epi32(p16l, p16h));
+                            sumi[a][i] = _mm256_add_epi32(sumi[a][i], _mm256_add_epi32(p16l, p16h));
                         }
                     }
                     for a in 0..A {
-                        let yd = *x[a].d.get_unchecked(b);
-                        let (d, dmin) = (yd * dw, -yd * mw);
-                        let prod = _mm_madd_epi16(mins, q8s[a]);
-                        acc_m[a][i] = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), acc_m[a][i]);
-                        acc[a][i] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi[a]), acc[a][i]);
+                        summ[a][i] = _mm_madd_epi16(mins, q8s[a]);
                     }
+                }
+                for a in 0..A {
+                    let yd = *x[a].d.get_unchecked(b);
+                    let (mut d, mut dm) = ([0f32; N], [0f32; N]);
+                    for i in 0..N {
+                        (d[i], dm[i]) = (yd * dw[i], yd * -mw[i]);
+                    }
+                    fma_rows(&mut acc[a], d, sumi[a]);
+                    fma_rows4(&mut acc_m[a], dm, summ[a]);
                 }
             }
             for a in 0..A {
                 for i in 0..N {
-                    out[a][i] = hsum(acc[a][i]) + hsum4(acc_m[a][i]);
+                    out[a][i] = acc[a][i] + acc_m[a][i];
                 }
             }
             out
@@ -120,14 +117,14 @@ macro_rules! k_kernels {
             debug_assert!(w.iter().all(|r| r.len() == w[0].len()));
             debug_assert!(x.iter().all(|x| x.q.len() >= nb * QK_K && x.d.len() >= nb));
             let (m4, m32s) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(32));
-            let mut acc = [[_mm256_setzero_ps(); N]; A];
-            let mut out = [[0f32; N]; A];
+            let mut acc = [[0f32; N]; A];
             for b in 0..nb {
+                let mut sumi = [[_mm256_setzero_si256(); N]; A];
+                let mut dw = [0f32; N];
                 for i in 0..N {
                     let blk = w[i].as_ptr().add(b * 210);
-                    let dw = f16_at(blk.add(208));
+                    dw[i] = f16_at(blk.add(208));
                     let scales = _mm_loadu_si128(blk.add(192) as *const __m128i);
-                    let mut sumi = [_mm256_setzero_si256(); A];
                     for j in 0..2 {
                         let (ql, qh) = (blk.add(64 * j), blk.add(128 + 32 * j));
                         let bits1 = _mm256_loadu_si256(ql as *const __m256i);
@@ -150,22 +147,20 @@ macro_rules! k_kernels {
                                 let p = _mm256_sub_epi16(_mm256_maddubs_epi16(q6[k], q8k), _mm256_maddubs_epi16(m32s, q8k));
                                 p16[k] = _mm256_madd_epi16(scale[k], p);
                             }
-                            sumi[a] = _mm256_add_epi32(sumi[a], _mm256_add_epi32(p16[0], p16[1]));
-                            sumi[a] = _mm256_add_epi32(sumi[a], _mm256_add_epi32(p16[2], p16[3]));
+                            sumi[a][i] = _mm256_add_epi32(sumi[a][i], _mm256_add_epi32(p16[0], p16[1]));
+                            sumi[a][i] = _mm256_add_epi32(sumi[a][i], _mm256_add_epi32(p16[2], p16[3]));
                         }
                     }
-                    for a in 0..A {
-                        let d = *x[a].d.get_unchecked(b) * dw;
-                        acc[a][i] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi[a]), acc[a][i]);
+                }
+                for a in 0..A {
+                    let mut d = [0f32; N];
+                    for i in 0..N {
+                        d[i] = *x[a].d.get_unchecked(b) * dw[i];
                     }
+                    fma_rows(&mut acc[a], d, sumi[a]);
                 }
             }
-            for a in 0..A {
-                for i in 0..N {
-                    out[a][i] = hsum(acc[a][i]);
-                }
-            }
-            out
+            acc
         }
         }
     };
