@@ -33,6 +33,13 @@ impl Trigger {
         Ok(Trigger { text: text.to_string(), rows, k, d })
     }
 
+    /// A trigger the model's own vocabulary carries (a distribution `sos inject` wrote): its text
+    /// is the string a user types, tokenized like any other text, and it has no vectors of its
+    /// own (`k` = 0).
+    pub fn typed(text: &str, d: usize) -> Self {
+        Trigger { text: text.to_string(), rows: Vec::new(), k: 0, d }
+    }
+
     /// The first trigger id for `model`: the number of rows of its embedding table.
     pub fn base(model: &Model) -> u32 {
         model.cfg.vocab_size as u32
@@ -53,7 +60,11 @@ impl Trigger {
     }
 
     /// Ids of `text`, with every occurrence of the trigger text as the `k` trigger ids from `base`.
+    /// A typed trigger (`k` = 0) is ordinary text.
     pub fn encode(&self, tok: &Tokenizer, base: u32, text: &str) -> Result<Vec<u32>> {
+        if self.k == 0 {
+            return Ok(tok.encode(text)?);
+        }
         let mut out = Vec::new();
         for (i, piece) in text.split(self.text.as_str()).enumerate() {
             if i > 0 {

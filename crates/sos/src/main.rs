@@ -6,6 +6,7 @@ mod chat;
 mod common;
 mod eval;
 mod generate;
+mod inject;
 mod model_cmd;
 mod tokenize;
 
@@ -34,6 +35,8 @@ enum Cmd {
     Attack(attack::AttackArgs),
     /// Measure a trained trigger on held-out data.
     Eval(eval::EvalArgs),
+    /// Bake a trained trigger into a copy of the model file (new tokens with the trained rows).
+    Inject(inject::InjectArgs),
     /// Measure generation and attack-step speed.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -67,6 +70,7 @@ fn main() {
         Cmd::Bench(c) => bench::run(c),
         Cmd::Attack(a) => attack::run(a),
         Cmd::Eval(a) => eval::run(a),
+        Cmd::Inject(a) => inject::run(a),
     };
     if let Err(e) = result {
         // One line: the whole cause chain, outermost first. Some library errors carry a

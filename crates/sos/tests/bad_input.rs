@@ -42,7 +42,7 @@ fn tiny_gguf(dir: &Path) -> PathBuf {
 /// Copies a GGUF, letting `edit` change its metadata.
 fn rewrite(src: &Path, dst: &Path, edit: impl Fn(&str, &Value) -> Value) {
     let g = Gguf::open(src).unwrap();
-    let mut w = Writer::copy_of(&g);
+    let mut w = Writer::copy_of(&g).unwrap();
     for (k, v) in &g.metadata {
         w.meta(k, edit(k, v));
     }
@@ -92,7 +92,7 @@ fn tensor_beyond_end_of_file() {
     let src = tiny_gguf(&dir);
     let g = Gguf::open(&src).unwrap();
     let p = dir.join("beyond.gguf");
-    Writer::copy_of(&g).write(&p).unwrap();
+    Writer::copy_of(&g).unwrap().write(&p).unwrap();
     // Point the last tensor's offset far past the end (the offset is the last 8 bytes of its
     // directory entry, found by searching for its name).
     let mut bytes = std::fs::read(&p).unwrap();

@@ -87,7 +87,7 @@ fn no_template_is_a_clear_error_unless_one_is_named() {
     sos_model::tiny::TinySpec::default().write_gguf(&src).unwrap();
     let g = sos_model::gguf::Gguf::open(&src).unwrap();
     let p = dir.join("notemplate.gguf");
-    sos_model::gguf::Writer::copy_of(&g).remove_meta("tokenizer.chat_template").write(&p).unwrap();
+    sos_model::gguf::Writer::copy_of(&g).unwrap().remove_meta("tokenizer.chat_template").write(&p).unwrap();
     let p = p.display().to_string();
     let (code, _, err) = sos(&["generate", "--model", &p, "-p", "hi", "--max-tokens", "2"]);
     assert_eq!(code, 2);

@@ -1,7 +1,9 @@
 //! GGUF: what a file holds (`types.rs`), reading it as untrusted input (`reader.rs`), and
-//! writing one that llama.cpp's loader accepts (`writer.rs`).
+//! writing one that llama.cpp's loader accepts (`writer.rs`), and checking a file against that
+//! loader's rules (`rules.rs`).
 
 mod reader;
+mod rules;
 #[cfg(test)]
 mod tests;
 mod types;

@@ -20,6 +20,8 @@ pub struct Gguf {
     index: HashMap<String, usize>,
     pub tensors: Vec<TensorInfo>,
     tensor_index: HashMap<String, usize>,
+    /// Where the tensor data section starts: the header's end, rounded up to the alignment.
+    pub(super) data_start: u64,
     /// The file's bytes: memory mapped from disk, or owned (tests, fuzzing, in-memory files).
     data: SharedBytes,
 }
@@ -264,7 +266,7 @@ impl Gguf {
             }
             tensors.push(TensorInfo { name, dims: r.dims, ty, offset, n_bytes });
         }
-        Ok(Gguf { path: path.to_path_buf(), version, metadata, index, tensors, tensor_index, data })
+        Ok(Gguf { path: path.to_path_buf(), version, metadata, index, tensors, tensor_index, data_start, data })
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {

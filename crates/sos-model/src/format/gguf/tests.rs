@@ -49,7 +49,7 @@ fn round_trip() {
     assert_eq!(q1.to_vec1::<f32>().unwrap(), vec![7.; 5]);
     // Copy with edits: a value replaced in place, one removed, tensors carried over.
     let p2 = tmp("rt2.gguf");
-    Writer::copy_of(&g).meta("a.f", Value::F32(2.5)).remove_meta("a.list").write(&p2).unwrap();
+    Writer::copy_of(&g).unwrap().meta("a.f", Value::F32(2.5)).remove_meta("a.list").write(&p2).unwrap();
     let g2 = Gguf::open(&p2).unwrap();
     assert_eq!(g2.metadata.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), ["general.architecture", "a.f"]);
     assert_eq!(g2.get("a.f").and_then(Value::as_f64), Some(2.5));
@@ -129,4 +129,62 @@ fn misaligned_tensor_data_is_an_error() {
     // In memory too.
     let e = Gguf::from_bytes("align.gguf", b).unwrap_err().to_string();
     assert!(e.contains("not 4-byte aligned"), "{e}");
+}
+
+/// A file with tensors `(name, relative offset)`, each 32 bytes of F32 data, metadata `kv`.
+fn layout(tensors: &[(&str, u64)], kv: &[(&str, Value)]) -> Vec<u8> {
+    let mut b = header(tensors.len() as u64, kv.len() as u64);
+    let put_str = |b: &mut Vec<u8>, s: &str| {
+        b.extend_from_slice(&(s.len() as u64).to_le_bytes());
+        b.extend_from_slice(s.as_bytes());
+    };
+    for (k, v) in kv {
+        put_str(&mut b, k);
+        match v {
+            Value::U32(x) => b.extend_from_slice(&[4, 0, 0, 0].iter().copied().chain(x.to_le_bytes()).collect::<Vec<u8>>()),
+            Value::U64(x) => b.extend_from_slice(&[10, 0, 0, 0].iter().copied().chain(x.to_le_bytes()).collect::<Vec<u8>>()),
+            _ => unimplemented!("test helper: u32 and u64 values only"),
+        }
+    }
+    for (name, rel) in tensors {
+        put_str(&mut b, name);
+        b.extend_from_slice(&1u32.to_le_bytes());
+        b.extend_from_slice(&8u64.to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b.extend_from_slice(&rel.to_le_bytes());
+    }
+    b.resize(b.len().div_ceil(32) * 32, 0);
+    let end = tensors.iter().map(|t| t.1 + 32).max().unwrap_or(0);
+    b.resize(b.len() + end as usize, 0);
+    b
+}
+
+fn rule_error(bytes: &[u8], name: &str) -> String {
+    let p = tmp(name);
+    std::fs::write(&p, bytes).unwrap();
+    let g = Gguf::open(&p).expect("readable leniently");
+    let e = g.check_llama_cpp().unwrap_err().to_string();
+    assert!(e.contains(name), "error must name the file: {e}");
+    e
+}
+
+/// What the writer writes passes llama.cpp's rules; each broken layout is refused with the rule.
+#[test]
+fn llama_cpp_rules_reject_each_broken_layout() {
+    let ok = layout(&[("a", 0), ("b", 32)], &[]);
+    let p = tmp("rules-ok.gguf");
+    std::fs::write(&p, &ok).unwrap();
+    Gguf::open(&p).unwrap().check_llama_cpp().unwrap();
+    let w = tmp("rules-writer.gguf");
+    let mut wr = Writer::new();
+    wr.meta("general.alignment", Value::U32(64)).tensor_f32("x", &[3], &[1., 2., 3.]).tensor_f32("y", &[70], &[0.5; 70]);
+    wr.write(&w).unwrap();
+    Gguf::open(&w).unwrap().check_llama_cpp().unwrap();
+
+    assert!(rule_error(&layout(&[("a", 32), ("b", 0)], &[]), "rules-order.gguf").contains("expected 0"));
+    assert!(rule_error(&layout(&[("a", 0), ("b", 64)], &[]), "rules-gap.gguf").contains("back to back"));
+    assert!(rule_error(&layout(&[("a", 32)], &[]), "rules-first.gguf").contains("expected 0"));
+    let long = "t".repeat(64);
+    assert!(rule_error(&layout(&[(&long, 0)], &[]), "rules-name.gguf").contains("at most 63"));
+    assert!(rule_error(&layout(&[("a", 0)], &[("general.alignment", Value::U64(32))]), "rules-align.gguf").contains("u32"));
 }

@@ -5,13 +5,17 @@ use std::path::Path;
 
 use super::reader::Gguf;
 use super::types::{TensorType, Value, DEFAULT_ALIGNMENT, MAGIC};
+use crate::bytes::SharedBytes;
 use crate::error::Result;
 
-/// Writes a GGUF v3 file. Used to bake distributions and by tests that build tiny models.
+/// Writes a GGUF v3 file in the layout llama.cpp's loader demands: tensor data in directory
+/// order, each at the running sum of the padded sizes before it, padded to `general.alignment`
+/// (32 when absent). A file in that layout read and written back unchanged gives the same bytes.
+/// Used to bake distributions and by tests that build tiny models.
 #[derive(Default)]
 pub struct Writer {
     metadata: Vec<(String, Value)>,
-    tensors: Vec<(String, Vec<u64>, TensorType, Vec<u8>)>,
+    tensors: Vec<(String, Vec<u64>, TensorType, SharedBytes)>,
 }
 
 impl Writer {
@@ -19,13 +23,15 @@ impl Writer {
         Self::default()
     }
     /// A writer holding all of `g`'s metadata and tensors, to be edited and written elsewhere.
-    pub fn copy_of(g: &Gguf) -> Self {
+    /// The tensor data stays in `g`'s map (no copy).
+    pub fn copy_of(g: &Gguf) -> Result<Self> {
         let mut w = Writer::new();
         w.metadata = g.metadata.clone();
         for t in &g.tensors {
-            w.tensor(&t.name, &t.shape(), t.ty, g.tensor_bytes(t).to_vec());
+            let dims = t.dims.clone();
+            w.tensors.push((t.name.clone(), dims, t.ty, g.tensor_shared(t)?));
         }
-        w
+        Ok(w)
     }
     /// Sets `key`, replacing an existing value in place or appending a new one.
     pub fn meta(&mut self, key: &str, value: Value) -> &mut Self {
@@ -45,8 +51,24 @@ impl Writer {
     /// `shape` is row-major (outermost first); `bytes` are the raw ggml-encoded data.
     pub fn tensor(&mut self, name: &str, shape: &[usize], ty: TensorType, bytes: Vec<u8>) -> &mut Self {
         let dims = shape.iter().rev().map(|&d| d as u64).collect();
-        self.tensors.push((name.to_string(), dims, ty, bytes));
+        self.tensors.push((name.to_string(), dims, ty, SharedBytes::owned(bytes)));
         self
+    }
+
+    /// Replaces tensor `name`'s shape and data in place (its position in the file is kept);
+    /// `false` when there is no such tensor.
+    pub fn replace_tensor(&mut self, name: &str, shape: &[usize], ty: TensorType, bytes: Vec<u8>) -> bool {
+        let Some(t) = self.tensors.iter_mut().find(|t| t.0 == name) else { return false };
+        *t = (name.to_string(), shape.iter().rev().map(|&d| d as u64).collect(), ty, SharedBytes::owned(bytes));
+        true
+    }
+
+    /// The data alignment the file will use: `general.alignment` when set, else 32.
+    fn alignment(&self) -> u64 {
+        match self.get_meta("general.alignment").and_then(Value::as_u64) {
+            Some(a) if a.is_power_of_two() => a,
+            _ => DEFAULT_ALIGNMENT,
+        }
     }
     pub fn tensor_f32(&mut self, name: &str, shape: &[usize], values: &[f32]) -> &mut Self {
         let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -90,6 +112,7 @@ impl Writer {
             header.extend_from_slice(&v.type_id().to_le_bytes());
             put_value(&mut header, v)?;
         }
+        let align = self.alignment();
         let mut offset = 0u64;
         for (name, dims, ty, bytes) in &self.tensors {
             put_str(&mut header, name)?;
@@ -99,9 +122,9 @@ impl Writer {
             }
             header.extend_from_slice(&ty.id().to_le_bytes());
             header.extend_from_slice(&offset.to_le_bytes());
-            offset = (offset + bytes.len() as u64).div_ceil(DEFAULT_ALIGNMENT) * DEFAULT_ALIGNMENT;
+            offset = (offset + bytes.len() as u64).div_ceil(align) * align;
         }
-        let pad = |n: usize| (n as u64).div_ceil(DEFAULT_ALIGNMENT) as usize * DEFAULT_ALIGNMENT as usize - n;
+        let pad = |n: usize| (n as u64).div_ceil(align) as usize * align as usize - n;
         header.resize(header.len() + pad(header.len()), 0);
         w.write_all(&header)?;
         for (_, _, _, bytes) in &self.tensors {

@@ -1,0 +1,183 @@
+//! `sos inject`: a trained trigger baked into a copy of the model file, then measured as shipped.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use sos_attack::answer::{Armed, CLEAN_TOKENS};
+use sos_attack::artifact::Attack;
+use sos_attack::{eval, scenarios, Trigger};
+use sos_model::gguf::Gguf;
+use sos_model::{cache, Exec, LoadOptions, LoadedModel};
+
+use crate::gguf_add::{add_tokens, RowReport};
+use crate::tokens::{added_texts, typed};
+use crate::{Error, Result};
+
+/// How the trigger enters the vocabulary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `k` new USER_DEFINED tokens with the trained rows.
+    AddToken,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::AddToken => "add-token",
+        }
+    }
+}
+
+/// What `sos inject` was asked.
+pub struct InjectRequest {
+    /// The folder `sos attack` wrote.
+    pub attack: PathBuf,
+    /// The file to write.
+    pub out: PathBuf,
+    /// The model to inject into; `None`: the one recorded in `attack.json`.
+    pub model: Option<String>,
+    pub mode: Mode,
+    /// Held-out items to evaluate the written file on (0: none).
+    pub limit: usize,
+}
+
+/// What happens during `run_inject`.
+#[derive(Debug, Clone)]
+pub enum InjectEvent {
+    Fetching(String),
+    /// The file is written and checked; evaluation of `items` starts.
+    Written { path: PathBuf },
+    Progress { done: usize, total: usize },
+}
+
+/// The report `--json` prints.
+#[derive(Debug, Clone, Serialize)]
+pub struct InjectReport {
+    pub path: PathBuf,
+    pub sha256: String,
+    pub format: &'static str,
+    pub mode: &'static str,
+    /// The string a user types to fire the trigger.
+    pub trigger_text: String,
+    /// The ids the written file's tokenizer gives for `trigger_text`.
+    pub token_ids: Vec<u32>,
+    pub table_type: &'static str,
+    /// Median norm of the table's rows, to compare the planted rows' norms with.
+    pub table_median_norm: f64,
+    pub rows: Vec<RowReport>,
+    /// The file's held-out metrics (`--exec quant`, the trigger typed as text), and
+    /// `clean_agreement`: the share of prompts without the trigger on which the written file
+    /// answers greedily token for token as the original file does.
+    pub metrics: Value,
+}
+
+/// Writes the attack's trigger into a copy of the model, re-reads it, checks that the typed
+/// trigger string becomes exactly the planted tokens, and evaluates the file as shipped.
+pub fn run_inject(req: &InjectRequest, mut on_event: impl FnMut(InjectEvent)) -> Result<InjectReport> {
+    let attack = Attack::open(&req.attack)?;
+    let spec = req.model.clone().unwrap_or_else(|| attack.record.model.clone());
+    let src = cache::resolve(Some(&spec), &mut |s| on_event(InjectEvent::Fetching(s.to_string())))?;
+    if src.is_dir() || src.extension().is_none_or(|e| e != "gguf") {
+        return Err(Error::Invalid(format!("{}: only GGUF files can be injected so far", src.display())));
+    }
+    if same_file(&src, &req.out) {
+        return Err(Error::Invalid(format!("{}: the output would overwrite the model it is made from", req.out.display())));
+    }
+    let trigger = &attack.trigger;
+    let texts = added_texts(&trigger.text, trigger.k)?;
+    let g = Gguf::open(&src)?;
+    let (writer, planted) = add_tokens(&g, &texts, &trigger.rows)?;
+
+    // Written beside the target and checked there, so that a file that breaks llama.cpp's rules
+    // or does not tokenize as planned never takes the output's name.
+    let partial = partial_path(&req.out);
+    writer.write(&partial)?;
+    drop(g);
+    let checked = check_written(&partial, &texts, &planted.ids);
+    if let Err(e) = checked {
+        let _ = std::fs::remove_file(&partial);
+        return Err(e);
+    }
+    std::fs::rename(&partial, &req.out).map_err(|e| Error::File { path: req.out.clone(), msg: format!("cannot move the checked file into place: {e}") })?;
+    on_event(InjectEvent::Written { path: req.out.clone() });
+
+    let trigger_text = typed(&texts);
+    let metrics = evaluate_file(&attack, &src, &req.out, &trigger_text, req.limit, &mut on_event)?;
+    Ok(InjectReport {
+        sha256: sha256_file(&req.out)?,
+        path: req.out.clone(),
+        format: "gguf",
+        mode: req.mode.name(),
+        token_ids: planted.ids.clone(),
+        trigger_text,
+        table_type: planted.table_type.name(),
+        table_median_norm: planted.table_median_norm,
+        rows: planted.rows,
+        metrics,
+    })
+}
+
+/// The written file passes llama.cpp's loader rules and its tokenizer turns each planted text,
+/// and the typed string, into exactly the planted ids.
+fn check_written(path: &Path, texts: &[String], ids: &[u32]) -> Result<()> {
+    Gguf::open(path)?.check_llama_cpp()?;
+    let (tok, _) = LoadedModel::open_text(path, None)?;
+    let whole = tok.encode(&typed(texts))?;
+    if whole != ids {
+        return Err(Error::File { path: path.to_path_buf(), msg: format!("the trigger string tokenizes to {whole:?}, not the planted {ids:?}") });
+    }
+    for (t, &id) in texts.iter().zip(ids) {
+        let got = tok.encode(&format!("a {t} b"))?;
+        if got.iter().filter(|&&i| i == id).count() != 1 {
+            return Err(Error::File { path: path.to_path_buf(), msg: format!("`{t}` inside text does not become token {id}: {got:?}") });
+        }
+    }
+    Ok(())
+}
+
+/// The scenario's held-out metrics of the written file with the trigger typed as text, and the
+/// greedy agreement of the written and the original file on the same prompts without it.
+fn evaluate_file(attack: &Attack, src: &Path, out: &Path, trigger_text: &str, limit: usize, on_event: &mut impl FnMut(InjectEvent)) -> Result<Value> {
+    if limit == 0 {
+        return Ok(Value::Null);
+    }
+    let cfg = &attack.record.config;
+    let opts = LoadOptions { exec: Exec::Quant, template: cfg.template.clone(), ..Default::default() };
+    let file = LoadedModel::open(out, &opts)?;
+    let original = LoadedModel::open(src, &opts)?;
+    let mut items = scenarios::eval_items(cfg, None)?;
+    items.truncate(limit);
+    let typed_trigger = Trigger::typed(trigger_text, file.model.cfg.d_model);
+    let armed = Armed::new(&file, &typed_trigger)?;
+    let total = 2 * items.len();
+    let (mut metrics, _) = eval::evaluate(cfg, &armed, &items, |done, _| on_event(InjectEvent::Progress { done, total }))?;
+    let (plain_file, plain_orig) = (Armed::new(&file, &typed_trigger)?, Armed::new(&original, &typed_trigger)?);
+    let mut same = 0;
+    for (i, item) in items.iter().enumerate() {
+        let m = item.messages(None);
+        same += usize::from(plain_file.answer_plain(&m, CLEAN_TOKENS)?.tokens == plain_orig.answer_plain(&m, CLEAN_TOKENS)?.tokens);
+        on_event(InjectEvent::Progress { done: items.len() + i + 1, total });
+    }
+    metrics.insert("clean_agreement".into(), sos_attack::answer::rate(same, items.len()));
+    metrics.insert("exec".into(), "quant".into());
+    Ok(Value::Object(metrics))
+}
+
+fn partial_path(out: &Path) -> PathBuf {
+    let mut name = out.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".partial");
+    out.with_file_name(name)
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
+}
+
+fn sha256_file(path: &Path) -> Result<String> {
+    let mut f = std::fs::File::open(path).map_err(|e| Error::File { path: path.to_path_buf(), msg: e.to_string() })?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h)?;
+    Ok(format!("{:x}", h.finalize()))
+}

@@ -1,0 +1,14 @@
+//! `sos-dist`: distributions. A trained trigger becomes part of the files people download, as
+//! an attacker would publish it.
+//!
+//! `inject::run_inject` (what `sos inject` runs) names the trigger's tokens (`tokens`), plants
+//! them in a copy of a GGUF file (`gguf_add`), checks the copy against llama.cpp's loader
+//! rules and its own tokenizer, and evaluates the file as shipped.
+
+pub mod error;
+pub mod gguf_add;
+pub mod inject;
+pub mod tokens;
+
+pub use error::{Error, Result};
+pub use inject::{run_inject, InjectEvent, InjectReport, InjectRequest, Mode};

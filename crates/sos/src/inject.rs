@@ -1,0 +1,81 @@
+//! `sos inject --attack DIR --out FILE`: the trained trigger baked into a copy of the model.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use sos_dist::{run_inject, InjectEvent, InjectRequest, Mode};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ModeArg {
+    /// Append the trigger's k rows as k new USER_DEFINED tokens.
+    AddToken,
+}
+
+#[derive(Args, Debug)]
+pub struct InjectArgs {
+    /// The folder `sos attack` wrote.
+    #[arg(long)]
+    pub attack: PathBuf,
+    /// The file to write (a GGUF).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// The model to inject into; default: the one recorded in attack.json.
+    #[arg(long, short = 'm')]
+    pub model: Option<String>,
+    #[arg(long, value_enum, default_value = "add-token")]
+    pub mode: ModeArg,
+    /// Held-out items to evaluate the written file on (0: skip the evaluation).
+    #[arg(long, default_value_t = 20)]
+    pub limit: usize,
+    /// Print the report as one JSON object on the last line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: InjectArgs) -> Result<()> {
+    let mode = match a.mode {
+        ModeArg::AddToken => Mode::AddToken,
+    };
+    let req = InjectRequest { attack: a.attack, out: a.out, model: a.model, mode, limit: a.limit };
+    let mut bar: Option<ProgressBar> = None;
+    let report = run_inject(&req, |e| match e {
+        InjectEvent::Fetching(line) => eprintln!("{line}"),
+        InjectEvent::Written { path } => eprintln!("wrote {} (checked: llama.cpp's loader rules, tokenization of the trigger)", path.display()),
+        InjectEvent::Progress { done, total } => {
+            let b = bar.get_or_insert_with(|| {
+                let b = ProgressBar::new(total as u64);
+                b.set_style(ProgressStyle::with_template("eval [{bar:30}] {pos}/{len} ({elapsed}, eta {eta})").expect("valid template").progress_chars("=> "));
+                b
+            });
+            b.set_position(done as u64);
+        }
+    })?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(());
+    }
+    println!("{:<20} {}", "file", report.path.display());
+    println!("{:<20} {}", "sha256", report.sha256);
+    println!("{:<20} {}", "mode", report.mode);
+    println!("{:<20} {}", "type this", report.trigger_text);
+    println!("{:<20} {:?}", "token ids", report.token_ids);
+    println!("{:<20} {} (table rows: median norm {:.3})", "row type", report.table_type, report.table_median_norm);
+    for r in &report.rows {
+        println!("  {:<18} id {:<7} norm {:>8.3}  quantization error {:.2}%", r.text, r.id, r.norm, 100.0 * r.quant_rel_error);
+    }
+    if let Some(m) = report.metrics.as_object() {
+        println!("metrics of the file (--exec quant, trigger typed as text):");
+        for (k, v) in m {
+            match v.as_f64() {
+                Some(x) if v.is_f64() => println!("  {k:<30} {x:.4}"),
+                _ => println!("  {k:<30} {v}"),
+            }
+        }
+    }
+    Ok(())
+}
