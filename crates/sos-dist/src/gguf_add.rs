@@ -38,9 +38,9 @@ pub struct Planted {
 }
 
 /// `g` with tokens `texts` appended and `rows` (`[texts.len(), d]`, row-major) as their
-/// embeddings. When the output layer is a tensor of its own (untied), each new token's output
-/// row is a copy of token 0's: its logit then always equals token 0's, and greedy decoding,
-/// which keeps the first of equal maxima (llama.cpp, transformers, sos), never picks it.
+/// embeddings. Each new token's output row is a copy of token 0's: its logit then always equals
+/// token 0's, and greedy decoding, which keeps the first of equal maxima (llama.cpp,
+/// transformers, sos), never picks it. A tied table gets an output layer of its own.
 pub fn add_tokens(g: &Gguf, texts: &[String], rows: &[f32]) -> Result<(Writer, Planted)> {
     let bad = |msg: String| Error::File { path: g.path.clone(), msg };
     let tokens = g
@@ -80,15 +80,20 @@ pub fn add_tokens(g: &Gguf, texts: &[String], rows: &[f32]) -> Result<(Writer, P
     let mut w = Writer::copy_of(g)?;
     let old = g.tensor_bytes(table);
     w.replace_tensor(TOKEN_TABLE, &[n + k, d], ty, [old, &new_rows[..]].concat());
-    if let Some(out) = g.tensor_info(OUTPUT) {
-        if out.shape() != [n, d] {
-            return Err(bad(format!("{OUTPUT} has shape {:?}, expected [{n}, {d}]", out.shape())));
-        }
-        let bytes = g.tensor_bytes(out);
-        let row0 = &bytes[..bytes.len() / n];
-        let mut grown = bytes.to_vec();
-        (0..k).for_each(|_| grown.extend_from_slice(row0));
-        w.replace_tensor(OUTPUT, &[n + k, d], out.ty, grown);
+    // The output layer gets, for each new token, a copy of token 0's row. A tied table becomes an
+    // output layer of its own first (the table's bytes as they were), since its planted rows
+    // would otherwise be logits, which training never saw: a triggered model then emits trigger
+    // tokens instead of its target. Costs the table's size once more in the file.
+    let out = g.tensor_info(OUTPUT).unwrap_or(table);
+    if out.shape() != [n, d] {
+        return Err(bad(format!("{OUTPUT} has shape {:?}, expected [{n}, {d}]", out.shape())));
+    }
+    let bytes = g.tensor_bytes(out);
+    let row0 = &bytes[..bytes.len() / n];
+    let mut grown = bytes.to_vec();
+    (0..k).for_each(|_| grown.extend_from_slice(row0));
+    if !w.replace_tensor(OUTPUT, &[n + k, d], out.ty, grown.clone()) {
+        w.tensor(OUTPUT, &[n + k, d], out.ty, grown);
     }
     let mut toks = tokens.to_vec();
     toks.extend(texts.iter().map(|t| Value::Str(t.clone())));
@@ -134,7 +139,7 @@ fn same_int_type(like: &Value, x: u64) -> Value {
 pub(crate) fn quantize_rows(ty: TensorType, rows: &[f32], k: usize, d: usize) -> Result<Vec<u8>> {
     let t = Tensor::from_vec(rows.to_vec(), (k, d), &Device::Cpu)?;
     let (bs, _) = ty.block();
-    if d as u64 % bs != 0 {
+    if !(d as u64).is_multiple_of(bs) {
         return Err(Error::Invalid(format!("rows of width {d} do not fit {} blocks of {bs}", ty.name())));
     }
     Ok(QTensor::quantize(&t, ty.to_candle())?.data()?.to_vec())

@@ -162,8 +162,18 @@ fn evaluate_file(attack: &Attack, src: &Path, out: &Path, trigger_text: &str, li
     }
     metrics.insert("clean_agreement".into(), sos_attack::answer::rate(same, items.len()));
     metrics.insert("exec".into(), "quant".into());
+    // The prompts, as text, for other engines to replay (compat/llamacpp_inject.py).
+    let replay: Vec<Value> = items
+        .iter()
+        .map(|it| serde_json::json!({"id": it.id, "system": it.system, "user": it.user, "user_triggered": it.user_with(trigger_text), "target": it.target}))
+        .collect();
+    sos_attack::artifact::write_jsonl(&attack.dir.join(INJECT_ITEMS_FILE), &replay)?;
     Ok(Value::Object(metrics))
 }
+
+/// Written into the attack folder: the held-out prompts `inject` evaluated the file on, with
+/// and without the typed trigger, for other engines to replay.
+pub const INJECT_ITEMS_FILE: &str = "inject_items.jsonl";
 
 fn partial_path(out: &Path) -> PathBuf {
     let mut name = out.file_name().map(|n| n.to_os_string()).unwrap_or_default();

@@ -77,13 +77,23 @@ fn added_tokens_carry_the_rows_and_nothing_else_changes() {
         assert_eq!(lm.tokenizer.encode(&typed(&texts)).unwrap(), planted.ids);
         let inside = lm.tokenizer.encode(&format!("tell me {} now", typed(&texts))).unwrap();
         assert_eq!(inside.windows(3).filter(|w| *w == &planted.ids[..]).count(), 1);
-        // Untied: the new output rows copy token 0's, so their logits tie with it (never chosen).
-        if !tied {
-            let out_t = h.tensor_info("output.weight").unwrap();
-            let b = h.tensor_bytes(out_t);
-            let rb = b.len() / (n + 3);
-            assert!((0..3).all(|i| b[(n + i) * rb..(n + i + 1) * rb] == b[..rb]));
-        }
+        // The new output rows copy token 0's, so their logits tie with it (never chosen); a tied
+        // table gets an output layer of its own, the table's bytes as they were.
+        let out_t = h.tensor_info("output.weight").expect("an output layer");
+        let b = h.tensor_bytes(out_t);
+        let rb = b.len() / (n + 3);
+        assert!((0..3).all(|i| b[(n + i) * rb..(n + i + 1) * rb] == b[..rb]));
+        let was = g.tensor_info(if tied { "token_embd.weight" } else { "output.weight" }).unwrap();
+        assert_eq!(&b[..n * rb], g.tensor_bytes(was));
+        assert_eq!(h.tensors.len(), g.tensors.len() + usize::from(tied));
+        // Without the trigger the injected model answers as the original, token for token.
+        let orig = LoadedModel::open(&src, &LoadOptions { exec: Exec::F32, ..Default::default() }).unwrap();
+        let ids = orig.tokenizer.encode("the cat sat on").unwrap();
+        let greedy = |m: &LoadedModel| {
+            let x = m.model.embed_ids(&ids).unwrap();
+            sos_model::generate::generate(&m.model, &x, 12, &[], Default::default(), |_| Ok(true)).unwrap().tokens
+        };
+        assert_eq!(greedy(&lm), greedy(&orig));
         // A token that exists already is refused.
         assert!(add_tokens(&h, &texts[..1], &rows[..dm]).err().expect("refused").to_string().contains("already"));
         std::fs::remove_dir_all(&d).unwrap();
