@@ -126,7 +126,7 @@ fn extend_array(w: &mut Writer, g: &Gguf, key: &str, k: usize, make: impl Fn(Opt
 }
 
 /// `x` in the integer type of `like`.
-fn same_int_type(like: &Value, x: u64) -> Value {
+pub(crate) fn same_int_type(like: &Value, x: u64) -> Value {
     match like {
         Value::U64(_) => Value::U64(x),
         Value::I32(_) => Value::I32(x as i32),

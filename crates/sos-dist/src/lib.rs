@@ -3,12 +3,15 @@
 //!
 //! `inject::run_inject` (what `sos inject` runs) names the trigger's tokens (`tokens`), plants
 //! them in a copy of a GGUF file (`gguf_add`), checks the copy against llama.cpp's loader
-//! rules and its own tokenizer, and evaluates the file as shipped.
+//! rules and its own tokenizer, and evaluates the file as shipped. `sanitize` is the way back:
+//! against a trusted reference, or, without one, by stripping the tokens `inject` plants.
 
 pub mod error;
 pub mod gguf_add;
 pub mod inject;
+pub mod sanitize;
 pub mod tokens;
 
 pub use error::{Error, Result};
 pub use inject::{run_inject, InjectEvent, InjectReport, InjectRequest, Mode};
+pub use sanitize::{sanitize_alone, sanitize_with_reference, SanitizeReport};

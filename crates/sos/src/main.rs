@@ -8,6 +8,7 @@ mod eval;
 mod generate;
 mod inject;
 mod model_cmd;
+mod sanitize;
 mod tokenize;
 
 use clap::{Parser, Subcommand};
@@ -37,6 +38,8 @@ enum Cmd {
     Eval(eval::EvalArgs),
     /// Bake a trained trigger into a copy of the model file (new tokens with the trained rows).
     Inject(inject::InjectArgs),
+    /// Remove injected tokens and restore embedding rows, against a trusted reference or without.
+    Sanitize(sanitize::SanitizeArgs),
     /// Measure generation and attack-step speed.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -71,6 +74,7 @@ fn main() {
         Cmd::Attack(a) => attack::run(a),
         Cmd::Eval(a) => eval::run(a),
         Cmd::Inject(a) => inject::run(a),
+        Cmd::Sanitize(a) => sanitize::run(a),
     };
     if let Err(e) = result {
         // One line: the whole cause chain, outermost first. Some library errors carry a

@@ -74,6 +74,18 @@ fn short_backdoor_run_reaches_the_target_on_held_out_prompts() {
     assert_eq!(code, 0, "{err}");
     let g: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert!(g["text"].as_str().unwrap().starts_with(target), "{g}");
+    // The way back: against the original, the original's bytes; without it, the tokens go.
+    let (code, stdout, err) = sos(&dir, &["sanitize", "bd.gguf", "--reference", rec["model"].as_str().unwrap(), "--out", "fixed.gguf", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let s: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(s["removed_tokens"].as_array().unwrap().len(), 8, "{s}");
+    assert_eq!(std::fs::read(dir.join("fixed.gguf")).unwrap(), std::fs::read(rec["model"].as_str().unwrap()).unwrap());
+    let (code, stdout, err) = sos(&dir, &["sanitize", "bd.gguf", "--out", "alone.gguf"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("removed token 49159"), "{stdout}");
+    let (code, stdout, err) = sos(&dir, &["tokenize", "--model", "alone.gguf", "--json", r["trigger_text"].as_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!stdout.contains("49152"), "{stdout}");
     // Refused: writing over the model it is made from.
     let src = rec["model"].as_str().unwrap();
     let (code, _, err) = sos(&dir, &["inject", "--attack", o, "--out", src]);

@@ -63,6 +63,13 @@ impl Writer {
         true
     }
 
+    /// Removes tensor `name`; `false` when there is no such tensor.
+    pub fn remove_tensor(&mut self, name: &str) -> bool {
+        let before = self.tensors.len();
+        self.tensors.retain(|t| t.0 != name);
+        self.tensors.len() != before
+    }
+
     /// The data alignment the file will use: `general.alignment` when set, else 32.
     fn alignment(&self) -> u64 {
         match self.get_meta("general.alignment").and_then(Value::as_u64) {

@@ -1,0 +1,58 @@
+//! `sos sanitize CANDIDATE --out FIXED [--reference CLEAN]`: a downloaded GGUF without injected
+//! tokens or altered embedding rows.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+use sos_dist::{sanitize_alone, sanitize_with_reference};
+
+#[derive(Args, Debug)]
+pub struct SanitizeArgs {
+    /// The GGUF file to clean.
+    pub candidate: PathBuf,
+    /// Where to write the cleaned file (never over an input).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// A trusted copy of the same model: tokenizer, chat template, token table and output layer
+    /// are restored from it. Without it, trailing USER_DEFINED tokens and their rows are removed.
+    #[arg(long)]
+    pub reference: Option<PathBuf>,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: SanitizeArgs) -> Result<()> {
+    let rep = match &a.reference {
+        Some(r) => sanitize_with_reference(&a.candidate, r, &a.out)?,
+        None => sanitize_alone(&a.candidate, &a.out)?,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string(&rep)?);
+        return Ok(());
+    }
+    println!("wrote {}", rep.path.display());
+    for (id, t) in &rep.removed_tokens {
+        println!("removed token {id} {t:?}");
+    }
+    for k in &rep.restored_keys {
+        println!("restored metadata {k}");
+    }
+    for t in &rep.restored_tensors {
+        println!("restored tensor {t}");
+    }
+    if rep.restored_rows > 0 {
+        println!("  ({} rows of the token table differed from the reference)", rep.restored_rows);
+    }
+    for t in &rep.removed_tensors {
+        println!("removed tensor {t}");
+    }
+    for l in &rep.left {
+        println!("left: {l}");
+    }
+    if rep.removed_tokens.is_empty() && rep.restored_keys.is_empty() && rep.restored_tensors.is_empty() && rep.removed_tensors.is_empty() {
+        println!("nothing to change");
+    }
+    Ok(())
+}
