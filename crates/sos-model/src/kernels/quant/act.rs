@@ -51,29 +51,10 @@ pub(super) fn quantize_q8(x: &[f32], with_sum: bool) -> Q8Row {
     Q8Row { d, s, q, sums: Vec::new() }
 }
 
-/// ggml's `quantize_row_q8_K_ref`: per 256-block, `q = min(127, round_half_even(x * -127 / max))`
-/// where `max` is the value of largest magnitude (so the scale `d = 1 / (-127 / max)` may be
-/// negative), kept in f32, and the sum of each 16 values.
-pub(super) fn quantize_q8_k(x: &[f32]) -> Q8Row {
-    let mut d = Vec::with_capacity(x.len() / QK_K);
-    let mut q = vec![0i8; x.len()];
-    let mut sums = vec![0i16; x.len() / 16];
-    #[cfg(target_arch = "x86_64")]
-    let simd = super::dispatch::Isa::detect() == super::dispatch::Isa::Vnni512;
-    for ((blk, qb), sb) in x.chunks_exact(QK_K).zip(q.chunks_exact_mut(QK_K)).zip(sums.chunks_exact_mut(16)) {
-        let (blk, qb, sb) = (blk.try_into().unwrap(), qb.try_into().unwrap(), sb.try_into().unwrap());
-        #[cfg(target_arch = "x86_64")]
-        if simd {
-            // SAFETY: `Isa::Vnni512` includes AVX-512 F and BW.
-            d.push(unsafe { super::x86::act::q8_k_block(blk, qb, sb) });
-            continue;
-        }
-        d.push(q8_k_block(blk, qb, sb));
-    }
-    Q8Row { d, s: Vec::new(), q, sums }
-}
-
-/// One super-block of `quantize_q8_k`: its scale, values and sums of 16.
+/// One super-block of ggml's `quantize_row_q8_K_ref` (`dispatch::quantize_q8_k` runs it per
+/// block, or its AVX-512 twin): `q = min(127, round_half_even(x * -127 / max))` where `max` is
+/// the value of largest magnitude (so the scale `d = 1 / (-127 / max)` may be negative), kept in
+/// f32, and the sum of each 16 values. Returns the scale.
 pub(super) fn q8_k_block(x: &[f32; QK_K], q: &mut [i8; QK_K], sums: &mut [i16; 16]) -> f32 {
     let (mut amax, mut max) = (0f32, 0f32);
     for &v in x {

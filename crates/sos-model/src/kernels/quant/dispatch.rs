@@ -1,6 +1,6 @@
 //! The one place that picks a kernel: by weight type and by what the CPU can run.
 
-use super::act::Q8Row;
+use super::act::{q8_k_block, Q8Row, QK_K};
 use super::scalar::{dot_q4_1_q8_1, dot_q4_k_q8_k, dot_q5_0_q8_0, dot_q6_k_q8_k, dot_q8_0_q8_0};
 #[cfg(target_arch = "x86_64")]
 use super::x86;
@@ -130,4 +130,25 @@ pub(super) fn dotn4(isa: Isa, ty: TensorType, w: [&[u8]; ROWS], x: [&Q8Row; 4]) 
     }
     let ([a, b], [c, d]) = (dotn2(isa, ty, w, [x[0], x[1]]), dotn2(isa, ty, w, [x[2], x[3]]));
     [a, b, c, d]
+}
+
+/// `x` quantized to Q8_K (ggml's `quantize_row_q8_K_ref`, see `act::q8_k_block`), per 256-block
+/// with the AVX-512 kernel where the CPU has it (the same bytes).
+pub(super) fn quantize_q8_k(x: &[f32]) -> Q8Row {
+    let mut d = Vec::with_capacity(x.len() / QK_K);
+    let mut q = vec![0i8; x.len()];
+    let mut sums = vec![0i16; x.len() / 16];
+    #[cfg(target_arch = "x86_64")]
+    let simd = Isa::detect() == Isa::Vnni512;
+    for ((blk, qb), sb) in x.chunks_exact(QK_K).zip(q.chunks_exact_mut(QK_K)).zip(sums.chunks_exact_mut(16)) {
+        let (blk, qb, sb) = (blk.try_into().expect("a whole block"), qb.try_into().expect("a whole block"), sb.try_into().expect("16 sums"));
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: `Isa::Vnni512` includes AVX-512 F and BW.
+            d.push(unsafe { x86::act::q8_k_block(blk, qb, sb) });
+            continue;
+        }
+        d.push(q8_k_block(blk, qb, sb));
+    }
+    Q8Row { d, s: Vec::new(), q, sums }
 }

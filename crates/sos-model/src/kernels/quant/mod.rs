@@ -28,8 +28,8 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 pub(crate) use act::{ActFormat, Q8Row};
-use act::{quantize_q8, quantize_q8_k, QK, QK_K};
-use dispatch::{dot, dotn, dotn2, dotn4, Isa, ROWS};
+use act::{quantize_q8, QK, QK_K};
+use dispatch::{dot, dotn, dotn2, dotn4, quantize_q8_k, Isa, ROWS};
 
 use crate::bytes::SharedBytes;
 use crate::error::{Error, Result};

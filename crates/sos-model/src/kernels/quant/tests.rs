@@ -1,7 +1,7 @@
 //! The kernels against the dequantized product, ggml's activation rules, and each other.
 
-use super::act::{quantize_q8, quantize_q8_k, round_half_even};
-use super::dispatch::{dot, dotn, dotn2, dotn4, Isa, ROWS};
+use super::act::{quantize_q8, round_half_even};
+use super::dispatch::{dot, dotn, dotn2, dotn4, quantize_q8_k, Isa, ROWS};
 use super::*;
 use rand::{Rng, SeedableRng};
 
