@@ -41,6 +41,8 @@ pub struct InjectRequest {
     pub mode: Mode,
     /// Held-out items to evaluate the written file on (0: none).
     pub limit: usize,
+    /// Replace `out` if it exists (otherwise an existing file is an error).
+    pub force: bool,
 }
 
 /// What happens during `run_inject`.
@@ -84,6 +86,9 @@ pub fn run_inject(req: &InjectRequest, mut on_event: impl FnMut(InjectEvent)) ->
     }
     if same_file(&src, &req.out) {
         return Err(Error::Invalid(format!("{}: the output would overwrite the model it is made from", req.out.display())));
+    }
+    if req.out.exists() && !req.force {
+        return Err(Error::Invalid(format!("{} exists; choose another path or pass --force to replace it", req.out.display())));
     }
     let trigger = &attack.trigger;
     let texts = added_texts(&trigger.text, trigger.k)?;

@@ -38,9 +38,9 @@ fn is_text_key(key: &str, arch: Option<&str>) -> bool {
 /// as the reference has them, the token table and output layer as the reference's (rows that
 /// differ and rows added), tensors the reference lacks removed. Other weights are kept and listed
 /// in `left` when they differ. Sanitizing `inject`'s output against its source gives the
-/// source's bytes.
-pub fn sanitize_with_reference(candidate: &Path, reference: &Path, out: &Path) -> Result<SanitizeReport> {
-    refuse_overwrite(&[candidate, reference], out)?;
+/// source's bytes. `force` replaces an existing `out`.
+pub fn sanitize_with_reference(candidate: &Path, reference: &Path, out: &Path, force: bool) -> Result<SanitizeReport> {
+    refuse_overwrite(&[candidate, reference], out, force)?;
     let (c, r) = (Gguf::open(candidate)?, Gguf::open(reference)?);
     let arch = r.get_str("general.architecture");
     let mut rep = SanitizeReport { path: out.to_path_buf(), ..Default::default() };
@@ -97,9 +97,9 @@ pub fn sanitize_with_reference(candidate: &Path, reference: &Path, out: &Path) -
 /// Without a reference: removes the USER_DEFINED tokens at the end of the vocabulary and their
 /// rows (token table, output layer). Tokens elsewhere cannot go without renumbering the
 /// vocabulary; they are listed in `left`, as is an output layer that may once have been the
-/// table itself (nothing in the file says so).
-pub fn sanitize_alone(candidate: &Path, out: &Path) -> Result<SanitizeReport> {
-    refuse_overwrite(&[candidate], out)?;
+/// table itself (nothing in the file says so). `force` replaces an existing `out`.
+pub fn sanitize_alone(candidate: &Path, out: &Path, force: bool) -> Result<SanitizeReport> {
+    refuse_overwrite(&[candidate], out, force)?;
     let c = Gguf::open(candidate)?;
     let bad = |msg: String| Error::File { path: candidate.to_path_buf(), msg };
     let toks = c.get("tokenizer.ggml.tokens").and_then(Value::as_array).ok_or_else(|| bad("no vocabulary (tokenizer.ggml.tokens)".into()))?;
@@ -152,12 +152,16 @@ fn differing_rows(a: &[u8], b: &[u8], rows_b: usize) -> usize {
     (0..common).filter(|&i| a[i * rb..(i + 1) * rb] != b[i * rb..(i + 1) * rb]).count()
 }
 
-/// The inputs are the user's evidence: the output never replaces one of them.
-fn refuse_overwrite(inputs: &[&Path], out: &Path) -> Result<()> {
+/// The inputs are the user's evidence: the output never replaces one of them, and replaces
+/// another existing file only with `force`.
+fn refuse_overwrite(inputs: &[&Path], out: &Path, force: bool) -> Result<()> {
     for i in inputs {
         if matches!((i.canonicalize(), out.canonicalize()), (Ok(a), Ok(b)) if a == b) {
             return Err(Error::Invalid(format!("{}: the output would overwrite an input; write the sanitized file elsewhere", out.display())));
         }
+    }
+    if out.exists() && !force {
+        return Err(Error::Invalid(format!("{} exists; choose another path or pass --force to replace it", out.display())));
     }
     Ok(())
 }

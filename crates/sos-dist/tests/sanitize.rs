@@ -27,7 +27,7 @@ fn sanitizing_an_injected_file_restores_its_source() {
         let rows: Vec<f32> = (0..64).map(|i| (i as f32 * 0.3).sin()).collect();
         add_tokens(&g, &texts, &rows).unwrap().0.write(&inj).unwrap();
 
-        let rep = sanitize_with_reference(&inj, &src, &fixed).unwrap();
+        let rep = sanitize_with_reference(&inj, &src, &fixed, false).unwrap();
         assert_eq!(std::fs::read(&fixed).unwrap(), std::fs::read(&src).unwrap(), "tied {tied}: {rep:?}");
         assert_eq!(rep.removed_tokens, vec![(n as u32, texts[0].clone()), (n as u32 + 1, texts[1].clone())]);
         assert!(rep.restored_tensors.contains(&"token_embd.weight".to_string()));
@@ -35,7 +35,7 @@ fn sanitizing_an_injected_file_restores_its_source() {
         assert!(rep.left.is_empty(), "{rep:?}");
 
         // Without the source: the planted tokens and their rows go; the table is the source's.
-        let rep = sanitize_alone(&inj, &alone).unwrap();
+        let rep = sanitize_alone(&inj, &alone, false).unwrap();
         assert_eq!(rep.removed_tokens.len(), 2);
         let h = Gguf::open(&alone).unwrap();
         h.check_llama_cpp().unwrap();
@@ -46,7 +46,10 @@ fn sanitizing_an_injected_file_restores_its_source() {
             assert_eq!(std::fs::read(&alone).unwrap(), std::fs::read(&src).unwrap());
         }
         // An input is never overwritten.
-        assert!(sanitize_alone(&inj, &inj).is_err() && sanitize_with_reference(&inj, &src, &src).is_err());
+        assert!(sanitize_alone(&inj, &inj, true).is_err() && sanitize_with_reference(&inj, &src, &src, true).is_err());
+        // An existing output needs `force`.
+        assert!(sanitize_alone(&inj, &alone, false).unwrap_err().to_string().contains("--force"));
+        sanitize_alone(&inj, &alone, true).unwrap();
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -29,6 +29,9 @@ pub struct InjectArgs {
     /// Held-out items to evaluate the written file on (0: skip the evaluation).
     #[arg(long, default_value_t = 20)]
     pub limit: usize,
+    /// Replace the output file if it exists.
+    #[arg(long)]
+    pub force: bool,
     /// Print the report as one JSON object on the last line.
     #[arg(long)]
     pub json: bool,
@@ -38,7 +41,7 @@ pub fn run(a: InjectArgs) -> Result<()> {
     let mode = match a.mode {
         ModeArg::AddToken => Mode::AddToken,
     };
-    let req = InjectRequest { attack: a.attack, out: a.out, model: a.model, mode, limit: a.limit };
+    let req = InjectRequest { attack: a.attack, out: a.out, model: a.model, mode, limit: a.limit, force: a.force };
     let mut bar: Option<ProgressBar> = None;
     let report = run_inject(&req, |e| match e {
         InjectEvent::Fetching(line) => eprintln!("{line}"),

@@ -18,6 +18,9 @@ pub struct SanitizeArgs {
     /// are restored from it. Without it, trailing USER_DEFINED tokens and their rows are removed.
     #[arg(long)]
     pub reference: Option<PathBuf>,
+    /// Replace FIXED if it exists.
+    #[arg(long)]
+    pub force: bool,
     /// Print the report as one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -25,8 +28,8 @@ pub struct SanitizeArgs {
 
 pub fn run(a: SanitizeArgs) -> Result<()> {
     let rep = match &a.reference {
-        Some(r) => sanitize_with_reference(&a.candidate, r, &a.out)?,
-        None => sanitize_alone(&a.candidate, &a.out)?,
+        Some(r) => sanitize_with_reference(&a.candidate, r, &a.out, a.force)?,
+        None => sanitize_alone(&a.candidate, &a.out, a.force)?,
     };
     if a.json {
         println!("{}", serde_json::to_string(&rep)?);

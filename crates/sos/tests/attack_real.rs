@@ -86,9 +86,12 @@ fn short_backdoor_run_reaches_the_target_on_held_out_prompts() {
     let (code, stdout, err) = sos(&dir, &["tokenize", "--model", "alone.gguf", "--json", r["trigger_text"].as_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     assert!(!stdout.contains("49152"), "{stdout}");
-    // Refused: writing over the model it is made from.
+    // Refused: replacing an existing file without --force, and writing over the source.
+    let (code, _, err) = sos(&dir, &["inject", "--attack", o, "--out", "bd.gguf", "--limit", "0"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--force"), "{err}");
     let src = rec["model"].as_str().unwrap();
-    let (code, _, err) = sos(&dir, &["inject", "--attack", o, "--out", src]);
+    let (code, _, err) = sos(&dir, &["inject", "--attack", o, "--out", src, "--force"]);
     assert_eq!(code, 2);
     assert!(err.contains("overwrite"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
