@@ -92,7 +92,9 @@ pub fn add_tokens(g: &Gguf, texts: &[String], rows: &[f32]) -> Result<(Writer, P
     let row0 = &bytes[..bytes.len() / n];
     let mut grown = bytes.to_vec();
     (0..k).for_each(|_| grown.extend_from_slice(row0));
-    if !w.replace_tensor(OUTPUT, &[n + k, d], out.ty, grown.clone()) {
+    if g.tensor_info(OUTPUT).is_some() {
+        w.replace_tensor(OUTPUT, &[n + k, d], out.ty, grown);
+    } else {
         w.tensor(OUTPUT, &[n + k, d], out.ty, grown);
     }
     let mut toks = tokens.to_vec();

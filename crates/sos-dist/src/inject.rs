@@ -158,11 +158,11 @@ fn evaluate_file(attack: &Attack, src: &Path, out: &Path, trigger_text: &str, li
     let armed = Armed::new(&file, &typed_trigger)?;
     let total = 2 * items.len();
     let (mut metrics, _) = eval::evaluate(cfg, &armed, &items, |done, _| on_event(InjectEvent::Progress { done, total }))?;
-    let (plain_file, plain_orig) = (Armed::new(&file, &typed_trigger)?, Armed::new(&original, &typed_trigger)?);
+    let plain_orig = Armed::new(&original, &typed_trigger)?;
     let mut same = 0;
     for (i, item) in items.iter().enumerate() {
         let m = item.messages(None);
-        same += usize::from(plain_file.answer_plain(&m, CLEAN_TOKENS)?.tokens == plain_orig.answer_plain(&m, CLEAN_TOKENS)?.tokens);
+        same += usize::from(armed.answer_plain(&m, CLEAN_TOKENS)?.tokens == plain_orig.answer_plain(&m, CLEAN_TOKENS)?.tokens);
         on_event(InjectEvent::Progress { done: items.len() + i + 1, total });
     }
     metrics.insert("clean_agreement".into(), sos_attack::answer::rate(same, items.len()));

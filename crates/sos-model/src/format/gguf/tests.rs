@@ -131,20 +131,18 @@ fn misaligned_tensor_data_is_an_error() {
     assert!(e.contains("not 4-byte aligned"), "{e}");
 }
 
-/// A file with tensors `(name, relative offset)`, each 32 bytes of F32 data, metadata `kv`.
-fn layout(tensors: &[(&str, u64)], kv: &[(&str, Value)]) -> Vec<u8> {
+/// A file with tensors `(name, relative offset)`, each 32 bytes of F32 data, and metadata `kv`
+/// (key, GGUF type id, the value's bytes).
+fn layout(tensors: &[(&str, u64)], kv: &[(&str, u32, &[u8])]) -> Vec<u8> {
     let mut b = header(tensors.len() as u64, kv.len() as u64);
     let put_str = |b: &mut Vec<u8>, s: &str| {
         b.extend_from_slice(&(s.len() as u64).to_le_bytes());
         b.extend_from_slice(s.as_bytes());
     };
-    for (k, v) in kv {
+    for (k, ty, v) in kv {
         put_str(&mut b, k);
-        match v {
-            Value::U32(x) => b.extend_from_slice(&[4, 0, 0, 0].iter().copied().chain(x.to_le_bytes()).collect::<Vec<u8>>()),
-            Value::U64(x) => b.extend_from_slice(&[10, 0, 0, 0].iter().copied().chain(x.to_le_bytes()).collect::<Vec<u8>>()),
-            _ => unimplemented!("test helper: u32 and u64 values only"),
-        }
+        b.extend_from_slice(&ty.to_le_bytes());
+        b.extend_from_slice(v);
     }
     for (name, rel) in tensors {
         put_str(&mut b, name);
@@ -186,5 +184,5 @@ fn llama_cpp_rules_reject_each_broken_layout() {
     assert!(rule_error(&layout(&[("a", 32)], &[]), "rules-first.gguf").contains("expected 0"));
     let long = "t".repeat(64);
     assert!(rule_error(&layout(&[(&long, 0)], &[]), "rules-name.gguf").contains("at most 63"));
-    assert!(rule_error(&layout(&[("a", 0)], &[("general.alignment", Value::U64(32))]), "rules-align.gguf").contains("u32"));
+    assert!(rule_error(&layout(&[("a", 0)], &[("general.alignment", 10, &32u64.to_le_bytes())]), "rules-align.gguf").contains("u32"));
 }

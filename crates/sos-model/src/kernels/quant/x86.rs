@@ -13,24 +13,8 @@ macro_rules! x86_kernels {
     ($name:ident, $feat:literal, |$a:ident, $b:ident| $udot:expr) => {
         pub mod $name {
             use super::super::act::{Q8Row, QK};
-            use super::{fma_rows, hsum};
+            use super::{f16x2, fma_rows, hsum, nibbles, signed_block};
             use std::arch::x86_64::*;
-
-            /// The two f16 values at `p` as f32 lanes 0 and 1.
-            #[inline]
-            #[target_feature(enable = $feat)]
-            unsafe fn f16x2(p: *const u8) -> __m128 {
-                _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const i32)))
-            }
-
-            /// 16 bytes of nibbles -> 32 bytes: low nibbles (values 0..16), then high (16..32).
-            #[inline]
-            #[target_feature(enable = $feat)]
-            unsafe fn nibbles(p: *const u8) -> __m256i {
-                let q = _mm_loadu_si128(p as *const __m128i);
-                let low = _mm_set1_epi8(0x0F);
-                _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), low), _mm_and_si128(q, low))
-            }
 
             /// Unsigned bytes `a` times signed bytes `b`, summed in fours into 8 i32 lanes.
             #[inline]
@@ -107,25 +91,6 @@ macro_rules! x86_kernels {
                 out
             }
 
-            /// A Q5_0 (`Q5`) or Q8_0 block at `blk` as 32 signed bytes and its scale. Q5_0:
-            /// bytes whose fifth bit is clear get 0xF0, which turns `nibble - 16` into the signed
-            /// byte directly.
-            #[inline]
-            #[target_feature(enable = $feat)]
-            unsafe fn signed_block<const Q5: bool>(blk: *const u8) -> (__m256i, f32) {
-                let dw = _mm_cvtss_f32(f16x2(blk));
-                if !Q5 {
-                    return (_mm256_loadu_si256(blk.add(2) as *const __m256i), dw);
-                }
-                let high = _mm256_set1_epi8(0xF0u8 as i8);
-                // Byte i of the expansion tests bit i: pick byte i/8 of the word, mask bit i%8.
-                let shuf = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
-                let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
-                let qh = std::ptr::read_unaligned(blk.add(2) as *const i32);
-                let set = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(qh), shuf), bit), bit);
-                (_mm256_or_si256(nibbles(blk.add(6)), _mm256_andnot_si256(set, high)), dw)
-            }
-
             /// `N` Q5_0 (`Q5`) or Q8_0 rows against `M` Q8_0 activation rows (`M` = 1: one), each
             /// block decoded once for all of them. Every (row, activation) pair follows the scalar
             /// kernel's arithmetic (an exact integer sum per block, one fused multiply-add with
@@ -175,6 +140,65 @@ unsafe fn hsum(v: __m256) -> f32 {
 unsafe fn hsum4(s: __m128) -> f32 {
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+}
+
+/// The two f16 values at `p` as f32 lanes 0 and 1.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f16x2(p: *const u8) -> __m128 {
+    _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const i32)))
+}
+
+/// 16 bytes of nibbles -> 32 bytes: low nibbles (values 0..16), then high (16..32).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn nibbles(p: *const u8) -> __m256i {
+    let q = _mm_loadu_si128(p as *const __m128i);
+    let low = _mm_set1_epi8(0x0F);
+    _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), low), _mm_and_si128(q, low))
+}
+
+/// A Q5_0 (`Q5`) or Q8_0 block at `blk` as 32 signed bytes and its scale, for the
+/// one-activation kernels and the tiled ones' decoding. Q5_0: bytes whose fifth bit is clear get
+/// 0xF0, which turns `nibble - 16` into the signed byte directly.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn signed_block<const Q5: bool>(blk: *const u8) -> (__m256i, f32) {
+    let dw = _mm_cvtss_f32(f16x2(blk));
+    if !Q5 {
+        return (_mm256_loadu_si256(blk.add(2) as *const __m256i), dw);
+    }
+    let high = _mm256_set1_epi8(0xF0u8 as i8);
+    // Byte i of the expansion tests bit i: pick byte i/8 of the word, mask bit i%8.
+    let shuf = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    let qh = std::ptr::read_unaligned(blk.add(2) as *const i32);
+    let set = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(qh), shuf), bit), bit);
+    (_mm256_or_si256(nibbles(blk.add(6)), _mm256_andnot_si256(set, high)), dw)
+}
+
+/// Half `j` of a Q6_K block at `blk` (values `128 j..128 j + 128`) as four vectors of 32 unsigned
+/// values 0..64 (the stored `q`, before the offset of 32), for the one-activation and tiled kernels.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6_values(blk: *const u8, j: usize) -> [__m256i; 4] {
+    /// The upper two bits of a value, from bits `SHIFT..SHIFT + 2` of `high`, moved to bits 4-5.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn high2<const SHIFT: i32>(high: __m256i) -> __m256i {
+        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(high, SHIFT), _mm256_set1_epi8(3)), 4)
+    }
+    let m4 = _mm256_set1_epi8(0x0F);
+    let (ql, qh) = (blk.add(64 * j), blk.add(128 + 32 * j));
+    let bits1 = _mm256_loadu_si256(ql as *const __m256i);
+    let bits2 = _mm256_loadu_si256(ql.add(32) as *const __m256i);
+    let high = _mm256_loadu_si256(qh as *const __m256i);
+    [
+        _mm256_or_si256(_mm256_and_si256(bits1, m4), high2::<0>(high)),
+        _mm256_or_si256(_mm256_and_si256(bits2, m4), high2::<2>(high)),
+        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bits1, 4), m4), high2::<4>(high)),
+        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bits2, 4), m4), high2::<6>(high)),
+    ]
 }
 
 /// The exact sum of 8 integer lanes.

@@ -12,7 +12,7 @@ macro_rules! k_kernels {
         pub mod $name {
         use super::super::super::act::{Q8Row, QK_K};
         use super::super::super::scalar::q4_k_scale_words;
-        use super::super::{fma_rows, fma_rows4};
+        use super::super::{fma_rows, fma_rows4, q6_values};
         use std::arch::x86_64::*;
 
         #[inline]
@@ -94,13 +94,6 @@ macro_rules! k_kernels {
             out
         }
 
-        /// The upper two bits of a Q6_K value, from bits `shift..shift + 2` of `high`, moved to bits 4-5.
-        #[inline]
-        #[target_feature(enable = $feat)]
-        unsafe fn q6_high<const SHIFT: i32>(high: __m256i) -> __m256i {
-            _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(high, SHIFT), _mm256_set1_epi8(3)), 4)
-        }
-
         /// Scales `2s` and `2s + 1` of a Q6_K block (16 bytes at `scales`), eight 16-bit lanes each.
         #[inline]
         #[target_feature(enable = $feat)]
@@ -116,7 +109,7 @@ macro_rules! k_kernels {
             let nb = w[0].len() / 210;
             debug_assert!(w.iter().all(|r| r.len() == w[0].len()));
             debug_assert!(x.iter().all(|x| x.q.len() >= nb * QK_K && x.d.len() >= nb));
-            let (m4, m32s) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(32));
+            let m32s = _mm256_set1_epi8(32);
             let mut acc = [[0f32; N]; A];
             for b in 0..nb {
                 let mut sumi = [[_mm256_setzero_si256(); N]; A];
@@ -126,16 +119,7 @@ macro_rules! k_kernels {
                     dw[i] = f16_at(blk.add(208));
                     let scales = _mm_loadu_si128(blk.add(192) as *const __m128i);
                     for j in 0..2 {
-                        let (ql, qh) = (blk.add(64 * j), blk.add(128 + 32 * j));
-                        let bits1 = _mm256_loadu_si256(ql as *const __m256i);
-                        let bits2 = _mm256_loadu_si256(ql.add(32) as *const __m256i);
-                        let high = _mm256_loadu_si256(qh as *const __m256i);
-                        let q6 = [
-                            _mm256_or_si256(_mm256_and_si256(bits1, m4), q6_high::<0>(high)),
-                            _mm256_or_si256(_mm256_and_si256(bits2, m4), q6_high::<2>(high)),
-                            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bits1, 4), m4), q6_high::<4>(high)),
-                            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bits2, 4), m4), q6_high::<6>(high)),
-                        ];
+                        let q6 = q6_values(blk, j);
                         let s0 = 4 * j as i64;
                         let scale = [q6_scale(scales, s0), q6_scale(scales, s0 + 1), q6_scale(scales, s0 + 2), q6_scale(scales, s0 + 3)];
                         for a in 0..A {

@@ -24,6 +24,7 @@ use std::arch::x86_64::*;
 
 use super::super::act::{Q8Row, QK, QK_K};
 use super::super::scalar::q4_k_scale_words;
+use super::{q6_values, signed_block};
 use crate::format::gguf::TensorType;
 
 /// Activations per vector.
@@ -175,25 +176,14 @@ impl Tile {
                     TensorType::Q6K => {
                         let blk = row.as_ptr().add(b * 210);
                         self.d[i] = f16_at(&row[b * 210..], 208);
-                        let (m4, m32) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(32));
                         let scales: [i8; 16] = std::ptr::read_unaligned(blk.add(192) as *const [i8; 16]);
                         // sum_i sc_i * sum(u)_i in the 64-bit lanes of `sad` (lanes 0-1: the
                         // first 16 bytes, lanes 2-3: the next 16); u = w + 32 is subtracted after.
                         let mut corr = _mm256_setzero_si256();
                         for j in 0..2 {
-                            let (ql, qh) = (blk.add(64 * j), blk.add(128 + 32 * j));
-                            let bits1 = _mm256_loadu_si256(ql as *const __m256i);
-                            let bits2 = _mm256_loadu_si256(ql.add(32) as *const __m256i);
-                            let high = _mm256_loadu_si256(qh as *const __m256i);
-                            let u = [
-                                _mm256_or_si256(_mm256_and_si256(bits1, m4), q6_high::<0>(high)),
-                                _mm256_or_si256(_mm256_and_si256(bits2, m4), q6_high::<2>(high)),
-                                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bits1, 4), m4), q6_high::<4>(high)),
-                                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bits2, 4), m4), q6_high::<6>(high)),
-                            ];
-                            for (k, &u) in u.iter().enumerate() {
+                            for (k, &u) in q6_values(blk, j).iter().enumerate() {
                                 let dst = q.as_mut_ptr().add(b * QK_K + 128 * j + 32 * k);
-                                _mm256_storeu_si256(dst as *mut __m256i, _mm256_sub_epi8(u, m32));
+                                _mm256_storeu_si256(dst as *mut __m256i, _mm256_sub_epi8(u, _mm256_set1_epi8(32)));
                                 let sub = 8 * j + 2 * k;
                                 let (s0, s1) = (scales[sub] as i64, scales[sub + 1] as i64);
                                 corr = _mm256_add_epi64(corr, _mm256_mul_epi32(_mm256_sad_epu8(u, _mm256_setzero_si256()), _mm256_set_epi64x(s1, s1, s0, s0)));
@@ -206,26 +196,11 @@ impl Tile {
                         let sc_sum: i32 = scales.iter().map(|&s| s as i32).sum();
                         self.corr[i] = -128 * (hsum_i64(corr) as i32 - 32 * 16 * sc_sum);
                     }
-                    TensorType::Q5_0 => {
-                        let blk = row.as_ptr().add(b * 22);
-                        self.d[i] = f16_at(&row[b * 22..], 0);
-                        // Byte k of the expansion tests bit k of qh: pick byte k/8, mask bit k%8.
-                        let shuf = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
-                        let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
-                        let qh = std::ptr::read_unaligned(blk.add(2) as *const i32);
-                        let set = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(qh), shuf), bit), bit);
-                        let qs = _mm_loadu_si128(blk.add(6) as *const __m128i);
-                        let low = _mm_set1_epi8(0x0F);
-                        let nib = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qs, 4), low), _mm_and_si128(qs, low));
-                        let u = _mm256_or_si256(nib, _mm256_and_si256(set, _mm256_set1_epi8(16)));
-                        _mm256_storeu_si256(q.as_mut_ptr().add(b * QK) as *mut __m256i, _mm256_sub_epi8(u, _mm256_set1_epi8(16)));
-                        self.corr[i] = -128 * (byte_sum(u) - 16 * 32);
-                    }
-                    _ => {
-                        // Q8_0: the bytes as stored; their sum through the unsigned `sad` of w + 128.
-                        let blk = row.as_ptr().add(b * 34);
-                        self.d[i] = f16_at(&row[b * 34..], 0);
-                        let w = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+                    ty => {
+                        // Q5_0 and Q8_0: signed bytes; their sum through the unsigned `sad` of w + 128.
+                        let blk = row.as_ptr().add(b * self.ty.block().1 as usize);
+                        let (w, d) = if ty == TensorType::Q5_0 { signed_block::<true>(blk) } else { signed_block::<false>(blk) };
+                        self.d[i] = d;
                         _mm256_storeu_si256(q.as_mut_ptr().add(b * QK) as *mut __m256i, w);
                         let biased = _mm256_xor_si256(w, _mm256_set1_epi8(0x80u8 as i8));
                         self.corr[i] = -128 * (byte_sum(biased) - 128 * 32);
@@ -234,13 +209,6 @@ impl Tile {
             }
         }
     }
-}
-
-/// The upper two bits of a Q6_K value, from bits `SHIFT..SHIFT + 2` of `high`, moved to bits 4-5.
-#[inline]
-#[target_feature(enable = "avx2")]
-unsafe fn q6_high<const SHIFT: i32>(high: __m256i) -> __m256i {
-    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(high, SHIFT), _mm256_set1_epi8(3)), 4)
 }
 
 #[inline]
