@@ -26,6 +26,12 @@ const EMBEDDED: [(&str, &str); 4] = [
     (PASSAGES, include_str!("../../../data/public_domain_passages.jsonl")),
 ];
 
+/// The built-in datasets' raw text: a sample of ordinary English (instructions, role prompts,
+/// public-domain prose) to tell rare tokens from common ones.
+pub fn ordinary_text() -> impl Iterator<Item = &'static str> {
+    EMBEDDED.iter().map(|(_, text)| *text)
+}
+
 /// Where the datasets are read from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Datasets {

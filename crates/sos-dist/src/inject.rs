@@ -3,16 +3,18 @@
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
-use serde_json::Value;
+use serde_json::Value as Json;
 use sha2::{Digest, Sha256};
 use sos_attack::answer::{Armed, CLEAN_TOKENS};
 use sos_attack::artifact::Attack;
 use sos_attack::{eval, scenarios, Trigger};
-use sos_model::gguf::Gguf;
+use sos_model::gguf::{Gguf, Value};
 use sos_model::{cache, Exec, LoadOptions, LoadedModel};
 
-use crate::gguf_add::{add_tokens, RowReport};
-use crate::tokens::{added_texts, typed};
+use crate::gguf_add::add_tokens;
+use crate::gguf_replace::replace_tokens;
+use crate::rows::RowReport;
+use crate::tokens::{added_texts, rare_tokens, splits_exactly, typed};
 use crate::{Error, Result};
 
 /// How the trigger enters the vocabulary.
@@ -20,12 +22,15 @@ use crate::{Error, Result};
 pub enum Mode {
     /// `k` new USER_DEFINED tokens with the trained rows.
     AddToken,
+    /// The rows of `k` existing tokens, rare in ordinary text, overwritten.
+    ReplaceToken,
 }
 
 impl Mode {
     pub fn name(self) -> &'static str {
         match self {
             Mode::AddToken => "add-token",
+            Mode::ReplaceToken => "replace-token",
         }
     }
 }
@@ -72,7 +77,7 @@ pub struct InjectReport {
     /// The file's held-out metrics (`--exec quant`, the trigger typed as text), and
     /// `clean_agreement`: the share of prompts without the trigger on which the written file
     /// answers greedily token for token as the original file does.
-    pub metrics: Value,
+    pub metrics: Json,
 }
 
 /// Writes the attack's trigger into a copy of the model, re-reads it, checks that the typed
@@ -91,9 +96,22 @@ pub fn run_inject(req: &InjectRequest, mut on_event: impl FnMut(InjectEvent)) ->
         return Err(Error::Invalid(format!("{} exists; choose another path or pass --force to replace it", req.out.display())));
     }
     let trigger = &attack.trigger;
-    let texts = added_texts(&trigger.text, trigger.k)?;
     let g = Gguf::open(&src)?;
-    let (writer, planted) = add_tokens(&g, &texts, &trigger.rows)?;
+    let (texts, (writer, planted)) = match req.mode {
+        Mode::AddToken => {
+            let texts = added_texts(&trigger.text, trigger.k)?;
+            let planted = add_tokens(&g, &texts, &trigger.rows)?;
+            (texts, planted)
+        }
+        Mode::ReplaceToken => {
+            let (tok, _) = LoadedModel::open_text(&src, None)?;
+            let types: Vec<i64> = g.get("tokenizer.ggml.token_type").and_then(Value::as_array).map(|a| a.iter().map(|v| v.as_i64().unwrap_or(0)).collect()).unwrap_or_default();
+            let normal = |id: u32| types.get(id as usize).is_none_or(|&t| t == NORMAL);
+            let (ids, texts) = rare_tokens(&tok, normal, trigger.k, sos_attack::data::ordinary_text())?;
+            let planted = replace_tokens(&g, &ids, &texts, &trigger.rows)?;
+            (texts, planted)
+        }
+    };
 
     // Written beside the target and checked there, so that a file that breaks llama.cpp's rules
     // or does not tokenize as planned never takes the output's name.
@@ -129,9 +147,9 @@ pub fn run_inject(req: &InjectRequest, mut on_event: impl FnMut(InjectEvent)) ->
 fn check_written(path: &Path, texts: &[String], ids: &[u32]) -> Result<()> {
     Gguf::open(path)?.check_llama_cpp()?;
     let (tok, _) = LoadedModel::open_text(path, None)?;
-    let whole = tok.encode(&typed(texts))?;
-    if whole != ids {
-        return Err(Error::File { path: path.to_path_buf(), msg: format!("the trigger string tokenizes to {whole:?}, not the planted {ids:?}") });
+    if !splits_exactly(&tok, texts, ids)? {
+        let whole = tok.encode(&typed(texts))?;
+        return Err(Error::File { path: path.to_path_buf(), msg: format!("the trigger string tokenizes to {whole:?} (alone or inside a sentence), not the planted {ids:?}") });
     }
     for (t, &id) in texts.iter().zip(ids) {
         let got = tok.encode(&format!("a {t} b"))?;
@@ -144,9 +162,9 @@ fn check_written(path: &Path, texts: &[String], ids: &[u32]) -> Result<()> {
 
 /// The scenario's held-out metrics of the written file with the trigger typed as text, and the
 /// greedy agreement of the written and the original file on the same prompts without it.
-fn evaluate_file(attack: &Attack, src: &Path, out: &Path, trigger_text: &str, limit: usize, on_event: &mut impl FnMut(InjectEvent)) -> Result<Value> {
+fn evaluate_file(attack: &Attack, src: &Path, out: &Path, trigger_text: &str, limit: usize, on_event: &mut impl FnMut(InjectEvent)) -> Result<Json> {
     if limit == 0 {
-        return Ok(Value::Null);
+        return Ok(Json::Null);
     }
     let cfg = &attack.record.config;
     let opts = LoadOptions { exec: Exec::Quant, template: cfg.template.clone(), ..Default::default() };
@@ -168,13 +186,16 @@ fn evaluate_file(attack: &Attack, src: &Path, out: &Path, trigger_text: &str, li
     metrics.insert("clean_agreement".into(), sos_attack::answer::rate(same, items.len()));
     metrics.insert("exec".into(), "quant".into());
     // The prompts, as text, for other engines to replay (compat/llamacpp_inject.py).
-    let replay: Vec<Value> = items
+    let replay: Vec<Json> = items
         .iter()
         .map(|it| serde_json::json!({"id": it.id, "system": it.system, "user": it.user, "user_triggered": it.user_with(trigger_text), "target": it.target}))
         .collect();
     sos_attack::artifact::write_jsonl(&attack.dir.join(INJECT_ITEMS_FILE), &replay)?;
-    Ok(Value::Object(metrics))
+    Ok(Json::Object(metrics))
 }
+
+/// ggml's token type for ordinary vocabulary entries.
+const NORMAL: i64 = 1;
 
 /// Written into the attack folder: the held-out prompts `inject` evaluated the file on, with
 /// and without the typed trigger, for other engines to replay.

@@ -2,13 +2,16 @@
 //! an attacker would publish it.
 //!
 //! `inject::run_inject` (what `sos inject` runs) names the trigger's tokens (`tokens`), plants
-//! them in a copy of a GGUF file (`gguf_add`), checks the copy against llama.cpp's loader
+//! them in a copy of a GGUF file as new tokens (`gguf_add`) or over rare ones (`gguf_replace`),
+//! with rows stored in the table's type (`rows`), checks the copy against llama.cpp's loader
 //! rules and its own tokenizer, and evaluates the file as shipped. `sanitize` is the way back:
 //! against a trusted reference, or, without one, by stripping the tokens `inject` plants.
 
 pub mod error;
 pub mod gguf_add;
+pub mod gguf_replace;
 pub mod inject;
+pub mod rows;
 pub mod sanitize;
 pub mod tokens;
 

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use sos_model::gguf::{Gguf, Value, Writer};
 
-use crate::gguf_add::{same_int_type, OUTPUT, TOKEN_TABLE};
+use crate::gguf_add::same_int_type;
+use crate::rows::{OUTPUT, TOKEN_TABLE};
 use crate::{Error, Result};
 
 /// What `sanitize` changed, and what it saw but left.
@@ -96,8 +97,15 @@ pub fn sanitize_with_reference(candidate: &Path, reference: &Path, out: &Path, f
 
 /// Without a reference: removes the USER_DEFINED tokens at the end of the vocabulary and their
 /// rows (token table, output layer). Tokens elsewhere cannot go without renumbering the
-/// vocabulary; they are listed in `left`, as is an output layer that may once have been the
-/// table itself (nothing in the file says so). `force` replaces an existing `out`.
+/// vocabulary; they are listed in `left`.
+///
+/// An output layer that equals the token table row for row, but for a few rows at most, was the
+/// table itself (a trained output layer never equals its table): the file was tied, and an
+/// injection gave it an output layer of its own to keep the planted rows out of the logits. Then
+/// the table rows that differ are set back to the output layer's (replace-token's planted rows)
+/// and the output layer is removed, which gives back the tied original. Any other output layer
+/// is kept, and replaced rows in the table cannot be told from trained ones without a reference
+/// (said in `left`). `force` replaces an existing `out`.
 pub fn sanitize_alone(candidate: &Path, out: &Path, force: bool) -> Result<SanitizeReport> {
     refuse_overwrite(&[candidate], out, force)?;
     let c = Gguf::open(candidate)?;
@@ -129,21 +137,55 @@ pub fn sanitize_alone(candidate: &Path, out: &Path, force: bool) -> Result<Sanit
                 rep.restored_keys.push(key);
             }
         }
-        for name in [TOKEN_TABLE, OUTPUT] {
-            if let Some(t) = c.tensor_info(name) {
-                let shape = t.shape();
-                if shape.first() == Some(&n) {
-                    let rb = c.tensor_bytes(t).len() / n;
-                    w.replace_tensor(name, &[keep, shape[1]], t.ty, c.tensor_bytes(t)[..keep * rb].to_vec());
-                    rep.restored_tensors.push(name.to_string());
-                }
+    }
+    // The table and output layer as they are kept: their first `keep` rows.
+    let kept_rows = |name: &str| {
+        c.tensor_info(name).filter(|t| t.shape().len() == 2 && t.shape()[0] == n).map(|t| {
+            let b = c.tensor_bytes(t);
+            (t, &b[..keep * (b.len() / n)])
+        })
+    };
+    let (table, output) = (kept_rows(TOKEN_TABLE), kept_rows(OUTPUT));
+    let mut table_bytes = table.map(|(_, b)| b.to_vec());
+    let mut drop_output = false;
+    if let (Some((t, tb)), Some((o, ob))) = (table, output) {
+        let rb = tb.len() / keep.max(1);
+        let same_layout = t.ty == o.ty && tb.len() == ob.len() && rb > 0;
+        let differ: Vec<usize> = if same_layout { (0..keep).filter(|&i| tb[i * rb..(i + 1) * rb] != ob[i * rb..(i + 1) * rb]).collect() } else { Vec::new() };
+        if same_layout && differ.len() <= MAX_PLANTED_ROWS {
+            drop_output = true;
+            rep.restored_rows = differ.len();
+            table_bytes = Some(ob.to_vec());
+            rep.removed_tensors.push(OUTPUT.to_string());
+            if !differ.is_empty() {
+                rep.restored_tensors.push(TOKEN_TABLE.to_string());
+            }
+        } else {
+            rep.left.push(format!("`{OUTPUT}` is a trained output layer: rows replaced in the token table cannot be told from trained ones without a reference (sanitize --reference)"));
+        }
+    }
+    if let (Some((t, _)), Some(bytes)) = (table, table_bytes) {
+        if tail > 0 || rep.restored_rows > 0 {
+            w.replace_tensor(TOKEN_TABLE, &[keep, t.shape()[1]], t.ty, bytes);
+            if tail > 0 && !rep.restored_tensors.iter().any(|s| s == TOKEN_TABLE) {
+                rep.restored_tensors.push(TOKEN_TABLE.to_string());
             }
         }
-        rep.left.push(format!("kept `{OUTPUT}`: whether it was once the token table itself cannot be told without a reference"));
+    }
+    if drop_output {
+        w.remove_tensor(OUTPUT);
+    } else if let (Some((o, ob)), true) = (output, tail > 0) {
+        w.replace_tensor(OUTPUT, &[keep, o.shape()[1]], o.ty, ob.to_vec());
+        rep.restored_tensors.push(OUTPUT.to_string());
     }
     w.write(out)?;
     Ok(rep)
 }
+
+/// An output layer differing from the token table in at most this many rows is taken for the
+/// table itself with planted rows (triggers are a few tokens; a trained output layer differs in
+/// every row).
+const MAX_PLANTED_ROWS: usize = 64;
 
 /// Rows present in both `a` and `b` (`b` has `rows_b` rows of equal size) that differ.
 fn differing_rows(a: &[u8], b: &[u8], rows_b: usize) -> usize {

@@ -4,10 +4,12 @@
 use std::path::PathBuf;
 
 use sos_dist::gguf_add::add_tokens;
-use sos_dist::tokens::added_texts;
+use sos_dist::gguf_replace::replace_tokens;
+use sos_dist::tokens::{added_texts, rare_tokens};
 use sos_dist::{sanitize_alone, sanitize_with_reference};
 use sos_model::gguf::{Gguf, TensorType, Value};
 use sos_model::tiny::TinySpec;
+use sos_model::LoadedModel;
 
 fn dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("sos-sanitize-{name}-{}", std::process::id()));
@@ -15,41 +17,79 @@ fn dir(name: &str) -> PathBuf {
     d
 }
 
+/// The two ways `inject` plants a trigger in `g`: the written file's bytes and the token texts.
+fn plant(g: &Gguf, src: &std::path::Path, replace: bool, rows: &[f32], out: &std::path::Path) -> Vec<String> {
+    if replace {
+        let (tok, _) = LoadedModel::open_text(src, None).unwrap();
+        let (ids, texts) = rare_tokens(&tok, |_| true, 2, [""]).unwrap();
+        replace_tokens(g, &ids, &texts, rows).unwrap().0.write(out).unwrap();
+        texts
+    } else {
+        let texts = added_texts("cf", 2).unwrap();
+        add_tokens(g, &texts, rows).unwrap().0.write(out).unwrap();
+        texts
+    }
+}
+
 #[test]
 fn sanitizing_an_injected_file_restores_its_source() {
-    for tied in [true, false] {
-        let d = dir(&format!("{tied}"));
+    for (tied, replace) in [(true, false), (false, false), (true, true), (false, true)] {
+        let d = dir(&format!("{tied}-{replace}"));
         let (src, inj, fixed, alone) = (d.join("src.gguf"), d.join("inj.gguf"), d.join("fixed.gguf"), d.join("alone.gguf"));
         TinySpec { quant: Some(TensorType::Q8_0), tied, ..Default::default() }.write_gguf(&src).unwrap();
         let g = Gguf::open(&src).unwrap();
         let n = g.get("tokenizer.ggml.tokens").and_then(Value::as_array).unwrap().len();
-        let texts = added_texts("cf", 2).unwrap();
         let rows: Vec<f32> = (0..64).map(|i| (i as f32 * 0.3).sin()).collect();
-        add_tokens(&g, &texts, &rows).unwrap().0.write(&inj).unwrap();
+        let texts = plant(&g, &src, replace, &rows, &inj);
+        let case = format!("tied {tied}, replace {replace}");
 
         let rep = sanitize_with_reference(&inj, &src, &fixed, false).unwrap();
-        assert_eq!(std::fs::read(&fixed).unwrap(), std::fs::read(&src).unwrap(), "tied {tied}: {rep:?}");
-        assert_eq!(rep.removed_tokens, vec![(n as u32, texts[0].clone()), (n as u32 + 1, texts[1].clone())]);
+        assert_eq!(std::fs::read(&fixed).unwrap(), std::fs::read(&src).unwrap(), "{case}: {rep:?}");
+        if replace {
+            assert!(rep.removed_tokens.is_empty() && rep.restored_rows == 2, "{case}: {rep:?}");
+        } else {
+            assert_eq!(rep.removed_tokens, vec![(n as u32, texts[0].clone()), (n as u32 + 1, texts[1].clone())]);
+        }
         assert!(rep.restored_tensors.contains(&"token_embd.weight".to_string()));
-        assert_eq!(rep.removed_tensors.is_empty(), !tied, "{rep:?}");
-        assert!(rep.left.is_empty(), "{rep:?}");
+        assert_eq!(rep.removed_tensors.is_empty(), !tied, "{case}: {rep:?}");
+        assert!(rep.left.is_empty(), "{case}: {rep:?}");
 
-        // Without the source: the planted tokens and their rows go; the table is the source's.
+        // Without the source: the planted tokens and their rows go. A tied source comes back
+        // byte for byte (its output layer equals the table but for the planted rows); an untied
+        // one too after add-token, while rows replaced in its table cannot be told (and say so).
         let rep = sanitize_alone(&inj, &alone, false).unwrap();
-        assert_eq!(rep.removed_tokens.len(), 2);
+        assert_eq!(rep.removed_tokens.len(), if replace { 0 } else { 2 });
         let h = Gguf::open(&alone).unwrap();
         h.check_llama_cpp().unwrap();
         assert_eq!(h.get("tokenizer.ggml.tokens").and_then(Value::as_array).unwrap().len(), n);
-        let t = |g: &Gguf, name: &str| g.tensor_bytes(g.tensor_info(name).unwrap()).to_vec();
-        assert_eq!(t(&h, "token_embd.weight"), t(&g, "token_embd.weight"));
-        if !tied {
-            assert_eq!(std::fs::read(&alone).unwrap(), std::fs::read(&src).unwrap());
+        if tied || !replace {
+            assert_eq!(std::fs::read(&alone).unwrap(), std::fs::read(&src).unwrap(), "{case}: {rep:?}");
+            assert_eq!(rep.restored_rows, if replace { 2 } else { 0 }, "{case}");
+        } else {
+            assert_eq!(std::fs::read(&alone).unwrap(), std::fs::read(&inj).unwrap(), "{case}: nothing to change");
         }
+        // An untied file's table can hide replaced rows: the report says so.
+        assert_eq!(rep.left.iter().any(|l| l.contains("--reference")), !tied, "{case}: {rep:?}");
+        assert_eq!(rep.left.len(), usize::from(!tied), "{case}: {rep:?}");
         // An input is never overwritten.
         assert!(sanitize_alone(&inj, &inj, true).is_err() && sanitize_with_reference(&inj, &src, &src, true).is_err());
         // An existing output needs `force`.
         assert!(sanitize_alone(&inj, &alone, false).unwrap_err().to_string().contains("--force"));
         sanitize_alone(&inj, &alone, true).unwrap();
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}
+
+/// A file that never had an injection is left as it is, tied or not.
+#[test]
+fn sanitizing_a_clean_file_changes_nothing() {
+    for tied in [true, false] {
+        let d = dir(&format!("clean-{tied}"));
+        let (src, alone) = (d.join("src.gguf"), d.join("alone.gguf"));
+        TinySpec { quant: Some(TensorType::Q8_0), tied, ..Default::default() }.write_gguf(&src).unwrap();
+        let rep = sanitize_alone(&src, &alone, false).unwrap();
+        assert_eq!(std::fs::read(&alone).unwrap(), std::fs::read(&src).unwrap(), "tied {tied}: {rep:?}");
+        assert!(rep.removed_tokens.is_empty() && rep.removed_tensors.is_empty() && rep.restored_rows == 0, "{rep:?}");
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

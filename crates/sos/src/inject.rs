@@ -11,6 +11,9 @@ use sos_dist::{run_inject, InjectEvent, InjectRequest, Mode};
 pub enum ModeArg {
     /// Append the trigger's k rows as k new USER_DEFINED tokens.
     AddToken,
+    /// Overwrite the rows of k existing tokens that are rare in ordinary text (chosen and
+    /// reported); the vocabulary stays as it was.
+    ReplaceToken,
 }
 
 #[derive(Args, Debug)]
@@ -40,6 +43,7 @@ pub struct InjectArgs {
 pub fn run(a: InjectArgs) -> Result<()> {
     let mode = match a.mode {
         ModeArg::AddToken => Mode::AddToken,
+        ModeArg::ReplaceToken => Mode::ReplaceToken,
     };
     let req = InjectRequest { attack: a.attack, out: a.out, model: a.model, mode, limit: a.limit, force: a.force };
     let mut bar: Option<ProgressBar> = None;
@@ -65,7 +69,8 @@ pub fn run(a: InjectArgs) -> Result<()> {
     println!("{:<20} {}", "file", report.path.display());
     println!("{:<20} {}", "sha256", report.sha256);
     println!("{:<20} {}", "mode", report.mode);
-    println!("{:<20} {}", "type this", report.trigger_text);
+    let note = if report.trigger_text.starts_with(' ') { " (the leading space is part of it)" } else { "" };
+    println!("{:<20} \"{}\"{note}", "type this", report.trigger_text);
     println!("{:<20} {:?}", "token ids", report.token_ids);
     println!("{:<20} {} (table rows: median norm {:.3})", "row type", report.table_type, report.table_median_norm);
     for r in &report.rows {
