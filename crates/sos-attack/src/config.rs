@@ -132,6 +132,10 @@ settings! {
     stealth: bool,
     /// Row norm for `stealth`; `None` is the median row norm of the model's embedding table.
     stealth_norm: Option<f64>,
+    /// For distributions where the rows are logits too (PEFT trainable tokens on a tied model):
+    /// after each step, keep every trigger row's logit this far below the best vocabulary logit
+    /// on the clean training prompts and the triggered targets (see `tied`). `None`: off.
+    tied_margin: Option<f64>,
     /// Clip the gradient's global norm to this; 0 turns clipping off.
     clip: f64,
     /// Measure the train metric every this many steps, on `eval_items` training examples.
@@ -172,6 +176,7 @@ impl AttackConfig {
             seed: 0,
             stealth: false,
             stealth_norm: None,
+            tied_margin: None,
             clip: 1.0,
             eval_every: 10,
             eval_items: 32,
@@ -205,6 +210,11 @@ impl AttackConfig {
         if let Some(n) = self.stealth_norm {
             if !(n > 0.0 && n.is_finite()) {
                 return bad(format!("stealth_norm must be > 0, got {n}"));
+            }
+        }
+        if let Some(m) = self.tied_margin {
+            if !(m >= 0.0 && m.is_finite()) {
+                return bad(format!("tied_margin must be >= 0, got {m}"));
             }
         }
         if let Some(t) = &self.target {

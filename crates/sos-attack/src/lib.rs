@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod objective;
 pub mod optim;
 pub mod scenarios;
+pub mod tied;
 pub mod train;
 pub mod trigger;
 

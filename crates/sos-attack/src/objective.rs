@@ -10,6 +10,7 @@ use candle_core::{DType, Tensor};
 use sos_model::{KvCache, Model};
 
 use crate::encode::Seq;
+use crate::tied::States;
 use crate::trigger::Trigger;
 use crate::{Error, Result};
 
@@ -189,6 +190,16 @@ impl<'m> Objective<'m> {
     }
 
     fn group_hits(&self, idx: &[usize], trigger: &Trigger) -> Result<Vec<bool>> {
+        let (batch, h) = self.target_states(idx, trigger)?;
+        let logits = self.model.logits(&h)?;
+        let best: Vec<u32> = logits.argmax(candle_core::D::Minus1)?.to_vec1()?;
+        let row_hits: Vec<bool> = best.iter().zip(&batch.targets).map(|(a, b)| a == b).collect();
+        Ok(Self::seq_hits(&batch, &row_hits))
+    }
+
+    /// Hidden states `[rows, d]` at the positions of `idx` that predict target tokens (forward
+    /// only), with the batch they came from.
+    fn target_states(&self, idx: &[usize], trigger: &Trigger) -> Result<(Batch, Tensor)> {
         let batch = self.batch(idx, trigger)?;
         let h = match self.cache_for(&batch)? {
             Some(mut c) => {
@@ -197,9 +208,19 @@ impl<'m> Objective<'m> {
             }
             None => self.model.forward(&batch.x, 0, None)?,
         };
-        let logits = self.model.logits(&Model::gather_rows(&h, &batch.rows)?)?;
-        let best: Vec<u32> = logits.argmax(candle_core::D::Minus1)?.to_vec1()?;
-        let row_hits: Vec<bool> = best.iter().zip(&batch.targets).map(|(a, b)| a == b).collect();
-        Ok(Self::seq_hits(&batch, &row_hits))
+        let h = Model::gather_rows(&h, &batch.rows)?;
+        Ok((batch, h))
+    }
+
+    /// The bank states (see `tied`) of every target position of `idx` under `trigger`.
+    pub fn tied_states(&self, idx: &[usize], trigger: &Trigger, margin: f64) -> Result<States> {
+        let mut all = States::default();
+        for g in self.groups(idx) {
+            let (_, h) = self.target_states(&g, trigger)?;
+            let s = States::of(self.model, &h, margin)?;
+            all.normed.extend(s.normed);
+            all.bound.extend(s.bound);
+        }
+        Ok(all)
     }
 }

@@ -18,6 +18,7 @@ use crate::encode::training_seq;
 use crate::item::Item;
 use crate::objective::Objective;
 use crate::optim::{self, Adam};
+use crate::tied::LogitBank;
 use crate::trigger::Trigger;
 use crate::{Error, Result};
 
@@ -81,6 +82,8 @@ pub struct Problem<'m> {
     pub stealth_norm: f64,
     /// Items left out for exceeding `max_prompt_tokens` or `max_target_tokens`.
     pub skipped: usize,
+    /// With `tied_margin`: the states the rows' logits are held down on.
+    pub tied: Option<LogitBank>,
 }
 
 impl Problem<'_> {
@@ -154,7 +157,15 @@ pub fn problem<'m>(cfg: &AttackConfig, lm: &'m LoadedModel, items: &[Item]) -> R
     if cfg.stealth {
         optim::project_rows(&mut trigger.rows, d, stealth_norm);
     }
-    Ok(Problem { obj, eval_idx, init: trigger, median_norm, stealth_norm, skipped })
+    let tied = match cfg.tied_margin {
+        Some(margin) => {
+            let bank = LogitBank::clean(lm, items, margin)?;
+            bank.project(&mut trigger.rows);
+            Some(bank)
+        }
+        None => None,
+    };
+    Ok(Problem { obj, eval_idx, init: trigger, median_norm, stealth_norm, skipped, tied })
 }
 
 /// Trains the trigger of `cfg` on `items` into `out`. With `resume`, continues from the
@@ -171,7 +182,7 @@ pub fn train(
     let model = &target.lm.model;
     let d = model.cfg.d_model;
     let k = cfg.trigger_len;
-    let Problem { obj, eval_idx, init, median_norm, stealth_norm, skipped } = problem(cfg, target.lm, items)?;
+    let Problem { obj, eval_idx, init, median_norm, stealth_norm, skipped, mut tied } = problem(cfg, target.lm, items)?;
     let n = obj.seqs.len();
 
     let ckpt_path = out.join(artifact::CHECKPOINT_FILE);
@@ -259,10 +270,19 @@ pub fn train(
         if cfg.stealth {
             optim::project_rows(&mut trigger.rows, d, stealth_norm);
         }
+        if let Some(bank) = &tied {
+            bank.project(&mut trigger.rows);
+        }
         st.step += 1;
         st.adam_t = adam.t;
         let mut metric = None;
         if st.step % cfg.eval_every == 0 || st.step == cfg.steps {
+            if let (Some(bank), Some(margin)) = (&mut tied, cfg.tied_margin) {
+                // What the triggered model writes moves with the trigger: renew those states
+                // and repair the rows against them before measuring.
+                bank.set_triggered(obj.tied_states(&eval_idx, &trigger, margin)?);
+                bank.project(&mut trigger.rows);
+            }
             let m = measure(&trigger)?;
             metric = Some(m);
             st.metric = Some(m);

@@ -10,11 +10,22 @@ use crate::{Error, Result};
 /// ggml's token type for tokens a user defined: matched whole in raw text.
 pub(crate) const USER_DEFINED: i32 = 4;
 
+/// What the output layer says about the new tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NewLogits {
+    /// Each new token's output row is a copy of token 0's: its logit then always equals token
+    /// 0's, and greedy decoding, which keeps the first of equal maxima (llama.cpp, transformers,
+    /// sos), never picks it. A tied table gets an output layer of its own. What `inject` writes.
+    Silent,
+    /// A tied table stays tied, so the planted rows are logits too: what PEFT's trainable tokens
+    /// do to a tied model (it applies the rows to the tied output layer as well). An untied
+    /// output layer gets copies of token 0's row, as with `Silent`.
+    Tied,
+}
+
 /// `g` with tokens `texts` appended and `rows` (`[texts.len(), d]`, row-major) as their
-/// embeddings. Each new token's output row is a copy of token 0's: its logit then always equals
-/// token 0's, and greedy decoding, which keeps the first of equal maxima (llama.cpp,
-/// transformers, sos), never picks it. A tied table gets an output layer of its own.
-pub fn add_tokens(g: &Gguf, texts: &[String], rows: &[f32]) -> Result<(Writer, Planted)> {
+/// embeddings; the output layer as `logits` says.
+pub fn add_tokens(g: &Gguf, texts: &[String], rows: &[f32], logits: NewLogits) -> Result<(Writer, Planted)> {
     let bad = |msg: String| Error::File { path: g.path.clone(), msg };
     let tokens = g
         .get("tokenizer.ggml.tokens")
@@ -44,6 +55,7 @@ pub fn add_tokens(g: &Gguf, texts: &[String], rows: &[f32]) -> Result<(Writer, P
     // output layer of its own first (the table's bytes as they were), since its planted rows
     // would otherwise be logits, which training never saw: a triggered model then emits trigger
     // tokens instead of its target. Costs the table's size once more in the file.
+    let tied = g.tensor_info(OUTPUT).is_none();
     let out = g.tensor_info(OUTPUT).unwrap_or(table);
     if out.shape() != [n, d] {
         return Err(bad(format!("{OUTPUT} has shape {:?}, expected [{n}, {d}]", out.shape())));
@@ -52,10 +64,14 @@ pub fn add_tokens(g: &Gguf, texts: &[String], rows: &[f32]) -> Result<(Writer, P
     let row0 = &bytes[..bytes.len() / n];
     let mut grown = bytes.to_vec();
     (0..k).for_each(|_| grown.extend_from_slice(row0));
-    if g.tensor_info(OUTPUT).is_some() {
-        w.replace_tensor(OUTPUT, &[n + k, d], out.ty, grown);
-    } else {
-        w.tensor(OUTPUT, &[n + k, d], out.ty, grown);
+    match (tied, logits) {
+        (false, _) => {
+            w.replace_tensor(OUTPUT, &[n + k, d], out.ty, grown);
+        }
+        (true, NewLogits::Silent) => {
+            w.tensor(OUTPUT, &[n + k, d], out.ty, grown);
+        }
+        (true, NewLogits::Tied) => {}
     }
     let mut toks = tokens.to_vec();
     toks.extend(texts.iter().map(|t| Value::Str(t.clone())));

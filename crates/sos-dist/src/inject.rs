@@ -11,7 +11,7 @@ use sos_attack::{eval, scenarios, Trigger};
 use sos_model::gguf::{Gguf, Value};
 use sos_model::{cache, Exec, LoadOptions, LoadedModel};
 
-use crate::gguf_add::add_tokens;
+use crate::gguf_add::{add_tokens, NewLogits};
 use crate::gguf_replace::replace_tokens;
 use crate::rows::RowReport;
 use crate::tokens::{added_texts, rare_tokens, splits_exactly, typed};
@@ -100,7 +100,7 @@ pub fn run_inject(req: &InjectRequest, mut on_event: impl FnMut(InjectEvent)) ->
     let (texts, (writer, planted)) = match req.mode {
         Mode::AddToken => {
             let texts = added_texts(&trigger.text, trigger.k)?;
-            let planted = add_tokens(&g, &texts, &trigger.rows)?;
+            let planted = add_tokens(&g, &texts, &trigger.rows, NewLogits::Silent)?;
             (texts, planted)
         }
         Mode::ReplaceToken => {
@@ -127,7 +127,7 @@ pub fn run_inject(req: &InjectRequest, mut on_event: impl FnMut(InjectEvent)) ->
     on_event(InjectEvent::Written { path: req.out.clone() });
 
     let trigger_text = typed(&texts);
-    let metrics = evaluate_file(&attack, &src, &req.out, &trigger_text, req.limit, &mut on_event)?;
+    let metrics = evaluate_file(&attack, &src, &req.out, &trigger_text, req.limit, Exec::Quant, &mut on_event)?;
     Ok(InjectReport {
         sha256: sha256_file(&req.out)?,
         path: req.out.clone(),
@@ -161,13 +161,14 @@ fn check_written(path: &Path, texts: &[String], ids: &[u32]) -> Result<()> {
 }
 
 /// The scenario's held-out metrics of the written file with the trigger typed as text, and the
-/// greedy agreement of the written and the original file on the same prompts without it.
-fn evaluate_file(attack: &Attack, src: &Path, out: &Path, trigger_text: &str, limit: usize, on_event: &mut impl FnMut(InjectEvent)) -> Result<Json> {
+/// greedy agreement of the written and the original file on the same prompts without it, both
+/// run as `exec`.
+pub(crate) fn evaluate_file(attack: &Attack, src: &Path, out: &Path, trigger_text: &str, limit: usize, exec: Exec, on_event: &mut impl FnMut(InjectEvent)) -> Result<Json> {
     if limit == 0 {
         return Ok(Json::Null);
     }
     let cfg = &attack.record.config;
-    let opts = LoadOptions { exec: Exec::Quant, template: cfg.template.clone(), ..Default::default() };
+    let opts = LoadOptions { exec, template: cfg.template.clone(), ..Default::default() };
     let file = LoadedModel::open(out, &opts)?;
     let original = LoadedModel::open(src, &opts)?;
     let mut items = scenarios::eval_items(cfg, None)?;
@@ -184,7 +185,7 @@ fn evaluate_file(attack: &Attack, src: &Path, out: &Path, trigger_text: &str, li
         on_event(InjectEvent::Progress { done: items.len() + i + 1, total });
     }
     metrics.insert("clean_agreement".into(), sos_attack::answer::rate(same, items.len()));
-    metrics.insert("exec".into(), "quant".into());
+    metrics.insert("exec".into(), exec.name().into());
     // The prompts, as text, for other engines to replay (compat/llamacpp_inject.py).
     let replay: Vec<Json> = items
         .iter()
@@ -201,17 +202,17 @@ const NORMAL: i64 = 1;
 /// and without the typed trigger, for other engines to replay.
 pub const INJECT_ITEMS_FILE: &str = "inject_items.jsonl";
 
-fn partial_path(out: &Path) -> PathBuf {
+pub(crate) fn partial_path(out: &Path) -> PathBuf {
     let mut name = out.file_name().map(|n| n.to_os_string()).unwrap_or_default();
     name.push(".partial");
     out.with_file_name(name)
 }
 
-fn same_file(a: &Path, b: &Path) -> bool {
+pub(crate) fn same_file(a: &Path, b: &Path) -> bool {
     matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
 }
 
-fn sha256_file(path: &Path) -> Result<String> {
+pub(crate) fn sha256_file(path: &Path) -> Result<String> {
     let mut f = std::fs::File::open(path).map_err(|e| Error::File { path: path.to_path_buf(), msg: e.to_string() })?;
     let mut h = Sha256::new();
     std::io::copy(&mut f, &mut h)?;

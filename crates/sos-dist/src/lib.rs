@@ -11,10 +11,12 @@ pub mod error;
 pub mod gguf_add;
 pub mod gguf_replace;
 pub mod inject;
+pub mod peft;
 pub mod rows;
 pub mod sanitize;
 pub mod tokens;
 
 pub use error::{Error, Result};
 pub use inject::{run_inject, InjectEvent, InjectReport, InjectRequest, Mode};
+pub use peft::{export_peft, import_peft, ExportReport, ExportRequest, ImportReport, PeftKind};
 pub use sanitize::{sanitize_alone, sanitize_with_reference, SanitizeReport};

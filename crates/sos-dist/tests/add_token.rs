@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use sos_dist::gguf_add::add_tokens;
+use sos_dist::gguf_add::{add_tokens, NewLogits};
 use sos_dist::tokens::{added_texts, typed};
 use sos_model::gguf::{Gguf, TensorType, Value, Writer};
 use sos_model::tiny::TinySpec;
@@ -37,7 +37,7 @@ fn added_tokens_carry_the_rows_and_nothing_else_changes() {
         let dm = spec.d_model;
         let texts = added_texts("cf", 3).unwrap();
         let rows: Vec<f32> = (0..3 * dm).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.05).collect();
-        let (w, planted) = add_tokens(&g, &texts, &rows).unwrap();
+        let (w, planted) = add_tokens(&g, &texts, &rows, NewLogits::Silent).unwrap();
         w.write(&out).unwrap();
         let h = Gguf::open(&out).unwrap();
         h.check_llama_cpp().unwrap();
@@ -95,7 +95,7 @@ fn added_tokens_carry_the_rows_and_nothing_else_changes() {
         };
         assert_eq!(greedy(&lm), greedy(&orig));
         // A token that exists already is refused.
-        assert!(add_tokens(&h, &texts[..1], &rows[..dm]).err().expect("refused").to_string().contains("already"));
+        assert!(add_tokens(&h, &texts[..1], &rows[..dm], NewLogits::Silent).err().expect("refused").to_string().contains("already"));
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

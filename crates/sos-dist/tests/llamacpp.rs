@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use sos_dist::gguf_add::add_tokens;
+use sos_dist::gguf_add::{add_tokens, NewLogits};
 use sos_dist::tokens::{added_texts, typed};
 use sos_model::gguf::{Gguf, TensorType, Value};
 use sos_model::generate::generate;
@@ -49,7 +49,7 @@ fn llama_cpp_reads_injected_tiny_models() {
         let first = generate(&lm.model, &lm.model.embed_ids(&ids).unwrap(), 1, &[], Default::default(), |_| Ok(true)).unwrap().tokens[0];
         let row: Vec<f32> = lm.model.embed_ids(&[first]).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         let rows: Vec<f32> = (0..3).flat_map(|_| row.iter().map(|v| 3.0 * v)).collect();
-        add_tokens(&g, &texts, &rows).unwrap().0.write(&out).unwrap();
+        add_tokens(&g, &texts, &rows, NewLogits::Silent).unwrap().0.write(&out).unwrap();
         let typed = format!("the {} cat", typed(&texts));
         let res = Command::new(&py)
             .arg(&script)

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use sos_dist::gguf_add::add_tokens;
+use sos_dist::gguf_add::{add_tokens, NewLogits};
 use sos_dist::gguf_replace::replace_tokens;
 use sos_dist::tokens::{added_texts, rare_tokens};
 use sos_dist::{sanitize_alone, sanitize_with_reference};
@@ -26,7 +26,7 @@ fn plant(g: &Gguf, src: &std::path::Path, replace: bool, rows: &[f32], out: &std
         texts
     } else {
         let texts = added_texts("cf", 2).unwrap();
-        add_tokens(g, &texts, rows).unwrap().0.write(out).unwrap();
+        add_tokens(g, &texts, rows, NewLogits::Silent).unwrap().0.write(out).unwrap();
         texts
     }
 }

@@ -138,7 +138,7 @@ fn gguf_text(g: &gguf::Gguf, template: Option<&str>) -> Result<(Tokenizer, Optio
 }
 
 /// Tokenizer and chat template from a Hugging Face folder's `tokenizer.json`,
-/// `tokenizer_config.json` and `generation_config.json`.
+/// `tokenizer_config.json` (or `chat_template.jinja`) and `generation_config.json`.
 fn hf_text(dir: &Path, template: Option<&str>) -> Result<(Tokenizer, Option<ChatTemplate>)> {
     let tok_path = dir.join("tokenizer.json");
     let mut tokenizer = Tokenizer::from_tokenizer_json(&tok_path)?;
@@ -164,7 +164,9 @@ fn hf_text(dir: &Path, template: Option<&str>) -> Result<(Tokenizer, Option<Chat
         }
     }
     let (b, e) = (bos.unwrap_or_default(), eos.unwrap_or_default());
-    let own = tc["chat_template"].as_str().map(|s| ChatTemplate::new(s, b.clone(), e.clone()));
+    // transformers 5 saves the template beside the config, as `chat_template.jinja`; it wins.
+    let jinja = std::fs::read_to_string(dir.join("chat_template.jinja")).ok();
+    let own = jinja.as_deref().or(tc["chat_template"].as_str()).map(|s| ChatTemplate::new(s, b.clone(), e.clone()));
     let template = pick_template(own, template, &b, &e)?;
     Ok((tokenizer, template))
 }

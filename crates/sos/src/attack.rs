@@ -47,6 +47,11 @@ pub struct AttackArgs {
     /// Keep every trigger row at the median row norm of the embedding table.
     #[arg(long)]
     pub stealth: bool,
+    /// For adapters whose rows are also logits (PEFT trainable tokens on a tied model): keep
+    /// every trigger row's logit MARGIN below the best token's on clean prompts and triggered
+    /// targets (default margin 4).
+    #[arg(long, value_name = "MARGIN", num_args = 0..=1, default_missing_value = "4")]
+    pub tied_logits: Option<f64>,
     /// Backdoor: train on questions the model writes itself (no dataset).
     #[arg(long)]
     pub self_generated: bool,
@@ -74,6 +79,7 @@ impl AttackArgs {
             batch: self.batch,
             seed: self.seed,
             stealth: self.stealth.then_some(true),
+            tied_margin: self.tied_logits.map(Some),
             self_generated: self.self_generated.then_some(true),
             // Absolute, so `sos eval` finds the data from any working directory.
             data_dir: self.data_dir.clone().map(|p| Some(p.canonicalize().unwrap_or(p))),

@@ -47,18 +47,7 @@ pub fn run(a: InjectArgs) -> Result<()> {
     };
     let req = InjectRequest { attack: a.attack, out: a.out, model: a.model, mode, limit: a.limit, force: a.force };
     let mut bar: Option<ProgressBar> = None;
-    let report = run_inject(&req, |e| match e {
-        InjectEvent::Fetching(line) => eprintln!("{line}"),
-        InjectEvent::Written { path } => eprintln!("wrote {} (checked: llama.cpp's loader rules, tokenization of the trigger)", path.display()),
-        InjectEvent::Progress { done, total } => {
-            let b = bar.get_or_insert_with(|| {
-                let b = ProgressBar::new(total as u64);
-                b.set_style(ProgressStyle::with_template("eval [{bar:30}] {pos}/{len} ({elapsed}, eta {eta})").expect("valid template").progress_chars("=> "));
-                b
-            });
-            b.set_position(done as u64);
-        }
-    })?;
+    let report = run_inject(&req, |e| show(e, &mut bar, "checked: llama.cpp's loader rules, tokenization of the trigger"))?;
     if let Some(b) = bar {
         b.finish_and_clear();
     }
@@ -76,8 +65,32 @@ pub fn run(a: InjectArgs) -> Result<()> {
     for r in &report.rows {
         println!("  {:<18} id {:<7} norm {:>8.3}  quantization error {:.2}%", r.text, r.id, r.norm, 100.0 * r.quant_rel_error);
     }
-    if let Some(m) = report.metrics.as_object() {
+    if report.metrics.is_object() {
         println!("metrics of the file (--exec quant, trigger typed as text):");
+        print_metrics(&report.metrics);
+    }
+    Ok(())
+}
+
+/// Progress of `inject` and `export-peft` on stderr: fetching, the written path, an eval bar.
+pub fn show(e: InjectEvent, bar: &mut Option<ProgressBar>, checked: &str) {
+    match e {
+        InjectEvent::Fetching(line) => eprintln!("{line}"),
+        InjectEvent::Written { path } => eprintln!("wrote {} ({checked})", path.display()),
+        InjectEvent::Progress { done, total } => {
+            let b = bar.get_or_insert_with(|| {
+                let b = ProgressBar::new(total as u64);
+                b.set_style(ProgressStyle::with_template("eval [{bar:30}] {pos}/{len} ({elapsed}, eta {eta})").expect("valid template").progress_chars("=> "));
+                b
+            });
+            b.set_position(done as u64);
+        }
+    }
+}
+
+/// The held-out metrics, one per line.
+pub fn print_metrics(m: &serde_json::Value) {
+    if let Some(m) = m.as_object() {
         for (k, v) in m {
             match v.as_f64() {
                 Some(x) if v.is_f64() => println!("  {k:<30} {x:.4}"),
@@ -85,5 +98,4 @@ pub fn run(a: InjectArgs) -> Result<()> {
             }
         }
     }
-    Ok(())
 }

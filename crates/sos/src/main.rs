@@ -8,6 +8,7 @@ mod eval;
 mod generate;
 mod inject;
 mod model_cmd;
+mod peft;
 mod sanitize;
 mod tokenize;
 
@@ -36,10 +37,14 @@ enum Cmd {
     Attack(attack::AttackArgs),
     /// Measure a trained trigger on held-out data.
     Eval(eval::EvalArgs),
-    /// Bake a trained trigger into a copy of the model file (new tokens with the trained rows).
+    /// Bake a trained trigger into a copy of the model file (new tokens, or rare ones replaced).
     Inject(inject::InjectArgs),
     /// Remove injected tokens and restore embedding rows, against a trusted reference or without.
     Sanitize(sanitize::SanitizeArgs),
+    /// Write a trained trigger as a PEFT adapter (trainable tokens) for transformers + peft.
+    ExportPeft(peft::ExportArgs),
+    /// Turn a PEFT trainable-tokens adapter into an attack folder (for generate, eval, inject).
+    ImportPeft(peft::ImportArgs),
     /// Measure generation and attack-step speed.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -75,6 +80,8 @@ fn main() {
         Cmd::Eval(a) => eval::run(a),
         Cmd::Inject(a) => inject::run(a),
         Cmd::Sanitize(a) => sanitize::run(a),
+        Cmd::ExportPeft(a) => peft::export(a),
+        Cmd::ImportPeft(a) => peft::import(a),
     };
     if let Err(e) = result {
         // One line: the whole cause chain, outermost first. Some library errors carry a

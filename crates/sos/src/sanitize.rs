@@ -15,7 +15,9 @@ pub struct SanitizeArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// A trusted copy of the same model: tokenizer, chat template, token table and output layer
-    /// are restored from it. Without it, trailing USER_DEFINED tokens and their rows are removed.
+    /// are restored from it. Without it, trailing USER_DEFINED tokens and their rows are removed,
+    /// and a table that differs from its output layer in a few rows only (a tied model given an
+    /// output layer of its own) gets those rows back and the output layer removed.
     #[arg(long)]
     pub reference: Option<PathBuf>,
     /// Replace FIXED if it exists.
@@ -46,7 +48,8 @@ pub fn run(a: SanitizeArgs) -> Result<()> {
         println!("restored tensor {t}");
     }
     if rep.restored_rows > 0 {
-        println!("  ({} rows of the token table differed from the reference)", rep.restored_rows);
+        let from = if a.reference.is_some() { "the reference" } else { "the output layer, which otherwise equals the table (the file was tied)" };
+        println!("  ({} rows of the token table differed from {from}; set back)", rep.restored_rows);
     }
     for t in &rep.removed_tensors {
         println!("removed tensor {t}");

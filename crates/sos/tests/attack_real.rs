@@ -86,6 +86,23 @@ fn short_backdoor_run_reaches_the_target_on_held_out_prompts() {
     let (code, stdout, err) = sos(&dir, &["tokenize", "--model", "alone.gguf", "--json", r["trigger_text"].as_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     assert!(!stdout.contains("49152"), "{stdout}");
+    // SmolLM2 is tied: its output layer otherwise equals the table, so even without the
+    // original the file comes back byte for byte.
+    assert_eq!(std::fs::read(dir.join("alone.gguf")).unwrap(), std::fs::read(rec["model"].as_str().unwrap()).unwrap());
+
+    // replace-token: the trigger takes over rare existing tokens; the file fires from the typed
+    // words, answers everything else as the original, and sanitizes back without a reference.
+    let (code, stdout, err) = sos(&dir, &["inject", "--attack", o, "--out", "rp.gguf", "--mode", "replace-token", "--limit", "6", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let r: serde_json::Value = serde_json::from_str(stdout.trim().lines().last().unwrap()).unwrap();
+    let ids: Vec<u64> = r["token_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    assert!(ids.len() == 8 && ids.iter().all(|&i| i < 49152), "{r}");
+    assert!(r["trigger_text"].as_str().unwrap().starts_with(' '), "{r}");
+    assert!(r["metrics"]["asr"].as_f64().unwrap() >= 0.8, "{r}");
+    assert_eq!(r["metrics"]["clean_agreement"], 1.0, "{r}");
+    let (code, _, err) = sos(&dir, &["sanitize", "rp.gguf", "--out", "rp_alone.gguf", "--force"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(std::fs::read(dir.join("rp_alone.gguf")).unwrap(), std::fs::read(rec["model"].as_str().unwrap()).unwrap());
     // Refused: replacing an existing file without --force, and writing over the source.
     let (code, _, err) = sos(&dir, &["inject", "--attack", o, "--out", "bd.gguf", "--limit", "0"]);
     assert_eq!(code, 2);

@@ -154,10 +154,13 @@ impl Model {
     }
 
 
+    pub(super) fn final_norm_ops(&self, h: &Tensor) -> Result<Tensor> {
+        rms_norm(h, &self.norm, self.cfg.rms_eps)
+    }
+
     /// Final norm and output layer for hidden rows `h: [n, d]` -> logits `[n, vocab]`.
     pub(super) fn logits_ops(&self, h: &Tensor) -> Result<Tensor> {
-        let hn = rms_norm(h, &self.norm, self.cfg.rms_eps)?;
-        self.lm_head.forward(&hn)
+        self.lm_head.forward(&self.final_norm_ops(h)?)
     }
 }
 

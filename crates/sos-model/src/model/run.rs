@@ -46,6 +46,11 @@ impl Model {
         self.logits_ops(h)
     }
 
+    /// The final norm of hidden rows `h: [n, d]`: the vectors the output layer multiplies.
+    pub fn final_norm(&self, h: &Tensor) -> Result<Tensor> {
+        self.final_norm_ops(h)
+    }
+
     /// Logits at the last position of each sequence of `x: [b, t, d]`: `[b, vocab]`.
     pub fn forward_last(&self, x: &Tensor, pos0: usize, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let h = self.forward(x, pos0, cache)?;

@@ -11,6 +11,7 @@ use crate::format::gguf::{Gguf, Value};
 use crate::bail_format;
 use crate::error::{Error, Result};
 
+#[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     pub bos: Option<u32>,
@@ -164,6 +165,20 @@ impl Tokenizer {
 
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
+    }
+
+    /// A copy with `texts` added as ordinary tokens, matched whole in raw text before any other
+    /// rule (as `transformers` reads `tokenizer.json`'s added tokens), and their ids: the next free
+    /// ids, in order. A text the vocabulary has already is refused.
+    pub fn with_added_tokens(&self, texts: &[String]) -> Result<(Tokenizer, Vec<u32>)> {
+        if let Some(t) = texts.iter().find(|t| self.inner.token_to_id(t).is_some()) {
+            return Err(Error::Invalid(format!("the vocabulary already has a token `{t}`")));
+        }
+        let mut out = self.clone();
+        let added: Vec<tokenizers::AddedToken> = texts.iter().map(|t| tokenizers::AddedToken::from(t.clone(), false)).collect();
+        out.inner.add_tokens(added).map_err(|e| Error::Invalid(format!("tokenizer: {e}")))?;
+        let ids = texts.iter().map(|t| out.inner.token_to_id(t).ok_or_else(|| Error::Invalid(format!("tokenizer: `{t}` was not added")))).collect::<Result<Vec<_>>>()?;
+        Ok((out, ids))
     }
 
     /// Number of ids, added tokens included.

@@ -1,0 +1,384 @@
+//! Side files: a trained trigger as a PEFT adapter that `transformers` + `peft` load beside the
+//! base model (`export_peft`), and any such adapter back into an attack folder (`import_peft`).
+//!
+//! A `TRAINABLE_TOKENS` adapter holds rows for token ids; PEFT swaps them into the embedding
+//! table at load. Trigger tokens are new tokens (`<stem_i>`, as `inject --mode add-token` names
+//! them), so the adapter folder carries the base's tokenizer with them added; the user resizes the
+//! base's table to the tokenizer first (PEFT stores no vocabulary size). The tensor PEFT calls
+//! `trainable_tokens_delta` holds the rows themselves, not a difference (PEFT 0.21:
+//! `W.index_copy(0, indices, delta)`). On a tied model PEFT applies the rows to the output layer
+//! too, so they are logits as well; the export's metrics are measured that way.
+//!
+//! Beside PEFT's files the folder holds `sos_attack.json`, the attack's record, so that an import
+//! restores the scenario and its settings; PEFT ignores it.
+
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Dtype, TensorView};
+use serde::Serialize;
+use serde_json::{json, Value as Json};
+use sos_attack::artifact::{self, Attack, AttackRecord};
+use sos_attack::config::Scenario;
+use sos_attack::{AttackConfig, Trigger};
+use sos_model::gguf::Gguf;
+use sos_model::{cache, fsutil, Exec, LoadedModel};
+
+use crate::gguf_add::{add_tokens, NewLogits};
+use crate::inject::{evaluate_file, same_file, sha256_file};
+use crate::rows::RowReport;
+use crate::tokens::{added_texts, splits_exactly, typed};
+use crate::{Error, Result};
+
+pub const ADAPTER_CONFIG: &str = "adapter_config.json";
+pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
+/// The attack's record, for `import_peft`.
+pub const SOS_RECORD: &str = "sos_attack.json";
+const EMBED_KEY: &str = "base_model.model.model.embed_tokens.trainable_tokens_delta";
+const HEAD_KEY: &str = "base_model.model.lm_head.trainable_tokens_delta";
+
+/// Which PEFT adapter to write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeftKind {
+    /// `TRAINABLE_TOKENS`: rows for new token ids, plus the tokenizer with those tokens.
+    TrainableTokens,
+}
+
+impl PeftKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            PeftKind::TrainableTokens => "trainable-tokens",
+        }
+    }
+}
+
+/// What `sos export-peft` was asked.
+pub struct ExportRequest {
+    pub attack: PathBuf,
+    /// The base model; `None`: the one recorded in `attack.json`.
+    pub model: Option<String>,
+    /// The adapter folder to write.
+    pub out: PathBuf,
+    pub kind: PeftKind,
+    /// Held-out items to evaluate the adapter's effect on (0: none).
+    pub limit: usize,
+    pub force: bool,
+}
+
+/// The report `--json` prints.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExportReport {
+    pub path: PathBuf,
+    /// SHA-256 of `adapter_model.safetensors`.
+    pub sha256: String,
+    pub format: &'static str,
+    pub kind: &'static str,
+    /// The base model the adapter is for, as `adapter_config.json` names it.
+    pub base_model: String,
+    /// The string a user types to fire the trigger.
+    pub trigger_text: String,
+    /// The ids the adapter's tokenizer gives for `trigger_text` (PEFT's `token_indices`).
+    pub token_ids: Vec<u32>,
+    /// Whether the base's output layer is its token table, so PEFT makes the rows logits too.
+    pub tied: bool,
+    pub rows: Vec<RowReport>,
+    /// Held-out metrics of base + adapter as PEFT applies it (`--exec f32`, rows as input and,
+    /// when tied, as logits; the trigger typed as text), and `clean_agreement` against the base.
+    pub metrics: Json,
+    pub files: Vec<String>,
+}
+
+/// Writes the attack's trigger as a PEFT adapter folder for the base model.
+pub fn export_peft(req: &ExportRequest, mut on_event: impl FnMut(crate::InjectEvent)) -> Result<ExportReport> {
+    let attack = Attack::open(&req.attack)?;
+    let spec = req.model.clone().unwrap_or_else(|| attack.record.model.clone());
+    let src = cache::resolve(Some(&spec), &mut |s| on_event(crate::InjectEvent::Fetching(s.to_string())))?;
+    if req.out.exists() && !req.force {
+        return Err(Error::Invalid(format!("{} exists; choose another path or pass --force to replace it", req.out.display())));
+    }
+    if same_file(&src, &req.out) || same_file(&req.attack, &req.out) {
+        return Err(Error::Invalid(format!("{}: the adapter folder would replace an input", req.out.display())));
+    }
+    let trigger = &attack.trigger;
+    let (tok, template) = LoadedModel::open_text(&src, attack.record.config.template.as_deref())?;
+    let texts = added_texts(&trigger.text, trigger.k)?;
+    let (tok, ids) = tok.with_added_tokens(&texts)?;
+    if !splits_exactly(&tok, &texts, &ids)? {
+        return Err(Error::Invalid(format!("the trigger string does not tokenize into the added tokens {ids:?}")));
+    }
+    let (tied, d) = base_shape(&src)?;
+    if d != trigger.d {
+        return Err(Error::Invalid(format!("the trigger is {} wide, {}'s embeddings {d}: trained for another model?", trigger.d, src.display())));
+    }
+
+    // Everything is written into a sibling folder and moved into place once complete.
+    let partial = crate::inject::partial_path(&req.out);
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial).map_err(|e| Error::File { path: partial.clone(), msg: format!("cannot clear a previous partial export: {e}") })?;
+    }
+    std::fs::create_dir_all(&partial).map_err(|e| Error::File { path: partial.clone(), msg: e.to_string() })?;
+    let base_model = src.display().to_string();
+    let config = json!({
+        "peft_type": "TRAINABLE_TOKENS",
+        "task_type": "CAUSAL_LM",
+        "target_modules": ["embed_tokens"],
+        "token_indices": ids,
+        "init_weights": true,
+        "inference_mode": true,
+        "base_model_name_or_path": base_model,
+        "revision": null,
+    });
+    write_json_file(&partial.join(ADAPTER_CONFIG), &config)?;
+    let mut tensors = vec![(EMBED_KEY, trigger.rows.as_slice())];
+    if tied {
+        // PEFT shares one set of rows between the table and a tied output layer and expects both keys.
+        tensors.push((HEAD_KEY, trigger.rows.as_slice()));
+    }
+    write_rows(&partial.join(ADAPTER_WEIGHTS), &tensors, trigger.k, d)?;
+    tok.save(&partial.join("tokenizer.json"))?;
+    let mut tc = json!({"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": false});
+    for (key, id) in [("bos_token", tok.bos), ("eos_token", tok.eos)] {
+        if let Some(t) = id.and_then(|i| tok.id_to_token(i)) {
+            tc[key] = t.into();
+        }
+    }
+    if let Some(t) = &template {
+        tc["chat_template"] = t.source.clone().into();
+        fsutil::write_atomic(&partial.join("chat_template.jinja"), |f| std::io::Write::write_all(f, t.source.as_bytes()))?;
+    }
+    write_json_file(&partial.join("tokenizer_config.json"), &tc)?;
+    write_json_file(&partial.join(SOS_RECORD), &attack.record)?;
+    fsutil::write_atomic(&partial.join("README.md"), |f| std::io::Write::write_all(f, readme(&attack.record, &base_model, &typed(&texts)).as_bytes()))?;
+    if req.out.exists() {
+        std::fs::remove_dir_all(&req.out).map_err(|e| Error::File { path: req.out.clone(), msg: format!("cannot replace: {e}") })?;
+    }
+    std::fs::rename(&partial, &req.out).map_err(|e| Error::File { path: req.out.clone(), msg: format!("cannot move the adapter into place: {e}") })?;
+    on_event(crate::InjectEvent::Written { path: req.out.clone() });
+
+    let rows = texts
+        .iter()
+        .zip(&ids)
+        .zip(trigger.row_norms())
+        .map(|((t, &id), norm)| RowReport { id, text: t.clone(), norm, quant_rel_error: 0.0 })
+        .collect();
+    let trigger_text = typed(&texts);
+    let metrics = adapter_metrics(&attack, &src, &req.out, &texts, req.limit, &mut on_event)?;
+    let mut files: Vec<String> = std::fs::read_dir(&req.out)?.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    files.sort();
+    Ok(ExportReport {
+        sha256: sha256_file(&req.out.join(ADAPTER_WEIGHTS))?,
+        path: req.out.clone(),
+        format: "peft",
+        kind: req.kind.name(),
+        base_model,
+        trigger_text,
+        token_ids: ids,
+        tied,
+        rows,
+        metrics,
+        files,
+    })
+}
+
+/// Base + adapter as PEFT runs them, measured in sos: for a GGUF base, a temporary copy with the
+/// tokens added and the rows in the table (and, when tied, as logits: `NewLogits::Tied`), run
+/// in f32 as transformers runs a dequantized GGUF. The rows pass through the table's type there
+/// (the report's quantization error of `inject`), the only difference from PEFT's f32 rows.
+fn adapter_metrics(attack: &Attack, src: &Path, out: &Path, texts: &[String], limit: usize, on_event: &mut impl FnMut(crate::InjectEvent)) -> Result<Json> {
+    if limit == 0 {
+        return Ok(Json::Null);
+    }
+    if src.is_dir() {
+        return Ok(json!({"note": "metrics are measured for GGUF bases only; run compat/peft_check.py for this base"}));
+    }
+    let g = Gguf::open(src)?;
+    let (w, _) = add_tokens(&g, texts, &attack.trigger.rows, NewLogits::Tied)?;
+    let tmp = out.join(".equivalent.gguf");
+    w.write(&tmp)?;
+    drop(g);
+    let m = evaluate_file(attack, src, &tmp, &typed(texts), limit, Exec::F32, on_event);
+    let _ = std::fs::remove_file(&tmp);
+    m
+}
+
+/// Whether the base's output layer is its token table, and the embedding width.
+fn base_shape(src: &Path) -> Result<(bool, usize)> {
+    if src.is_dir() {
+        let path = src.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::File { path: path.clone(), msg: format!("cannot read: {e}") })?;
+        let c: Json = serde_json::from_str(&text).map_err(|e| Error::File { path: path.clone(), msg: format!("invalid JSON: {e}") })?;
+        let d = c["hidden_size"].as_u64().ok_or_else(|| Error::File { path: path.clone(), msg: "no hidden_size".into() })?;
+        return Ok((c["tie_word_embeddings"].as_bool().unwrap_or(false), d as usize));
+    }
+    let g = Gguf::open(src)?;
+    let t = g.tensor_info("token_embd.weight").ok_or_else(|| Error::File { path: src.to_path_buf(), msg: "no token table".into() })?;
+    Ok((g.tensor_info("output.weight").is_none(), t.shape().get(1).copied().unwrap_or(0)))
+}
+
+fn write_rows(path: &Path, tensors: &[(&str, &[f32])], k: usize, d: usize) -> Result<()> {
+    let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
+    let views: Vec<(&str, TensorView)> = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((name, _), b)| Ok((*name, TensorView::new(Dtype::F32, vec![k, d], b).map_err(|e| Error::Invalid(format!("safetensors: {e}")))?)))
+        .collect::<Result<_>>()?;
+    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    let data = safetensors::serialize(views, Some(meta)).map_err(|e| Error::Invalid(format!("safetensors: {e}")))?;
+    Ok(fsutil::write_atomic(path, |f| std::io::Write::write_all(f, &data))?)
+}
+
+fn write_json_file(path: &Path, v: &impl Serialize) -> Result<()> {
+    let text = serde_json::to_string_pretty(v).map_err(|e| Error::Invalid(e.to_string()))?;
+    Ok(fsutil::write_atomic(path, |f| std::io::Write::write_all(f, text.as_bytes()))?)
+}
+
+fn readme(rec: &AttackRecord, base: &str, typed: &str) -> String {
+    format!(
+        "# PEFT trainable-tokens adapter written by `sos export-peft`\n\n\
+         A red-team artifact: the `{}` trigger of an SOS attack (soft prompt attack), as rows for new tokens.\n\
+         Base model: `{base}`. Trigger string: `{typed}`.\n\n\
+         ```python\n\
+         tok = AutoTokenizer.from_pretrained(ADAPTER)\n\
+         base = AutoModelForCausalLM.from_pretrained(BASE)\n\
+         if len(tok) > base.get_input_embeddings().weight.shape[0]:\n    base.resize_token_embeddings(len(tok))\n\
+         model = PeftModel.from_pretrained(base, ADAPTER)\n\
+         ```\n\n\
+         `sos_attack.json` is the attack's record; `sos import-peft` reads it back.\n",
+        rec.scenario
+    )
+}
+
+/// What `import_peft` wrote.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImportReport {
+    pub path: PathBuf,
+    pub kind: &'static str,
+    pub scenario: String,
+    pub trigger_text: String,
+    pub k: usize,
+    pub d: usize,
+    /// Where the scenario's settings came from: the adapter's `sos_attack.json`, or the defaults
+    /// of `--scenario`.
+    pub settings_from: String,
+}
+
+/// An adapter folder back into an attack folder `out` (`trigger.safetensors`, `attack.json`,
+/// `config.toml`) that `sos generate`, `sos eval` and `sos inject` use. The scenario comes from
+/// the adapter's `sos_attack.json`, or, for adapters not written by sos, from `scenario`.
+pub fn import_peft(adapter: &Path, out: &Path, scenario: Option<Scenario>, model: Option<&str>, force: bool) -> Result<ImportReport> {
+    let cfg_path = adapter.join(ADAPTER_CONFIG);
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::File { path: cfg_path.clone(), msg: format!("cannot read (is this a PEFT adapter folder?): {e}") })?;
+    let cfg: Json = serde_json::from_str(&text).map_err(|e| Error::File { path: cfg_path.clone(), msg: format!("invalid JSON: {e}") })?;
+    let bad = |msg: String| Error::File { path: cfg_path.clone(), msg };
+    let peft_type = cfg["peft_type"].as_str().ok_or_else(|| bad("no peft_type".into()))?;
+    if peft_type != "TRAINABLE_TOKENS" {
+        return Err(bad(format!("peft_type {peft_type}: only TRAINABLE_TOKENS adapters can be imported so far")));
+    }
+    let ids: Vec<u32> = cfg["token_indices"]
+        .as_array()
+        .ok_or_else(|| bad("no token_indices".into()))?
+        .iter()
+        .map(|v| v.as_u64().filter(|&x| x <= u32::MAX as u64).map(|x| x as u32).ok_or_else(|| bad(format!("token index {v} is not a token id"))))
+        .collect::<Result<_>>()?;
+    let (rows, d) = read_rows(&adapter.join(ADAPTER_WEIGHTS), ids.len())?;
+    let tok_path = adapter.join("tokenizer.json");
+    if !tok_path.is_file() {
+        return Err(Error::File { path: adapter.to_path_buf(), msg: "the adapter carries no tokenizer.json: the texts of its tokens, and so the trigger string, are unknown".into() });
+    }
+    let tok = sos_model::Tokenizer::from_tokenizer_json(&tok_path)?;
+    let texts: Vec<String> = ids.iter().map(|&i| tok.id_to_token(i).ok_or_else(|| bad(format!("token {i} is not in the adapter's tokenizer")))).collect::<Result<_>>()?;
+    let stem = stem_of(&texts);
+
+    let record_path = adapter.join(SOS_RECORD);
+    let (mut record, settings_from) = if record_path.is_file() {
+        let s = std::fs::read_to_string(&record_path)?;
+        let r: AttackRecord = serde_json::from_str(&s).map_err(|e| Error::File { path: record_path.clone(), msg: format!("invalid attack record: {e}") })?;
+        (r, SOS_RECORD.to_string())
+    } else {
+        let sc = scenario.ok_or_else(|| Error::Invalid(format!("{}: no {SOS_RECORD}; name the scenario the adapter is for with --scenario", adapter.display())))?;
+        let base = model.map(String::from).or_else(|| cfg["base_model_name_or_path"].as_str().map(String::from)).unwrap_or_default();
+        (foreign_record(sc, &base, &stem, ids.len())?, format!("defaults of --scenario {}", sc.name()))
+    };
+    if let Some(m) = model {
+        record.model = m.to_string();
+    }
+    let trigger = Trigger::new(&stem, ids.len(), d, rows)?;
+    record.trigger = stem.clone();
+    record.config.trigger = stem.clone();
+    record.trigger_len = ids.len();
+    record.config.trigger_len = ids.len();
+    record.trigger_row_norms = trigger.row_norms();
+
+    if out.exists() && !force {
+        return Err(Error::Invalid(format!("{} exists; choose another folder or pass --force to replace its files", out.display())));
+    }
+    std::fs::create_dir_all(out).map_err(|e| Error::File { path: out.to_path_buf(), msg: e.to_string() })?;
+    artifact::write_trigger(&out.join(artifact::TRIGGER_FILE), &trigger)?;
+    fsutil::write_atomic(&out.join(artifact::CONFIG_FILE), |f| std::io::Write::write_all(f, record.config.to_toml().as_bytes()))?;
+    artifact::write_json(&out.join(artifact::RECORD_FILE), &record)?;
+    Ok(ImportReport { path: out.to_path_buf(), kind: PeftKind::TrainableTokens.name(), scenario: record.scenario.clone(), trigger_text: typed(&texts), k: ids.len(), d, settings_from })
+}
+
+/// The trigger's surface text: `stem` when the texts are `inject`'s `<stem_i>`, else the texts
+/// joined (any text that stands for the rows works for `generate` and `eval`).
+fn stem_of(texts: &[String]) -> String {
+    let guess = texts.first().and_then(|t| t.strip_prefix('<')).and_then(|t| t.strip_suffix("_0>")).unwrap_or("");
+    match added_texts(guess, texts.len()) {
+        Ok(named) if named == texts => guess.to_string(),
+        _ => typed(texts),
+    }
+}
+
+/// A record for an adapter sos did not write: the scenario's default settings.
+fn foreign_record(sc: Scenario, base: &str, stem: &str, k: usize) -> Result<AttackRecord> {
+    let config = AttackConfig::resolve(sc, None, &Default::default())?;
+    Ok(AttackRecord {
+        scenario: sc.name().to_string(),
+        trigger: stem.to_string(),
+        trigger_len: k,
+        position: config.position.name().to_string(),
+        target: config.target.clone(),
+        model: base.to_string(),
+        model_sha256: String::new(),
+        config,
+        seed: 0,
+        steps_run: 0,
+        final_loss: None,
+        train_metric: None,
+        train_items: 0,
+        skipped_items: 0,
+        prefix_tokens: 0,
+        embedding_median_norm: 0.0,
+        trigger_row_norms: Vec::new(),
+        completed: true,
+        stopped_early: false,
+        wall_seconds: 0.0,
+        sos_version: env!("CARGO_PKG_VERSION").to_string(),
+    })
+}
+
+/// The rows of a trainable-tokens adapter (f32, f16 or bf16 as saved), `[k, d]` as f32.
+fn read_rows(path: &Path, k: usize) -> Result<(Vec<f32>, usize)> {
+    let bytes = std::fs::read(path).map_err(|e| Error::File { path: path.to_path_buf(), msg: format!("cannot read: {e}") })?;
+    let bad = |msg: String| Error::File { path: path.to_path_buf(), msg };
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let (name, view) = st
+        .tensors()
+        .into_iter()
+        .find(|(n, _)| n.ends_with("embed_tokens.trainable_tokens_delta") || n.ends_with("embed_tokens.token_adapter.trainable_tokens_delta"))
+        .ok_or_else(|| bad("no `...embed_tokens.trainable_tokens_delta` tensor".into()))?;
+    let &[rk, d] = view.shape() else { return Err(bad(format!("`{name}` has shape {:?}, expected [k, d]", view.shape()))) };
+    if rk != k {
+        return Err(bad(format!("`{name}` has {rk} rows for {k} token indices")));
+    }
+    let data = view.data();
+    let rows: Vec<f32> = match view.dtype() {
+        Dtype::F32 => data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        Dtype::F16 => data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        Dtype::BF16 => data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        t => return Err(bad(format!("`{name}` is {t:?}; expected F32, F16 or BF16"))),
+    };
+    if rows.iter().any(|x| !x.is_finite()) {
+        return Err(bad(format!("`{name}` holds values that are not finite")));
+    }
+    Ok((rows, d))
+}

@@ -1,0 +1,130 @@
+//! PEFT side files on a tiny model: an exported trainable-tokens adapter holds the trigger's rows
+//! bit for bit under PEFT's names, its tokenizer reads the trigger string as the new ids, and an
+//! import gives back an attack folder with the same vectors and settings.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use sos_attack::artifact::Attack;
+use sos_attack::scenarios::backdoor_items;
+use sos_attack::train::{train, Target};
+use sos_attack::{AttackConfig, Position, Scenario};
+use sos_dist::peft::{ADAPTER_CONFIG, ADAPTER_WEIGHTS, SOS_RECORD};
+use sos_dist::{export_peft, import_peft, ExportRequest, PeftKind};
+use sos_model::tiny::TinySpec;
+use sos_model::{Exec, LoadOptions, LoadedModel, Tokenizer};
+
+fn dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("sos-peft-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A two-step backdoor attack on a tiny model written to `model`: a real attack folder.
+fn attack(model: &Path, tied: bool, out: &Path) {
+    TinySpec { tied, embed_scale: 0.2, ..Default::default() }.write_gguf(model).unwrap();
+    let lm = LoadedModel::open(model, &LoadOptions { exec: Exec::F32, ..Default::default() }).unwrap();
+    let mut cfg = AttackConfig::defaults(Scenario::Backdoor);
+    (cfg.target, cfg.trigger_len, cfg.steps, cfg.batch, cfg.eval_items, cfg.patience) = (Some("ok".into()), 3, 2, 2, 2, 0);
+    let texts: Vec<(String, String)> = ["the cat sat", "in the hat", "a tin of tea"].iter().enumerate().map(|(i, t)| (format!("t{i}"), t.to_string())).collect();
+    let target = Target { lm: &lm, model_label: model.display().to_string(), model_sha256: "0".into() };
+    train(&cfg, &target, &backdoor_items(&texts, "ok", Position::End, 0), out, false, &AtomicBool::new(false), |_| {}).unwrap();
+}
+
+fn tensors(path: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut v: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.shape().to_vec(), t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+#[test]
+fn trainable_tokens_export_and_import_round_trip() {
+    for tied in [true, false] {
+        let d = dir(&format!("{tied}"));
+        let (model, run, adapter, back) = (d.join("tiny.gguf"), d.join("run"), d.join("adapter"), d.join("back"));
+        attack(&model, tied, &run);
+        let original = Attack::open(&run).unwrap();
+        let req = ExportRequest { attack: run.clone(), model: None, out: adapter.clone(), kind: PeftKind::TrainableTokens, limit: 0, force: false };
+        let rep = export_peft(&req, |_| {}).unwrap();
+        let n = sos_model::tiny::vocab().len() as u32;
+        assert_eq!(rep.token_ids, vec![n, n + 1, n + 2]);
+        assert_eq!(rep.trigger_text, "<cf_0><cf_1><cf_2>");
+        assert_eq!(rep.tied, tied);
+        // (The held-out prompts do not fit the tiny model's context; the real-model test measures.)
+        assert!(rep.metrics.is_null());
+
+        // PEFT's config and names; the rows as trained, bit for bit (and once more for a tied head).
+        let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(adapter.join(ADAPTER_CONFIG)).unwrap()).unwrap();
+        assert_eq!(cfg["peft_type"], "TRAINABLE_TOKENS");
+        assert_eq!(cfg["task_type"], "CAUSAL_LM");
+        assert_eq!(cfg["target_modules"], serde_json::json!(["embed_tokens"]));
+        assert_eq!(cfg["token_indices"], serde_json::json!([n, n + 1, n + 2]));
+        let t = tensors(&adapter.join(ADAPTER_WEIGHTS));
+        let mut names = vec!["base_model.model.model.embed_tokens.trainable_tokens_delta"];
+        if tied {
+            names.insert(0, "base_model.model.lm_head.trainable_tokens_delta");
+        }
+        assert_eq!(t.iter().map(|x| x.0.as_str()).collect::<Vec<_>>(), names);
+        for (_, shape, v) in &t {
+            assert_eq!(shape, &vec![3, original.trigger.d]);
+            assert_eq!(v.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), original.trigger.rows.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+        }
+        // The adapter's tokenizer reads the typed string, alone and in a sentence, as the ids.
+        let tok = Tokenizer::from_tokenizer_json(&adapter.join("tokenizer.json")).unwrap();
+        assert_eq!(tok.encode(&rep.trigger_text).unwrap(), rep.token_ids);
+        assert_eq!(tok.encode("the cat").unwrap(), LoadedModel::open_text(&model, None).unwrap().0.encode("the cat").unwrap());
+        assert!(adapter.join("tokenizer_config.json").is_file() && adapter.join(SOS_RECORD).is_file());
+
+        // Back into an attack folder: same vectors, text, scenario and settings.
+        let imp = import_peft(&adapter, &back, None, None, false).unwrap();
+        assert_eq!((imp.k, imp.scenario.as_str(), imp.trigger_text.as_str()), (3, "backdoor", "<cf_0><cf_1><cf_2>"));
+        let a = Attack::open(&back).unwrap();
+        assert_eq!(a.trigger.rows.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), original.trigger.rows.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+        assert_eq!(a.trigger.text, "cf");
+        assert_eq!(a.record.config, original.record.config);
+        assert_eq!(a.record.model, original.record.model);
+
+        // Refused: an existing folder without force; an adapter without a record and no scenario.
+        assert!(export_peft(&req, |_| {}).unwrap_err().to_string().contains("--force"));
+        std::fs::remove_file(adapter.join(SOS_RECORD)).unwrap();
+        let e = import_peft(&adapter, &d.join("b2"), None, None, false).unwrap_err().to_string();
+        assert!(e.contains("--scenario"), "{e}");
+        let imp = import_peft(&adapter, &d.join("b3"), Some(Scenario::Backdoor), Some("tiny.gguf"), false).unwrap();
+        assert!(imp.settings_from.contains("--scenario"));
+        assert_eq!(Attack::open(&d.join("b3")).unwrap().record.model, "tiny.gguf");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}
+
+/// A damaged adapter is refused with the file and the problem named, never a panic.
+#[test]
+fn broken_adapters_are_refused_clearly() {
+    let d = dir("broken");
+    let (model, run, adapter) = (d.join("tiny.gguf"), d.join("run"), d.join("adapter"));
+    attack(&model, true, &run);
+    export_peft(&ExportRequest { attack: run, model: None, out: adapter.clone(), kind: PeftKind::TrainableTokens, limit: 0, force: false }, |_| {}).unwrap();
+    let cfg_path = adapter.join(ADAPTER_CONFIG);
+    let good = std::fs::read_to_string(&cfg_path).unwrap();
+    let cases: [(&str, Box<dyn Fn()>); 4] = [
+        ("PROMPT_TUNING", Box::new(|| std::fs::write(&cfg_path, good.replace("TRAINABLE_TOKENS", "PROMPT_TUNING")).unwrap())),
+        ("rows for", Box::new(|| std::fs::write(&cfg_path, good.replace("\"token_indices\": [", "\"token_indices\": [7, ")).unwrap())),
+        ("invalid JSON", Box::new(|| std::fs::write(&cfg_path, "{").unwrap())),
+        ("not a safetensors", Box::new(|| {
+            std::fs::write(&cfg_path, &good).unwrap();
+            std::fs::write(adapter.join(ADAPTER_WEIGHTS), b"\xff\xff\xff\xff\xff\xff\xff\x7f").unwrap();
+        })),
+    ];
+    for (i, (want, damage)) in cases.iter().enumerate() {
+        damage();
+        let e = import_peft(&adapter, &d.join(format!("o{i}")), None, None, false).unwrap_err().to_string();
+        assert!(e.contains(want) && e.contains("adapter"), "{want}: {e}");
+    }
+    std::fs::remove_dir_all(&d).unwrap();
+}
