@@ -13,6 +13,7 @@ use sos_model::{cache, Exec, LoadOptions, LoadedModel};
 
 use crate::gguf_add::{add_tokens, NewLogits};
 use crate::gguf_replace::replace_tokens;
+use crate::hf::{add_tokens_hf, replace_tokens_hf};
 use crate::rows::RowReport;
 use crate::tokens::{added_texts, rare_tokens, splits_exactly, typed};
 use crate::{Error, Result};
@@ -63,7 +64,10 @@ pub enum InjectEvent {
 #[derive(Debug, Clone, Serialize)]
 pub struct InjectReport {
     pub path: PathBuf,
+    /// SHA-256 of the file written (for a folder: of its `model.safetensors`, or of the index
+    /// of a sharded one).
     pub sha256: String,
+    /// `gguf` or `hf`.
     pub format: &'static str,
     pub mode: &'static str,
     /// The string a user types to fire the trigger.
@@ -86,14 +90,17 @@ pub fn run_inject(req: &InjectRequest, mut on_event: impl FnMut(InjectEvent)) ->
     let attack = Attack::open(&req.attack)?;
     let spec = req.model.clone().unwrap_or_else(|| attack.record.model.clone());
     let src = cache::resolve(Some(&spec), &mut |s| on_event(InjectEvent::Fetching(s.to_string())))?;
-    if src.is_dir() || src.extension().is_none_or(|e| e != "gguf") {
-        return Err(Error::Invalid(format!("{}: only GGUF files can be injected so far", src.display())));
-    }
     if same_file(&src, &req.out) {
         return Err(Error::Invalid(format!("{}: the output would overwrite the model it is made from", req.out.display())));
     }
     if req.out.exists() && !req.force {
         return Err(Error::Invalid(format!("{} exists; choose another path or pass --force to replace it", req.out.display())));
+    }
+    if src.is_dir() {
+        return inject_hf(req, &attack, &src, on_event);
+    }
+    if src.extension().is_none_or(|e| e != "gguf") {
+        return Err(Error::Invalid(format!("{}: not a GGUF file or a Hugging Face folder", src.display())));
     }
     let trigger = &attack.trigger;
     let g = Gguf::open(&src)?;
@@ -132,6 +139,65 @@ pub fn run_inject(req: &InjectRequest, mut on_event: impl FnMut(InjectEvent)) ->
         sha256: sha256_file(&req.out)?,
         path: req.out.clone(),
         format: "gguf",
+        mode: req.mode.name(),
+        token_ids: planted.ids.clone(),
+        trigger_text,
+        table_type: planted.table_type.name(),
+        table_median_norm: planted.table_median_norm,
+        rows: planted.rows,
+        metrics,
+    })
+}
+
+/// The trigger into a Hugging Face folder: written as a sibling folder, checked (safetensors
+/// headers, the folder's own tokenizer), moved into place, evaluated in f32.
+fn inject_hf(req: &InjectRequest, attack: &Attack, src: &Path, mut on_event: impl FnMut(InjectEvent)) -> Result<InjectReport> {
+    let trigger = &attack.trigger;
+    let partial = partial_path(&req.out);
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial).map_err(|e| Error::File { path: partial.clone(), msg: format!("cannot clear a previous partial output: {e}") })?;
+    }
+    let (texts, planted) = match req.mode {
+        Mode::AddToken => {
+            let texts = added_texts(&trigger.text, trigger.k)?;
+            let p = add_tokens_hf(src, &partial, &texts, &trigger.rows);
+            (texts, p)
+        }
+        Mode::ReplaceToken => {
+            let (tok, _) = LoadedModel::open_text(src, None)?;
+            let special: Vec<u32> = tok.special_tokens().into_iter().map(|(id, _)| id).collect();
+            let (ids, texts) = rare_tokens(&tok, |id| !special.contains(&id), trigger.k, sos_attack::data::ordinary_text())?;
+            let p = replace_tokens_hf(src, &partial, &ids, &texts, &trigger.rows);
+            (texts, p)
+        }
+    };
+    let planted = planted.and_then(|p| {
+        sos_model::safetensors::SafeTensorsDir::open(&partial)?;
+        let (tok, _) = LoadedModel::open_text(&partial, None)?;
+        if !splits_exactly(&tok, &texts, &p.ids)? {
+            return Err(Error::File { path: partial.clone(), msg: format!("the trigger string does not tokenize into the planted {:?}", p.ids) });
+        }
+        Ok(p)
+    });
+    let planted = match planted {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&partial);
+            return Err(e);
+        }
+    };
+    if req.out.exists() {
+        std::fs::remove_dir_all(&req.out).map_err(|e| Error::File { path: req.out.clone(), msg: format!("cannot replace: {e}") })?;
+    }
+    std::fs::rename(&partial, &req.out).map_err(|e| Error::File { path: req.out.clone(), msg: format!("cannot move the checked folder into place: {e}") })?;
+    on_event(InjectEvent::Written { path: req.out.clone() });
+    let trigger_text = typed(&texts);
+    let metrics = evaluate_file(attack, src, &req.out, &trigger_text, req.limit, Exec::F32, &mut on_event)?;
+    let weights = ["model.safetensors", "model.safetensors.index.json"].iter().map(|f| req.out.join(f)).find(|p| p.is_file()).unwrap_or_else(|| req.out.join("config.json"));
+    Ok(InjectReport {
+        sha256: sha256_file(&weights)?,
+        path: req.out.clone(),
+        format: "hf",
         mode: req.mode.name(),
         token_ids: planted.ids.clone(),
         trigger_text,

@@ -10,6 +10,7 @@
 pub mod error;
 pub mod gguf_add;
 pub mod gguf_replace;
+pub mod hf;
 pub mod inject;
 pub mod peft;
 pub mod rows;

@@ -21,7 +21,7 @@ pub struct InjectArgs {
     /// The folder `sos attack` wrote.
     #[arg(long)]
     pub attack: PathBuf,
-    /// The file to write (a GGUF).
+    /// The file to write (a GGUF); for a Hugging Face folder model, the folder to write.
     #[arg(long)]
     pub out: PathBuf,
     /// The model to inject into; default: the one recorded in attack.json.
