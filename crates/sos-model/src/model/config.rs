@@ -173,8 +173,12 @@ impl Config {
         let d_model = req("hidden_size")?;
         let n_head = req("num_attention_heads")?;
         let head_dim = j["head_dim"].as_u64().map(|v| v as usize).unwrap_or(if n_head > 0 { d_model / n_head } else { 0 });
-        let rope_scaling = match j.get("rope_scaling") {
-            None | Some(serde_json::Value::Null) => RopeScaling::None,
+        // transformers 5 writes the rotary settings as one `rope_parameters` object (theta and
+        // scaling together); older configs have `rope_theta` and `rope_scaling` at the top.
+        let rope_params = j.get("rope_parameters").filter(|v| v.is_object());
+        let scaling = j.get("rope_scaling").filter(|v| !v.is_null()).or(rope_params);
+        let rope_scaling = match scaling {
+            None => RopeScaling::None,
             Some(s) => {
                 let kind = s["rope_type"].as_str().or(s["type"].as_str()).unwrap_or("");
                 let f = |k: &str| s[k].as_f64().ok_or_else(|| Error::format(path, format!("rope_scaling.{k} missing")));
@@ -201,7 +205,7 @@ impl Config {
             d_ff: req("intermediate_size")?,
             vocab_size: req("vocab_size")?,
             rms_eps: j["rms_norm_eps"].as_f64().unwrap_or(1e-6),
-            rope_theta: j["rope_theta"].as_f64().unwrap_or(10_000.0),
+            rope_theta: j["rope_theta"].as_f64().or_else(|| rope_params.and_then(|p| p["rope_theta"].as_f64())).unwrap_or(10_000.0),
             rope_scaling,
             max_seq: j["max_position_embeddings"].as_u64().map_or(4096, |v| v as usize),
             tied: !has_lm_head || j["tie_word_embeddings"].as_bool().unwrap_or(false),
@@ -236,5 +240,30 @@ impl Config {
                 })
                 .collect(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// transformers 5 nests theta and scaling in `rope_parameters`; both spellings read the same.
+    #[test]
+    fn rope_settings_are_read_from_either_config_layout() {
+        let dir = std::env::temp_dir().join(format!("sos-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let base = r#""model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 300"#;
+        let read = |extra: &str| {
+            let p = dir.join("config.json");
+            std::fs::write(&p, format!("{{{base}, {extra}}}")).unwrap();
+            let c = Config::from_hf_json(&p, false).unwrap();
+            (c.rope_theta, c.rope_scaling)
+        };
+        let old = read(r#""rope_theta": 100000.0, "rope_scaling": {"rope_type": "linear", "factor": 2.0}"#);
+        let new = read(r#""rope_parameters": {"rope_theta": 100000.0, "rope_type": "linear", "factor": 2.0}"#);
+        assert_eq!(old, new);
+        assert_eq!(old.0, 100000.0);
+        assert_eq!(read(r#""rope_parameters": {"rope_theta": 5e5, "rope_type": "default"}"#), (5e5, RopeScaling::None));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
