@@ -198,3 +198,40 @@ fn trigger_file_errors_name_the_file() {
     let e = artifact::read_trigger(&p).unwrap_err().to_string();
     assert!(e.contains("NaN"), "{e}");
 }
+
+/// With `tied_margin`, the trained rows, read as logits the way a tied output layer reads them,
+/// stay below the best vocabulary logit at every clean prompt position, and the trigger still
+/// works. Without it, the same training lets planted logits win somewhere (so the check bites).
+#[test]
+fn tied_margin_keeps_the_rows_out_of_the_argmax() {
+    let lm = tiny("tied");
+    let worst_gap = |rows: &[f32]| -> f32 {
+        let d = lm.model.cfg.d_model;
+        let mut worst = f32::NEG_INFINITY;
+        for it in items(Position::Random, 0) {
+            let ids = lm.chat_ids(&it.messages(None), true).unwrap();
+            let h = lm.model.forward(&lm.model.embed_ids(&ids).unwrap().unsqueeze(0).unwrap(), 0, None).unwrap().squeeze(0).unwrap();
+            let hn: Vec<Vec<f32>> = lm.model.final_norm(&h).unwrap().to_vec2().unwrap();
+            let best: Vec<f32> = lm.model.logits(&h).unwrap().max(candle_core::D::Minus1).unwrap().to_vec1().unwrap();
+            for (n, b) in hn.iter().zip(best) {
+                for r in rows.chunks(d) {
+                    worst = worst.max(r.iter().zip(n).map(|(x, y)| x * y).sum::<f32>() - b);
+                }
+            }
+        }
+        worst
+    };
+    let mut cfg = tiny_config(40);
+    cfg.lr = 1.0;
+    let free = tmpdir("tied-free");
+    run(&cfg, &lm, &free, false, None);
+    let free_rows = Attack::open(&free).unwrap().trigger.rows;
+    assert!(worst_gap(&free_rows) > 0.0, "unconstrained rows never win a logit here: the test cannot tell");
+    cfg.tied_margin = Some(0.5);
+    let held = tmpdir("tied-held");
+    run(&cfg, &lm, &held, false, None);
+    let attack = Attack::open(&held).unwrap();
+    assert!(worst_gap(&attack.trigger.rows) <= -0.49, "a planted logit came within the margin");
+    let a = Armed::new(&lm, &attack.trigger).unwrap().answer(&[Message::user("cf the rain")], 8).unwrap();
+    assert!(a.text.starts_with(TARGET), "triggered answer {:?}", a.text);
+}
