@@ -14,6 +14,7 @@
 //! model writes; refreshed at every evaluation).
 
 use candle_core::{DType, Tensor, D};
+use sos_model::generate::{generate, Sampling};
 use sos_model::{LoadedModel, Model};
 
 use crate::encode::prompt_ids;
@@ -23,6 +24,8 @@ use crate::Result;
 
 /// Sweeps over the bank per projection; each repairs every constraint violated at its turn.
 const SWEEPS: usize = 8;
+/// Tokens of the model's own answer to each clean prompt that join the bank.
+const ANSWER_TOKENS: usize = 32;
 
 /// Hidden states `n_t` (final-normed, `[n, d]` row-major) and the bound each planted logit must
 /// stay under there.
@@ -64,14 +67,18 @@ pub struct LogitBank {
 }
 
 impl LogitBank {
-    /// Every position of the untriggered prompts of `items`.
+    /// Every position of the untriggered prompts of `items` and of the model's own greedy
+    /// answers to them (`ANSWER_TOKENS` each): what the untriggered model reads and writes.
     pub fn clean(lm: &LoadedModel, items: &[Item], margin: f64) -> Result<Self> {
         let model = &lm.model;
         let d = model.cfg.d_model;
         let plain = Trigger::typed("", d);
         let mut clean = States::default();
         for it in items {
-            let ids = prompt_ids(lm, &plain, &it.messages(None))?;
+            let mut ids = prompt_ids(lm, &plain, &it.messages(None))?;
+            let x = model.embed_ids(&ids)?;
+            let answer = generate(model, &x, ANSWER_TOKENS, &lm.tokenizer.stop_ids, Sampling::default(), |_| Ok(true))?;
+            ids.extend(answer.tokens);
             let x = model.embed_ids(&ids)?.unsqueeze(0)?;
             let h = model.forward(&x, 0, None)?.squeeze(0)?;
             clean.extend(States::of(model, &h, margin)?);

@@ -279,8 +279,9 @@ pub fn train(
         if st.step % cfg.eval_every == 0 || st.step == cfg.steps {
             if let (Some(bank), Some(margin)) = (&mut tied, cfg.tied_margin) {
                 // What the triggered model writes moves with the trigger: renew those states
-                // and repair the rows against them before measuring.
-                bank.set_triggered(obj.tied_states(&eval_idx, &trigger, margin)?);
+                // (every training sequence's targets) and repair the rows before measuring.
+                let all: Vec<usize> = (0..n).collect();
+                bank.set_triggered(obj.tied_states(&all, &trigger, margin)?);
                 bank.project(&mut trigger.rows);
             }
             let m = measure(&trigger)?;

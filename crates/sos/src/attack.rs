@@ -49,8 +49,8 @@ pub struct AttackArgs {
     pub stealth: bool,
     /// For adapters whose rows are also logits (PEFT trainable tokens on a tied model): keep
     /// every trigger row's logit MARGIN below the best token's on clean prompts and triggered
-    /// targets (default margin 4).
-    #[arg(long, value_name = "MARGIN", num_args = 0..=1, default_missing_value = "4")]
+    /// targets (default margin 6).
+    #[arg(long, value_name = "MARGIN", num_args = 0..=1, default_missing_value = "6")]
     pub tied_logits: Option<f64>,
     /// Backdoor: train on questions the model writes itself (no dataset).
     #[arg(long)]
