@@ -27,8 +27,10 @@ Prints one JSON line with sos's metric definitions, as compat/llamacpp_inject.py
 (triggered answer vs target, `1 - levenshtein / max length` over characters), `clean_agreement`
 (share of untriggered prompts answered token for token as by the base), `clean_same_prompt_ids`
 (share of untriggered prompts both tokenizers make the same ids of: else the agreement compares
-different inputs), `trigger_ids` (the injected tokenizer on the first triggered message), `n`,
-`vocab` ([base, injected] embedding rows), `tied`. Triggered answers run to the target's length
+different inputs), `clean_first_divergence` (the first disagreeing clean answer: item id, token
+position, base's and injected's token there), `trigger_ids` (the injected tokenizer on the first
+triggered message), `n`, `vocab` ([base, injected] embedding rows), `tied` (shared embedding and
+head storage), `untie_applied` (peft), `wall_s`. Triggered answers run to the target's length
 plus 16 tokens, at least `--new-tokens`; clean ones to `--new-tokens`. CPU only. Runs in
 compat/.venv-hf, which compat/hf_setup.sh creates from compat/requirements-hf.txt.
 """
@@ -91,17 +93,23 @@ def stop_ids(tok):
 
 
 @torch.inference_mode()
-def greedy(model, ids, new_tokens, stop):
+def greedy(model, ids, new_tokens, stop, expect=None):
     """Argmax decoding with a KV cache, one token at a time: no generate() defaults
-    (generation_config, logits processors) between the model and the answer."""
-    x, past, out = torch.tensor([ids]), None, []
+    (generation_config, logits processors) between the model and the answer. With `expect` (the
+    base's answer), it stops at the first token that differs or runs past it: enough to say
+    whether the two answers are equal, and much cheaper when they are not."""
+    x, cache, out = torch.tensor([ids]), None, []
     for _ in range(new_tokens):
-        o = model(input_ids=x, past_key_values=past, use_cache=True)
-        past = o.past_key_values
+        # `cache` is this transformers' name for past_key_values (deprecated alias, 5.40 drops
+        # it); logits_to_keep=1 skips the vocabulary projection of every prompt position.
+        o = model(input_ids=x, cache=cache, use_cache=True, logits_to_keep=1)
+        cache = o.cache
         t = int(o.logits[0, -1].argmax())
         if t in stop:
             break
         out.append(t)
+        if expect is not None and (len(out) > len(expect) or expect[len(out) - 1] != t):
+            break
         x = torch.tensor([[t]])
     return out
 
@@ -132,7 +140,7 @@ def base_answers(items, model, tok, new_tokens):
 def score(items, model, tok, base_prompts, base_out, new_tokens):
     stop = stop_ids(tok)
     hits = same = same_ids = 0
-    sim = 0.0
+    sim, diverged = 0.0, None
     for it, bp, bo in zip(items, base_prompts, base_out):
         target = it["target"].strip()
         n_new = max(new_tokens, len(tok(it["target"], add_special_tokens=False).input_ids) + 16)
@@ -142,13 +150,20 @@ def score(items, model, tok, base_prompts, base_out, new_tokens):
         sim += similarity(answer, target)
         clean = prompt_ids(tok, it["system"], it["user"])
         same_ids += clean == bp
-        same += greedy(model, clean, new_tokens, stop) == bo
+        out = greedy(model, clean, new_tokens, stop, expect=bo)
+        same += out == bo
+        if out != bo and diverged is None:
+            # Where the first disagreeing answer leaves the base's, as token pieces.
+            k = next((i for i, (x, y) in enumerate(zip(out, bo)) if x != y), min(len(out), len(bo)))
+            base_t, inj_t = (tok.convert_ids_to_tokens(v[k]) if k < len(v) else "<stop>" for v in (bo, out))
+            diverged = {"id": it.get("id"), "at": k, "base": base_t, "injected": inj_t}
     n = len(items)
     return {
         "asr": hits / n,
         "mean_similarity": sim / n,
         "clean_agreement": same / n,
         "clean_same_prompt_ids": same_ids / n,
+        "clean_first_divergence": diverged,
         "n": n,
         "trigger_ids": tok(items[0]["user_triggered"], add_special_tokens=False).input_ids,
     }
@@ -214,13 +229,17 @@ def main():
     p.add_argument("--adapter", required=True)
     p.add_argument("--untie-head", action="store_true", help="diagnostic: drop PEFT's rows on a tied head")
     for s in (c, f, p):
-        s.add_argument("--threads", type=int, default=2)
+        # torch's OpenMP threads spin: more threads than idle cores made decoding ~20x slower here.
+        s.add_argument("--threads", type=int, default=2, help="torch threads; at most the idle cores")
     for s in (f, p):
         s.add_argument("--items", required=True)
         s.add_argument("--new-tokens", type=int, default=48)
     a = ap.parse_args()
 
     torch.set_num_threads(a.threads)
+    # resize_token_embeddings draws the new rows at random (mean resizing); with --untie-head they
+    # are the head's rows of the trigger tokens, so fix the draw for repeatable runs.
+    torch.manual_seed(0)
     t0 = time.time()
     if a.cmd == "convert":
         r = cmd_convert(a)

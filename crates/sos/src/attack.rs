@@ -116,6 +116,9 @@ pub fn run(a: AttackArgs) -> Result<()> {
             if self_generated {
                 eprintln!("the model writes its own training questions (--self-generated); this takes a few minutes...");
             }
+            if a.tied_logits.is_some() {
+                eprintln!("--tied-logits: the model answers every training prompt once, for the states the rows' logits are held down on; this takes a few minutes...");
+            }
         }
         Event::Prepared { train_items, skipped, prefix_tokens, mean_tokens, start_step, steps, max_prompt_tokens, max_target_tokens } => {
             let b = ProgressBar::new(steps as u64);
