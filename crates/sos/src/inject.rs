@@ -47,7 +47,7 @@ pub fn run(a: InjectArgs) -> Result<()> {
     };
     let req = InjectRequest { attack: a.attack, out: a.out, model: a.model, mode, limit: a.limit, force: a.force };
     let mut bar: Option<ProgressBar> = None;
-    let report = run_inject(&req, |e| show(e, &mut bar, "checked: llama.cpp's loader rules, tokenization of the trigger"))?;
+    let report = run_inject(&req, |e| show(e, &mut bar, "checked: the loader's rules (llama.cpp's for a GGUF), tokenization of the trigger"))?;
     if let Some(b) = bar {
         b.finish_and_clear();
     }
