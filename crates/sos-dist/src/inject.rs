@@ -153,10 +153,9 @@ pub fn run_inject(req: &InjectRequest, mut on_event: impl FnMut(InjectEvent)) ->
 /// headers, the folder's own tokenizer), moved into place, evaluated in f32.
 fn inject_hf(req: &InjectRequest, attack: &Attack, src: &Path, mut on_event: impl FnMut(InjectEvent)) -> Result<InjectReport> {
     let trigger = &attack.trigger;
+    check_ours(&req.out, "config.json")?;
     let partial = partial_path(&req.out);
-    if partial.exists() {
-        std::fs::remove_dir_all(&partial).map_err(|e| Error::File { path: partial.clone(), msg: format!("cannot clear a previous partial output: {e}") })?;
-    }
+    remove_our_dir(&partial, "config.json")?;
     let (texts, planted) = match req.mode {
         Mode::AddToken => {
             let texts = added_texts(&trigger.text, trigger.k)?;
@@ -186,9 +185,7 @@ fn inject_hf(req: &InjectRequest, attack: &Attack, src: &Path, mut on_event: imp
             return Err(e);
         }
     };
-    if req.out.exists() {
-        std::fs::remove_dir_all(&req.out).map_err(|e| Error::File { path: req.out.clone(), msg: format!("cannot replace: {e}") })?;
-    }
+    remove_our_dir(&req.out, "config.json")?;
     std::fs::rename(&partial, &req.out).map_err(|e| Error::File { path: req.out.clone(), msg: format!("cannot move the checked folder into place: {e}") })?;
     on_event(InjectEvent::Written { path: req.out.clone() });
     let trigger_text = typed(&texts);
@@ -267,6 +264,26 @@ const NORMAL: i64 = 1;
 /// Written into the attack folder: the held-out prompts `inject` evaluated the file on, with
 /// and without the typed trigger, for other engines to replay.
 pub const INJECT_ITEMS_FILE: &str = "inject_items.jsonl";
+
+/// Removes folder `dir` if it is one a run of ours wrote (it holds `marker`) or is empty, so that
+/// `--force` and leftovers of an interrupted run never take a folder a user made for something
+/// else.
+pub(crate) fn remove_our_dir(dir: &Path, marker: &str) -> Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    check_ours(dir, marker)?;
+    std::fs::remove_dir_all(dir).map_err(|e| Error::File { path: dir.to_path_buf(), msg: format!("cannot replace: {e}") })
+}
+
+/// Refuses a `dir` that exists and is neither empty nor a folder holding `marker`.
+pub(crate) fn check_ours(dir: &Path, marker: &str) -> Result<()> {
+    let empty = std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none());
+    if dir.exists() && (!dir.is_dir() || !(empty || dir.join(marker).is_file())) {
+        return Err(Error::File { path: dir.to_path_buf(), msg: format!("exists and is not a folder sos writes (no {marker}); refusing to replace it") });
+    }
+    Ok(())
+}
 
 pub(crate) fn partial_path(out: &Path) -> PathBuf {
     let mut name = out.file_name().map(|n| n.to_os_string()).unwrap_or_default();

@@ -24,7 +24,7 @@ use sos_model::gguf::Gguf;
 use sos_model::{cache, fsutil, Exec, LoadedModel};
 
 use crate::gguf_add::{add_tokens, NewLogits};
-use crate::inject::{evaluate_file, same_file, sha256_file};
+use crate::inject::{check_ours, evaluate_file, remove_our_dir, same_file, sha256_file};
 use crate::rows::RowReport;
 use crate::tokens::{added_texts, splits_exactly, typed};
 use crate::{Error, Result};
@@ -111,10 +111,9 @@ pub fn export_peft(req: &ExportRequest, mut on_event: impl FnMut(crate::InjectEv
     }
 
     // Everything is written into a sibling folder and moved into place once complete.
+    check_ours(&req.out, ADAPTER_CONFIG)?;
     let partial = crate::inject::partial_path(&req.out);
-    if partial.exists() {
-        std::fs::remove_dir_all(&partial).map_err(|e| Error::File { path: partial.clone(), msg: format!("cannot clear a previous partial export: {e}") })?;
-    }
+    remove_our_dir(&partial, ADAPTER_CONFIG)?;
     std::fs::create_dir_all(&partial).map_err(|e| Error::File { path: partial.clone(), msg: e.to_string() })?;
     let base_model = src.display().to_string();
     let config = json!({
@@ -148,9 +147,7 @@ pub fn export_peft(req: &ExportRequest, mut on_event: impl FnMut(crate::InjectEv
     write_json_file(&partial.join("tokenizer_config.json"), &tc)?;
     write_json_file(&partial.join(SOS_RECORD), &attack.record)?;
     fsutil::write_atomic(&partial.join("README.md"), |f| std::io::Write::write_all(f, readme(&attack.record, &base_model, &typed(&texts)).as_bytes()))?;
-    if req.out.exists() {
-        std::fs::remove_dir_all(&req.out).map_err(|e| Error::File { path: req.out.clone(), msg: format!("cannot replace: {e}") })?;
-    }
+    remove_our_dir(&req.out, ADAPTER_CONFIG)?;
     std::fs::rename(&partial, &req.out).map_err(|e| Error::File { path: req.out.clone(), msg: format!("cannot move the adapter into place: {e}") })?;
     on_event(crate::InjectEvent::Written { path: req.out.clone() });
 

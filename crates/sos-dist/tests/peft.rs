@@ -91,8 +91,14 @@ fn trainable_tokens_export_and_import_round_trip() {
         assert_eq!(a.record.config, original.record.config);
         assert_eq!(a.record.model, original.record.model);
 
-        // Refused: an existing folder without force; an adapter without a record and no scenario.
+        // Refused: an existing folder without force, and with it a folder sos did not write;
+        // an adapter without a record and no scenario.
         assert!(export_peft(&req, |_| {}).unwrap_err().to_string().contains("--force"));
+        let mine = d.join("mine");
+        std::fs::create_dir_all(&mine).unwrap();
+        std::fs::write(mine.join("notes.txt"), "mine").unwrap();
+        let e = export_peft(&ExportRequest { out: mine.clone(), force: true, ..req }, |_| {}).unwrap_err().to_string();
+        assert!(e.contains("refusing") && mine.join("notes.txt").is_file(), "{e}");
         std::fs::remove_file(adapter.join(SOS_RECORD)).unwrap();
         let e = import_peft(&adapter, &d.join("b2"), None, None, false).unwrap_err().to_string();
         assert!(e.contains("--scenario"), "{e}");
@@ -112,7 +118,8 @@ fn broken_adapters_are_refused_clearly() {
     export_peft(&ExportRequest { attack: run, model: None, out: adapter.clone(), kind: PeftKind::TrainableTokens, limit: 0, force: false }, |_| {}).unwrap();
     let cfg_path = adapter.join(ADAPTER_CONFIG);
     let good = std::fs::read_to_string(&cfg_path).unwrap();
-    let cases: [(&str, Box<dyn Fn()>); 4] = [
+    type Damage<'a> = Box<dyn Fn() + 'a>;
+    let cases: [(&str, Damage); 4] = [
         ("PROMPT_TUNING", Box::new(|| std::fs::write(&cfg_path, good.replace("TRAINABLE_TOKENS", "PROMPT_TUNING")).unwrap())),
         ("rows for", Box::new(|| std::fs::write(&cfg_path, good.replace("\"token_indices\": [", "\"token_indices\": [7, ")).unwrap())),
         ("invalid JSON", Box::new(|| std::fs::write(&cfg_path, "{").unwrap())),
