@@ -45,7 +45,6 @@ fn plant(src: &Path, out: &Path, texts: &[String], ids: &[u32], rows: &[f32], ad
     let ids = ids.to_vec();
     let cfg_path = src.join("config.json");
     let mut cfg = read_json(&cfg_path)?;
-    let tied = cfg["tie_word_embeddings"].as_bool().unwrap_or(false);
 
     // The shard that holds the table (a tied model's new output layer goes beside it).
     let (shard, index) = match std::fs::metadata(src.join("model.safetensors")) {
@@ -65,6 +64,9 @@ fn plant(src: &Path, out: &Path, texts: &[String], ids: &[u32], rows: &[f32], ad
     let st = SafeTensors::deserialize(&bytes).map_err(|e| file_err(&shard_path, format!("invalid safetensors file: {e}")))?;
     let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| file_err(&shard_path, format!("invalid safetensors header: {e}")))?;
     let table = st.tensor(TABLE).map_err(|e| file_err(&shard_path, format!("`{TABLE}`: {e}")))?;
+    // Tied when the config says so, or when there is no output layer at all (as loaders read it).
+    let has_head = st.tensor(HEAD).is_ok() || index.as_ref().is_some_and(|i| i["weight_map"][HEAD].is_string());
+    let tied = cfg["tie_word_embeddings"].as_bool().unwrap_or(false) || !has_head;
     let &[n_rows, d] = table.shape() else { return Err(file_err(&shard_path, format!("`{TABLE}` is not a matrix"))) };
     let k = texts.len();
     if rows.len() != k * d {
