@@ -9,9 +9,11 @@
 //! on a bank of hidden states, each planted logit stays `margin` below the best vocabulary
 //! logit there, `r_j · n_t <= max_t - margin`. The constraint is linear in `r_j`, so a violated
 //! one is repaired exactly by moving `r_j` along `n_t` (Kaczmarz sweeps). The bank holds every
-//! position of the clean training prompts (what the untriggered model reads; fixed) and the
-//! target positions of the evaluation sequences under the current trigger (what the triggered
-//! model writes; refreshed at every evaluation).
+//! position of the clean training prompts and of the model's own greedy answers to them (what
+//! the untriggered model reads and writes; fixed), and the target positions of the training
+//! sequences under the trigger (what the triggered model writes): at each evaluation one window
+//! of `WINDOW` sequences is renewed under the current trigger, in turn, so every sequence is
+//! covered while each evaluation runs forward over a window only.
 
 use candle_core::{DType, Tensor, D};
 use sos_model::generate::{generate, Sampling};
@@ -26,6 +28,8 @@ use crate::Result;
 const SWEEPS: usize = 8;
 /// Tokens of the model's own answer to each clean prompt that join the bank.
 const ANSWER_TOKENS: usize = 32;
+/// Training sequences whose triggered states one evaluation renews.
+const WINDOW: usize = 32;
 
 /// Hidden states `n_t` (final-normed, `[n, d]` row-major) and the bound each planted logit must
 /// stay under there.
@@ -63,7 +67,8 @@ pub struct LogitBank {
     d: usize,
     pub margin: f64,
     clean: States,
-    triggered: States,
+    /// Triggered states by window of training sequences, each from the trigger of its last renewal.
+    triggered: Vec<States>,
 }
 
 impl LogitBank {
@@ -83,16 +88,25 @@ impl LogitBank {
             let h = model.forward(&x, 0, None)?.squeeze(0)?;
             clean.extend(States::of(model, &h, margin)?);
         }
-        Ok(LogitBank { d, margin, clean, triggered: States::default() })
+        Ok(LogitBank { d, margin, clean, triggered: Vec::new() })
     }
 
-    /// Replaces the triggered part of the bank.
-    pub fn set_triggered(&mut self, s: States) {
-        self.triggered = s;
+    /// The training sequences renewed at evaluation `e` of a run over `n` sequences.
+    pub fn window(e: usize, n: usize) -> std::ops::Range<usize> {
+        let windows = n.div_ceil(WINDOW).max(1);
+        let w = e % windows;
+        w * WINDOW..((w + 1) * WINDOW).min(n)
+    }
+
+    /// Replaces the triggered states of the window of evaluation `e`.
+    pub fn set_triggered(&mut self, e: usize, n: usize, s: States) {
+        let windows = n.div_ceil(WINDOW).max(1);
+        self.triggered.resize_with(windows, States::default);
+        self.triggered[e % windows] = s;
     }
 
     pub fn len(&self) -> usize {
-        self.clean.len() + self.triggered.len()
+        self.clean.len() + self.triggered.iter().map(States::len).sum::<usize>()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -103,7 +117,7 @@ impl LogitBank {
     pub fn worst(&self, rows: &[f32]) -> f32 {
         let mut worst = f32::NEG_INFINITY;
         for r in rows.chunks_exact(self.d) {
-            for s in [&self.clean, &self.triggered] {
+            for s in std::iter::once(&self.clean).chain(&self.triggered) {
                 for (n, &b) in s.normed.chunks_exact(self.d).zip(&s.bound) {
                     worst = worst.max(dot(r, n) - b);
                 }
@@ -119,7 +133,7 @@ impl LogitBank {
         for r in rows.chunks_exact_mut(self.d) {
             for _ in 0..SWEEPS {
                 let mut fixed = 0;
-                for s in [&self.clean, &self.triggered] {
+                for s in std::iter::once(&self.clean).chain(&self.triggered) {
                     for (n, &b) in s.normed.chunks_exact(self.d).zip(&s.bound) {
                         let v = dot(r, n) - b;
                         if v > 0.0 {
@@ -152,7 +166,7 @@ mod tests {
     fn projection_repairs_violated_constraints_and_leaves_satisfied_rows() {
         let d = 3;
         let clean = States { normed: vec![1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0], bound: vec![1.0, 2.0, 2.5] };
-        let bank = LogitBank { d, margin: 0.0, clean, triggered: States::default() };
+        let bank = LogitBank { d, margin: 0.0, clean, triggered: Vec::new() };
         let mut rows = vec![5.0, 5.0, 7.0, 0.5, 0.5, -3.0];
         assert!(bank.worst(&rows) > 0.0);
         let before = rows[3..].to_vec();

@@ -278,10 +278,11 @@ pub fn train(
         let mut metric = None;
         if st.step % cfg.eval_every == 0 || st.step == cfg.steps {
             if let (Some(bank), Some(margin)) = (&mut tied, cfg.tied_margin) {
-                // What the triggered model writes moves with the trigger: renew those states
-                // (every training sequence's targets) and repair the rows before measuring.
-                let all: Vec<usize> = (0..n).collect();
-                bank.set_triggered(obj.tied_states(&all, &trigger, margin)?);
+                // What the triggered model writes moves with the trigger: renew one window of
+                // those states and repair the rows before measuring.
+                let e = st.step / cfg.eval_every;
+                let window: Vec<usize> = LogitBank::window(e, n).collect();
+                bank.set_triggered(e, n, obj.tied_states(&window, &trigger, margin)?);
                 bank.project(&mut trigger.rows);
             }
             let m = measure(&trigger)?;
