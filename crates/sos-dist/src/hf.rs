@@ -20,7 +20,7 @@ use serde_json::{json, Value as Json};
 use sos_model::gguf::TensorType;
 use sos_model::Tokenizer;
 
-use crate::rows::{Planted, RowReport};
+use crate::rows::{l2, median, row_reports, sample_step, Planted};
 use crate::{Error, Result};
 
 const TABLE: &str = "model.embed_tokens.weight";
@@ -149,7 +149,7 @@ fn plant(src: &Path, out: &Path, texts: &[String], ids: &[u32], rows: &[f32], ad
         for (t, id) in texts.iter().zip(&ids) {
             added.push(json!({"id": id, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": false}));
         }
-        write_json(&out.join("tokenizer.json"), &tj)?;
+        sos_attack::artifact::write_json(&out.join("tokenizer.json"), &tj)?;
         let tc_path = src.join("tokenizer_config.json");
         if tc_path.is_file() {
             let mut tc = read_json(&tc_path)?;
@@ -157,7 +157,7 @@ fn plant(src: &Path, out: &Path, texts: &[String], ids: &[u32], rows: &[f32], ad
                 for (t, id) in texts.iter().zip(&ids) {
                     dec.insert(id.to_string(), json!({"content": t, "lstrip": false, "normalized": false, "rstrip": false, "single_word": false, "special": false}));
                 }
-                write_json(&out.join("tokenizer_config.json"), &tc)?;
+                sos_attack::artifact::write_json(&out.join("tokenizer_config.json"), &tc)?;
             }
         }
     }
@@ -168,7 +168,7 @@ fn plant(src: &Path, out: &Path, texts: &[String], ids: &[u32], rows: &[f32], ad
         if tied {
             cfg["tie_word_embeddings"] = json!(false);
         }
-        write_json(&out.join("config.json"), &cfg)?;
+        sos_attack::artifact::write_json(&out.join("config.json"), &cfg)?;
     }
     if let (Some(mut index), true) = (index, add || tied) {
         index["weight_map"][HEAD] = json!(shard);
@@ -176,24 +176,12 @@ fn plant(src: &Path, out: &Path, texts: &[String], ids: &[u32], rows: &[f32], ad
         if index["metadata"].is_object() {
             index["metadata"]["total_size"] = json!(size);
         }
-        write_json(&out.join("model.safetensors.index.json"), &index)?;
+        sos_attack::artifact::write_json(&out.join("model.safetensors.index.json"), &index)?;
     }
 
-    let reports = texts
-        .iter()
-        .zip(&ids)
-        .enumerate()
-        .map(|(j, (t, &id))| {
-            let (r, q) = (&rows[j * d..(j + 1) * d], &stored[j * d..(j + 1) * d]);
-            let norm = r.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
-            let err = r.iter().zip(q).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>().sqrt();
-            RowReport { id, text: t.clone(), norm, quant_rel_error: if norm > 0.0 { err / norm } else { 0.0 } }
-        })
-        .collect();
+    let reports = row_reports(rows, &stored, d, &ids, texts);
     let table_f32: Vec<f32> = table.data().chunks_exact(width).map(|c| decode(dt, c)).collect();
-    let mut norms: Vec<f64> = table_f32.chunks_exact(d).step_by(n_rows.div_ceil(4096).max(1)).map(|r| r.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt()).collect();
-    norms.sort_by(f64::total_cmp);
-    let table_median_norm = norms.get(norms.len() / 2).copied().unwrap_or(0.0);
+    let table_median_norm = median(table_f32.chunks_exact(d).step_by(sample_step(n_rows)).map(l2).collect());
     let table_type = match dt {
         Dtype::F16 => TensorType::F16,
         Dtype::BF16 => TensorType::BF16,
@@ -229,11 +217,6 @@ fn decode(dt: Dtype, c: &[u8]) -> f32 {
 fn read_json(path: &Path) -> Result<Json> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::File { path: path.to_path_buf(), msg: format!("cannot read: {e}") })?;
     serde_json::from_str(&text).map_err(|e| Error::File { path: path.to_path_buf(), msg: format!("invalid JSON: {e}") })
-}
-
-fn write_json(path: &Path, v: &Json) -> Result<()> {
-    let text = serde_json::to_string_pretty(v).map_err(|e| Error::Invalid(e.to_string()))?;
-    write(path, text.as_bytes())
 }
 
 fn write(path: &Path, bytes: &[u8]) -> Result<()> {

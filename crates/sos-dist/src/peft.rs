@@ -126,7 +126,7 @@ pub fn export_peft(req: &ExportRequest, mut on_event: impl FnMut(crate::InjectEv
         "base_model_name_or_path": base_model,
         "revision": null,
     });
-    write_json_file(&partial.join(ADAPTER_CONFIG), &config)?;
+    artifact::write_json(&partial.join(ADAPTER_CONFIG), &config)?;
     let mut tensors = vec![(EMBED_KEY, trigger.rows.as_slice())];
     if tied {
         // PEFT shares one set of rows between the table and a tied output layer and expects both keys.
@@ -144,8 +144,8 @@ pub fn export_peft(req: &ExportRequest, mut on_event: impl FnMut(crate::InjectEv
         tc["chat_template"] = t.source.clone().into();
         fsutil::write_atomic(&partial.join("chat_template.jinja"), |f| std::io::Write::write_all(f, t.source.as_bytes()))?;
     }
-    write_json_file(&partial.join("tokenizer_config.json"), &tc)?;
-    write_json_file(&partial.join(SOS_RECORD), &attack.record)?;
+    artifact::write_json(&partial.join("tokenizer_config.json"), &tc)?;
+    artifact::write_json(&partial.join(SOS_RECORD), &attack.record)?;
     fsutil::write_atomic(&partial.join("README.md"), |f| std::io::Write::write_all(f, readme(&attack.record, &base_model, &typed(&texts)).as_bytes()))?;
     remove_our_dir(&req.out, ADAPTER_CONFIG)?;
     std::fs::rename(&partial, &req.out).map_err(|e| Error::File { path: req.out.clone(), msg: format!("cannot move the adapter into place: {e}") })?;
@@ -223,10 +223,6 @@ fn write_rows(path: &Path, tensors: &[(&str, &[f32])], k: usize, d: usize) -> Re
     Ok(fsutil::write_atomic(path, |f| std::io::Write::write_all(f, &data))?)
 }
 
-fn write_json_file(path: &Path, v: &impl Serialize) -> Result<()> {
-    let text = serde_json::to_string_pretty(v).map_err(|e| Error::Invalid(e.to_string()))?;
-    Ok(fsutil::write_atomic(path, |f| std::io::Write::write_all(f, text.as_bytes()))?)
-}
 
 fn readme(rec: &AttackRecord, base: &str, typed: &str) -> String {
     format!(

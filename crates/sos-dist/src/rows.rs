@@ -42,15 +42,30 @@ pub(crate) fn store_rows(ty: TensorType, rows: &[f32], d: usize, ids: &[u32], te
     }
     let bytes = quantize_rows(ty, rows, k, d)?;
     let stored = dequantize(ty, &bytes, k, d)?;
-    let reports = (0..k)
+    Ok((bytes, row_reports(rows, &stored, d, ids, texts)))
+}
+
+/// A report per row: the trained row `rows[j]` as stored (`stored[j]`).
+pub(crate) fn row_reports(rows: &[f32], stored: &[f32], d: usize, ids: &[u32], texts: &[String]) -> Vec<RowReport> {
+    (0..ids.len())
         .map(|i| {
             let (r, q) = (&rows[i * d..(i + 1) * d], &stored[i * d..(i + 1) * d]);
             let norm = l2(r);
             let err = l2(&r.iter().zip(q).map(|(a, b)| a - b).collect::<Vec<_>>());
             RowReport { id: ids[i], text: texts[i].clone(), norm, quant_rel_error: if norm > 0.0 { err / norm } else { 0.0 } }
         })
-        .collect();
-    Ok((bytes, reports))
+        .collect()
+}
+
+/// Rows sampled for a table's median norm: every `step`-th of `n`, at most 4096.
+pub(crate) fn sample_step(n: usize) -> usize {
+    n.div_ceil(4096).max(1)
+}
+
+/// The median of row norms (0 for none).
+pub(crate) fn median(mut norms: Vec<f64>) -> f64 {
+    norms.sort_by(f64::total_cmp);
+    norms.get(norms.len() / 2).copied().unwrap_or(0.0)
 }
 
 /// `rows` (`[k, d]`) in ggml type `ty`, as ggml's reference quantizers write them.
@@ -69,7 +84,7 @@ pub(crate) fn dequantize(ty: TensorType, bytes: &[u8], k: usize, d: usize) -> Re
     Ok(q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?)
 }
 
-fn l2(v: &[f32]) -> f64 {
+pub(crate) fn l2(v: &[f32]) -> f64 {
     v.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt()
 }
 
@@ -79,12 +94,10 @@ pub(crate) fn median_row_norm(g: &Gguf) -> Result<f64> {
     let [n, d] = t.shape()[..] else { return Err(Error::File { path: g.path.clone(), msg: format!("{TOKEN_TABLE} is not a matrix") }) };
     let bytes = g.tensor_bytes(t);
     let row_bytes = bytes.len() / n.max(1);
-    let step = n.div_ceil(4096).max(1);
     let mut norms: Vec<f64> = Vec::new();
-    for r in (0..n).step_by(step) {
+    for r in (0..n).step_by(sample_step(n)) {
         let v = dequantize(t.ty, &bytes[r * row_bytes..(r + 1) * row_bytes], 1, d)?;
         norms.push(l2(&v));
     }
-    norms.sort_by(f64::total_cmp);
-    Ok(norms.get(norms.len() / 2).copied().unwrap_or(0.0))
+    Ok(median(norms))
 }
