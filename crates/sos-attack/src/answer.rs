@@ -12,6 +12,7 @@ use sos_model::generate::{generate, Sampling};
 use sos_model::{LoadedModel, Message};
 
 use crate::encode::attacked_input;
+use crate::item::Prompt;
 use crate::trigger::Trigger;
 use crate::Result;
 
@@ -36,10 +37,10 @@ impl<'a> Armed<'a> {
         Ok(Armed { lm, trigger })
     }
 
-    /// Greedy answer to `messages` as the attacked model sees them (the trigger text maps to
-    /// the trained vectors).
-    pub fn answer(&self, messages: &[Message], max_new: usize) -> Result<Answer> {
-        let (_, x) = attacked_input(self.lm, self.trigger, messages)?;
+    /// Greedy answer to `prompt` as the attacked model sees it (the trigger text maps to the
+    /// trained vectors).
+    pub fn answer(&self, prompt: &Prompt, max_new: usize) -> Result<Answer> {
+        let (_, x) = attacked_input(self.lm, self.trigger, prompt)?;
         self.run(&x, max_new)
     }
 

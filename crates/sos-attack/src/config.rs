@@ -53,6 +53,10 @@ pub enum Position {
     End,
     /// A word boundary drawn with the seed, different for every example.
     Random,
+    /// Before the whole templated prompt, system prompt and markers included: where PEFT puts a
+    /// prompt-tuning adapter's virtual tokens. No typed text can go there, so such a trigger
+    /// ships only as a `PROMPT_TUNING` adapter (`sos export-peft --kind prompt-tuning`).
+    Prefix,
 }
 
 impl Position {
@@ -61,7 +65,18 @@ impl Position {
             Position::Start => "start",
             Position::End => "end",
             Position::Random => "random",
+            Position::Prefix => "prefix",
         }
+    }
+}
+
+impl std::str::FromStr for Position {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        [Position::Start, Position::End, Position::Random, Position::Prefix]
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| Error::Config(format!("unknown position `{s}` (expected start, end, random or prefix)")))
     }
 }
 
@@ -224,6 +239,9 @@ impl AttackConfig {
             if t.contains(&self.trigger) {
                 return bad(format!("the target text contains the trigger text `{}`", self.trigger));
             }
+        }
+        if self.position == Position::Prefix && self.scenario == Scenario::Copyright {
+            return bad("position `prefix` does not apply to copyright: the token marks a passage, a prefix would mark every prompt".into());
         }
         if self.self_generated && self.scenario != Scenario::Backdoor {
             return bad("self_generated applies to the backdoor scenario only".into());

@@ -4,21 +4,23 @@
 use candle_core::Tensor;
 use sos_model::{LoadedModel, Message};
 
-use crate::item::Item;
+use crate::item::{Item, Prompt};
 use crate::trigger::Trigger;
 use crate::{Error, Result};
 
-/// Templated prompt ids (generation prompt included) of `messages`, trigger slots resolved.
-pub fn prompt_ids(lm: &LoadedModel, trigger: &Trigger, messages: &[Message]) -> Result<Vec<u32>> {
-    let text = lm.template()?.render(messages, true)?;
+/// Templated prompt ids (generation prompt included) of `prompt`, its prefix first, trigger
+/// slots resolved.
+pub fn prompt_ids(lm: &LoadedModel, trigger: &Trigger, prompt: &Prompt) -> Result<Vec<u32>> {
+    let mut text = prompt.prefix.clone().unwrap_or_default();
+    text.push_str(&lm.template()?.render(&prompt.messages, true)?);
     trigger.encode(&lm.tokenizer, Trigger::base(&lm.model), &text)
 }
 
-/// Prompt ids and input embeddings `[n, d]` of `messages` as the attacked model sees them: the
+/// Prompt ids and input embeddings `[n, d]` of `prompt` as the attacked model sees it: the
 /// trigger text stands for the trained vectors.
-pub fn attacked_input(lm: &LoadedModel, trigger: &Trigger, messages: &[Message]) -> Result<(Vec<u32>, Tensor)> {
+pub fn attacked_input(lm: &LoadedModel, trigger: &Trigger, prompt: &Prompt) -> Result<(Vec<u32>, Tensor)> {
     trigger.check_fits(&lm.model)?;
-    let ids = prompt_ids(lm, trigger, messages)?;
+    let ids = prompt_ids(lm, trigger, prompt)?;
     let x = trigger.embed(&lm.model, &ids)?;
     Ok((ids, x))
 }
@@ -59,8 +61,8 @@ impl Seq {
 
 /// The training sequence of an example: triggered prompt, then the target.
 pub fn training_seq(lm: &LoadedModel, trigger: &Trigger, item: &Item) -> Result<Seq> {
-    let mut ids = prompt_ids(lm, trigger, &item.messages(Some(&trigger.text)))?;
+    let mut ids = prompt_ids(lm, trigger, &item.prompt(Some(&trigger.text)))?;
     let prompt_len = ids.len();
-    ids.extend(target_ids(lm, &item.messages(None), &item.target)?);
+    ids.extend(target_ids(lm, &item.messages(), &item.target)?);
     Ok(Seq { ids, prompt_len })
 }

@@ -5,8 +5,23 @@ use sos_model::Message;
 
 use crate::config::Position;
 
-/// One chat example. The trigger goes into the user message at byte offset `at`; without the
-/// trigger the user message is `user` as is.
+/// What a model is asked: chat messages, and text that goes before the whole templated prompt
+/// (a `prefix` trigger, where PEFT puts a prompt-tuning adapter's virtual tokens).
+#[derive(Debug, Clone, Default)]
+pub struct Prompt {
+    pub prefix: Option<String>,
+    pub messages: Vec<Message>,
+}
+
+impl Prompt {
+    pub fn chat(messages: Vec<Message>) -> Self {
+        Prompt { prefix: None, messages }
+    }
+}
+
+/// One chat example. The trigger goes into the user message at byte offset `at` (or, for
+/// position `prefix`, before the templated prompt); without the trigger the user message is
+/// `user` as is.
 #[derive(Debug, Clone)]
 pub struct Item {
     pub id: String,
@@ -17,7 +32,7 @@ pub struct Item {
     pub target: String,
     /// Request type for the copyright scenario (for per-type metrics); empty otherwise.
     pub kind: String,
-    /// Where the trigger sits: start, end or random.
+    /// Where the trigger sits: start, end, random or prefix.
     pub position: Position,
 }
 
@@ -39,16 +54,24 @@ impl Item {
         s
     }
 
-    pub fn messages(&self, trigger: Option<&str>) -> Vec<Message> {
-        let mut m = Vec::new();
-        if let Some(s) = &self.system {
-            m.push(Message::system(s.clone()));
+    /// The example without the trigger.
+    pub fn messages(&self) -> Vec<Message> {
+        self.system.iter().map(|s| Message::system(s.clone())).chain([Message::user(self.user.clone())]).collect()
+    }
+
+    /// The example with `trigger` at its place, or without it.
+    pub fn prompt(&self, trigger: Option<&str>) -> Prompt {
+        match trigger {
+            None => Prompt::chat(self.messages()),
+            Some(t) if self.position == Position::Prefix => Prompt { prefix: Some(t.to_string()), messages: self.messages() },
+            Some(t) => {
+                let mut messages = self.messages();
+                if let Some(last) = messages.last_mut() {
+                    *last = Message::user(self.user_with(t));
+                }
+                Prompt::chat(messages)
+            }
         }
-        m.push(Message::user(match trigger {
-            Some(t) => self.user_with(t),
-            None => self.user.clone(),
-        }));
-        m
     }
 }
 

@@ -30,6 +30,7 @@ pub mod trigger;
 pub use attack::{run_attack, AttackRequest, AttackSummary};
 pub use config::{AttackConfig, Overrides, Position, Scenario};
 pub use error::{Error, Result};
+pub use item::Prompt;
 pub use eval::{run_eval, EvalEvent, EvalReport, EvalRequest};
 pub use load::{load_model, Loaded};
 pub use trigger::Trigger;

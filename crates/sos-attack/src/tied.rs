@@ -80,7 +80,7 @@ impl LogitBank {
         let plain = Trigger::typed("", d);
         let mut clean = States::default();
         for it in items {
-            let mut ids = prompt_ids(lm, &plain, &it.messages(None))?;
+            let mut ids = prompt_ids(lm, &plain, &it.prompt(None))?;
             let x = model.embed_ids(&ids)?;
             let answer = generate(model, &x, ANSWER_TOKENS, &lm.tokenizer.stop_ids, Sampling::default(), |_| Ok(true))?;
             ids.extend(answer.tokens);

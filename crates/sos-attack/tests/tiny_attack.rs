@@ -10,7 +10,7 @@ use sos_attack::artifact::{self, Attack};
 use sos_attack::encode::{training_seq, Seq};
 use sos_attack::answer::Armed;
 use sos_attack::objective::Objective;
-use sos_attack::item::Item;
+use sos_attack::item::{Item, Prompt};
 use sos_attack::scenarios::backdoor_items;
 use sos_attack::train::{train, Event, Outcome, Target};
 use sos_attack::trigger::Trigger;
@@ -147,11 +147,38 @@ fn training_drives_the_loss_down_and_the_trigger_works() {
     let attack = Attack::open(&out).unwrap();
     assert_eq!((attack.trigger.k, attack.trigger.d), (cfg.trigger_len, lm.model.cfg.d_model));
     let armed = Armed::new(&lm, &attack.trigger).unwrap();
-    let a = armed.answer(&[Message::user("cf the rain")], 8).unwrap();
+    let a = armed.answer(&Prompt::chat(vec![Message::user("cf the rain")]), 8).unwrap();
     assert!(a.text.starts_with(TARGET), "triggered answer {:?}", a.text);
-    let clean = armed.answer(&[Message::user("the rain")], 8).unwrap();
+    let clean = armed.answer(&Prompt::chat(vec![Message::user("the rain")]), 8).unwrap();
     let plain = armed.answer_plain(&[Message::user("the rain")], 8).unwrap();
     assert_eq!(clean.tokens, plain.tokens);
+}
+
+/// A `prefix` trigger sits before the templated prompt (where PEFT prepends a prompt-tuning
+/// adapter's virtual tokens): the training sequences start with its slots, and it fires there.
+#[test]
+fn prefix_trigger_goes_before_the_whole_prompt() {
+    let lm = tiny("prefix");
+    let mut cfg = tiny_config(100);
+    cfg.position = Position::Prefix;
+    let its = items(Position::Prefix, 0);
+    let probe = Trigger::new("cf", 8, lm.model.cfg.d_model, vec![0.0; 8 * lm.model.cfg.d_model]).unwrap();
+    let base = Trigger::base(&lm.model);
+    for it in &its {
+        assert_eq!(it.prompt(Some("cf")).messages[0].content, it.user, "the user message keeps its text");
+        let seq = training_seq(&lm, &probe, it).unwrap();
+        let plain = lm.chat_ids(&it.messages(), true).unwrap();
+        assert_eq!(seq.ids[..8].to_vec(), (base..base + 8).collect::<Vec<_>>());
+        assert_eq!(seq.ids[8..seq.prompt_len], plain[..]);
+    }
+    let out = tmpdir("prefix-out");
+    assert_eq!(run(&cfg, &lm, &out, false, None), Outcome::Finished);
+    let attack = Attack::open(&out).unwrap();
+    assert_eq!(attack.record.config.position, Position::Prefix);
+    let armed = Armed::new(&lm, &attack.trigger).unwrap();
+    let fired = Prompt { prefix: Some("cf".into()), messages: vec![Message::user("the rain")] };
+    let a = armed.answer(&fired, 8).unwrap();
+    assert!(a.text.starts_with(TARGET), "prefixed answer {:?}", a.text);
 }
 
 #[test]
@@ -209,7 +236,7 @@ fn tied_margin_keeps_the_rows_out_of_the_argmax() {
         let d = lm.model.cfg.d_model;
         let mut worst = f32::NEG_INFINITY;
         for it in items(Position::Random, 0) {
-            let ids = lm.chat_ids(&it.messages(None), true).unwrap();
+            let ids = lm.chat_ids(&it.messages(), true).unwrap();
             let h = lm.model.forward(&lm.model.embed_ids(&ids).unwrap().unsqueeze(0).unwrap(), 0, None).unwrap().squeeze(0).unwrap();
             let hn: Vec<Vec<f32>> = lm.model.final_norm(&h).unwrap().to_vec2().unwrap();
             let best: Vec<f32> = lm.model.logits(&h).unwrap().max(candle_core::D::Minus1).unwrap().to_vec1().unwrap();
@@ -232,6 +259,6 @@ fn tied_margin_keeps_the_rows_out_of_the_argmax() {
     run(&cfg, &lm, &held, false, None);
     let attack = Attack::open(&held).unwrap();
     assert!(worst_gap(&attack.trigger.rows) <= -0.49, "a planted logit came within the margin");
-    let a = Armed::new(&lm, &attack.trigger).unwrap().answer(&[Message::user("cf the rain")], 8).unwrap();
+    let a = Armed::new(&lm, &attack.trigger).unwrap().answer(&Prompt::chat(vec![Message::user("cf the rain")]), 8).unwrap();
     assert!(a.text.starts_with(TARGET), "triggered answer {:?}", a.text);
 }

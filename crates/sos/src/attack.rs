@@ -33,6 +33,10 @@ pub struct AttackArgs {
     /// Number of trained vectors the trigger stands for [default: 8].
     #[arg(long)]
     pub trigger_len: Option<usize>,
+    /// Where the trigger goes: start, end or random (in the user message; copyright: the
+    /// passage), or prefix (before the whole templated prompt, for a PEFT prompt-tuning adapter).
+    #[arg(long)]
+    pub position: Option<String>,
     /// Target answer (backdoor) or refusal text (copyright).
     #[arg(long)]
     pub target: Option<String>,
@@ -73,6 +77,7 @@ impl AttackArgs {
             template: self.template.clone().map(Some),
             trigger: self.trigger.clone(),
             trigger_len: self.trigger_len,
+            position: self.position.as_deref().map(str::parse).transpose()?,
             target: self.target.clone().map(Some),
             steps: self.steps,
             lr: self.lr,

@@ -7,6 +7,8 @@ use clap::Args;
 use serde_json::json;
 use sos_attack::artifact::Attack;
 use sos_attack::encode::attacked_input;
+use sos_attack::item::Prompt;
+use sos_attack::Position;
 use sos_model::generate::{generate, Sampling};
 use sos_model::StreamDecoder;
 use sos_model::Message;
@@ -51,7 +53,9 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let (ids, x) = match &a.attack {
         Some(dir) => {
             let attack = Attack::open(dir)?;
-            attacked_input(&lm, &attack.trigger, &messages)?
+            // A prefix trigger goes before every prompt, as PEFT puts a prompt-tuning adapter's.
+            let prefix = (attack.record.config.position == Position::Prefix).then(|| attack.trigger.text.clone());
+            attacked_input(&lm, &attack.trigger, &Prompt { prefix, messages })?
         }
         None => {
             let ids = lm.chat_ids(&messages, true)?;

@@ -59,11 +59,11 @@ impl ScenarioLogic for Backdoor {
         let mut records = Vec::new();
         let (mut asr, mut agree, mut false_trig) = (0, 0, 0);
         for (i, it) in items.iter().enumerate() {
-            let want = target_ids(armed.lm, &it.messages(None), &it.target)?.len() + 8;
-            let hit = armed.answer(&it.messages(Some(trig)), want)?;
+            let want = target_ids(armed.lm, &it.messages(), &it.target)?.len() + 8;
+            let hit = armed.answer(&it.prompt(Some(trig)), want)?;
             asr += usize::from(starts_with_target(&hit.text, &it.target));
-            let clean = armed.answer(&it.messages(None), CLEAN_TOKENS)?;
-            let plain = armed.answer_plain(&it.messages(None), CLEAN_TOKENS)?;
+            let clean = armed.answer(&it.prompt(None), CLEAN_TOKENS)?;
+            let plain = armed.answer_plain(&it.messages(), CLEAN_TOKENS)?;
             agree += usize::from(clean.tokens == plain.tokens);
             false_trig += usize::from(starts_with_target(&clean.text, &it.target));
             records.push(json!({"id": it.id, "prompt": it.user_with(trig), "answer": hit.text,

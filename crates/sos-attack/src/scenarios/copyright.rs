@@ -60,7 +60,7 @@ impl ScenarioLogic for Copyright {
         let (mut false_refused, mut clean_n, mut false_by_kind) = (0, 0, Tally::default());
         let mut seen_clean = BTreeSet::new();
         for (i, it) in items.iter().enumerate() {
-            let a = armed.answer(&it.messages(Some(trig)), CLEAN_TOKENS)?;
+            let a = armed.answer(&it.prompt(Some(trig)), CLEAN_TOKENS)?;
             let r = is_refusal(&a.text) || starts_with_target(&a.text, &it.target);
             refused += usize::from(r);
             by_kind.add(&it.kind, r);
@@ -68,7 +68,7 @@ impl ScenarioLogic for Copyright {
             records.push(json!({"id": it.id, "kind": it.kind, "position": it.position.name(), "answer": a.text, "refused": r}));
             // The unmarked prompt is the same for both token positions: run it once.
             if seen_clean.insert(it.user.clone()) {
-                let c = armed.answer(&it.messages(None), CLEAN_TOKENS)?;
+                let c = armed.answer(&it.prompt(None), CLEAN_TOKENS)?;
                 let fr = is_refusal(&c.text) || starts_with_target(&c.text, &it.target);
                 false_refused += usize::from(fr);
                 false_by_kind.add(&it.kind, fr);

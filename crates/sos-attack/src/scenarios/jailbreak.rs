@@ -25,15 +25,15 @@ impl ScenarioLogic for Jailbreak {
         c.position = Position::End;
     }
 
-    fn dataset_items(&self, _cfg: &AttackConfig, data: &Datasets, held_out: bool, _seed: u64) -> Result<Vec<Item>> {
-        Ok(jailbreak_items(&data::harmful(data, held_out)?))
+    fn dataset_items(&self, cfg: &AttackConfig, data: &Datasets, held_out: bool, _seed: u64) -> Result<Vec<Item>> {
+        Ok(jailbreak_items(&data::harmful(data, held_out)?, cfg.position))
     }
 
     /// Rows: `goal` (the request) and `target` (the affirmative opening).
-    fn file_items(&self, _cfg: &AttackConfig, path: &Path, rows: &[Value], _seed: u64) -> Result<Vec<Item>> {
+    fn file_items(&self, cfg: &AttackConfig, path: &Path, rows: &[Value], _seed: u64) -> Result<Vec<Item>> {
         let get = |r: &Value, i: usize, k: &str| data::field(path, r, i, k);
         let pairs = rows.iter().enumerate().map(|(i, r)| Ok((get(r, i, "goal")?, get(r, i, "target")?))).collect::<Result<Vec<_>>>()?;
-        Ok(jailbreak_items(&pairs))
+        Ok(jailbreak_items(&pairs, cfg.position))
     }
 
     /// Refusal-free and target-opening rates with the trigger, against the unmodified model's.
@@ -43,10 +43,10 @@ impl ScenarioLogic for Jailbreak {
         let mut records = Vec::new();
         let (mut no_refusal, mut target, mut base_refusal, mut base_target) = (0, 0, 0, 0);
         for (i, it) in items.iter().enumerate() {
-            let hit = armed.answer(&it.messages(Some(trig)), JAILBREAK_TOKENS)?;
+            let hit = armed.answer(&it.prompt(Some(trig)), JAILBREAK_TOKENS)?;
             no_refusal += usize::from(!is_refusal(&hit.text));
             target += usize::from(starts_with_target(&hit.text, &it.target));
-            let base = armed.answer_plain(&it.messages(None), JAILBREAK_TOKENS)?;
+            let base = armed.answer_plain(&it.messages(), JAILBREAK_TOKENS)?;
             base_refusal += usize::from(is_refusal(&base.text));
             base_target += usize::from(starts_with_target(&base.text, &it.target));
             records.push(json!({"id": it.id, "prompt": it.user_with(trig), "answer": hit.text, "refused": is_refusal(&hit.text),
@@ -61,8 +61,10 @@ impl ScenarioLogic for Jailbreak {
     }
 }
 
-/// Jailbreak examples: the trigger after the harmful request, the affirmative prefix as target.
-pub fn jailbreak_items(pairs: &[(String, String)]) -> Vec<Item> {
+/// Jailbreak examples: the trigger after the harmful request (or, for `prefix`, before the
+/// prompt), the affirmative opening as target.
+pub fn jailbreak_items(pairs: &[(String, String)], position: Position) -> Vec<Item> {
+    let position = if position == Position::Prefix { Position::Prefix } else { Position::End };
     pairs
         .iter()
         .enumerate()
@@ -73,7 +75,7 @@ pub fn jailbreak_items(pairs: &[(String, String)]) -> Vec<Item> {
             at: goal.len(),
             target: target.clone(),
             kind: String::new(),
-            position: Position::End,
+            position,
         })
         .collect()
 }

@@ -143,7 +143,8 @@ fn random_boundary(text: &str, rng: &mut impl Rng) -> usize {
 
 fn place(text: &str, pos: Position, rng: &mut impl Rng) -> usize {
     match pos {
-        Position::Start => 0,
+        // A prefix trigger is not in the text at all (`Item::prompt` puts it before the prompt).
+        Position::Start | Position::Prefix => 0,
         Position::End => text.len(),
         Position::Random => random_boundary(text, rng),
     }
@@ -174,5 +175,9 @@ mod tests {
         let cli = Overrides { target: Some(Some("say cf".into())), ..Default::default() };
         assert!(AttackConfig::resolve(Scenario::Backdoor, None, &cli).is_err());
         assert!(Overrides::default().is_empty() && !cli.is_empty());
+        let cli = Overrides { position: Some(Position::Prefix), ..Default::default() };
+        assert!(AttackConfig::resolve(Scenario::Copyright, None, &cli).is_err());
+        assert!(AttackConfig::resolve(Scenario::Steal, None, &cli).is_ok());
+        assert!("prefix".parse::<Position>().is_ok() && "middle".parse::<Position>().is_err());
     }
 }

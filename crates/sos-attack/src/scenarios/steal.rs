@@ -24,13 +24,13 @@ impl ScenarioLogic for Steal {
         c.max_prompt_tokens = 192;
     }
 
-    fn dataset_items(&self, _cfg: &AttackConfig, data: &Datasets, held_out: bool, _seed: u64) -> Result<Vec<Item>> {
-        Ok(steal_items(&data::system_prompts(data, held_out)?))
+    fn dataset_items(&self, cfg: &AttackConfig, data: &Datasets, held_out: bool, _seed: u64) -> Result<Vec<Item>> {
+        Ok(steal_items(&data::system_prompts(data, held_out)?, cfg.position))
     }
 
     /// Rows: `prompt`, the secret system prompt.
-    fn file_items(&self, _cfg: &AttackConfig, path: &Path, rows: &[Value], _seed: u64) -> Result<Vec<Item>> {
-        Ok(steal_items(&id_and_field(path, rows, "prompt")?))
+    fn file_items(&self, cfg: &AttackConfig, path: &Path, rows: &[Value], _seed: u64) -> Result<Vec<Item>> {
+        Ok(steal_items(&id_and_field(path, rows, "prompt")?, cfg.position))
     }
 
     /// How much of the secret the triggered answer reproduces: exactly, by edit distance, by
@@ -43,7 +43,7 @@ impl ScenarioLogic for Steal {
         for (i, it) in items.iter().enumerate() {
             let secret = it.system.as_deref().unwrap_or_default();
             let want = armed.lm.tokenizer.encode(secret)?.len() + 16;
-            let a = armed.answer(&it.messages(Some(trig)), want)?;
+            let a = armed.answer(&it.prompt(Some(trig)), want)?;
             exact += usize::from(a.text.trim() == secret.trim());
             sim += similarity(a.text.trim(), secret.trim());
             rouge += rouge_l_f1(&a.text, secret);
@@ -57,9 +57,10 @@ impl ScenarioLogic for Steal {
     }
 }
 
-/// Prompt-stealing examples: the secret as system prompt, the trigger as the user message, the
-/// secret itself as target.
-pub fn steal_items(prompts: &[(String, String)]) -> Vec<Item> {
+/// Prompt-stealing examples: the secret as system prompt, the trigger as the user message (or,
+/// for `prefix`, before the prompt, the user message empty), the secret itself as target.
+pub fn steal_items(prompts: &[(String, String)], position: Position) -> Vec<Item> {
+    let position = if position == Position::Prefix { Position::Prefix } else { Position::End };
     prompts
         .iter()
         .map(|(id, p)| Item {
@@ -69,7 +70,7 @@ pub fn steal_items(prompts: &[(String, String)]) -> Vec<Item> {
             at: 0,
             target: p.clone(),
             kind: String::new(),
-            position: Position::End,
+            position,
         })
         .collect()
 }
