@@ -15,7 +15,10 @@ and does everything else answer as the base model does?
 its own tokenizer and chat template. `peft` compares base + a PEFT TRAINABLE_TOKENS adapter
 (`sos export-peft`) with the base alone, loaded the way the adapter's README says. On a tied
 base PEFT applies the trigger rows to the output layer too; `--untie-head` puts the plain
-(resized) head back on, a diagnostic of what those output rows do.
+(resized) head back on, a diagnostic of what those output rows do. For a PROMPT_TUNING adapter
+(`sos export-peft --kind prompt-tuning`) PEFT's forward puts the virtual tokens before each
+plain prompt; it prints asr and mean_similarity only (with the adapter loaded every prompt is
+"triggered").
 
 `inject_items.jsonl` (system, user, user_triggered, target) is what sos evaluated on. Each
 prompt is rendered by the tokenizer's own chat template (`apply_chat_template`, text), then
@@ -93,16 +96,19 @@ def stop_ids(tok):
 
 
 @torch.inference_mode()
-def greedy(model, ids, new_tokens, stop, expect=None):
+def greedy(model, ids, new_tokens, stop, expect=None, step_model=None):
     """Argmax decoding with a KV cache, one token at a time: no generate() defaults
     (generation_config, logits processors) between the model and the answer. With `expect` (the
     base's answer), it stops at the first token that differs or runs past it: enough to say
-    whether the two answers are equal, and much cheaper when they are not."""
+    whether the two answers are equal, and much cheaper when they are not. `step_model` runs the
+    steps after the prompt (a prompt-tuning PeftModel puts its virtual tokens before whatever it
+    is given, so only the prompt goes through it; the cache then holds them)."""
     x, cache, out = torch.tensor([ids]), None, []
     for _ in range(new_tokens):
         # `cache` is this transformers' name for past_key_values (deprecated alias, 5.40 drops
         # it); logits_to_keep=1 skips the vocabulary projection of every prompt position.
-        o = model(input_ids=x, cache=cache, use_cache=True, logits_to_keep=1)
+        m = model if cache is None or step_model is None else step_model
+        o = m(input_ids=x, cache=cache, use_cache=True, logits_to_keep=1)
         cache = o.cache
         t = int(o.logits[0, -1].argmax())
         if t in stop:
@@ -195,9 +201,32 @@ def cmd_folder(a, items):
     return {**r, "vocab": [rows(base), rows(inj)], "tied": [is_tied(base), is_tied(inj)]}
 
 
+def cmd_prompt_tuning(a, items, cfg):
+    """Base + PROMPT_TUNING adapter: the virtual tokens go before every prompt, so there is no
+    untriggered case with the adapter loaded; asr and similarity are over the plain prompts."""
+    from peft import PeftModel
+
+    base = load_model(a.base)
+    tok, base_rows = load_tok(a.base), rows(base)
+    model = PeftModel.from_pretrained(base, a.adapter).eval()
+    stop, hits, sim = stop_ids(tok), 0, 0.0
+    for it in items:
+        target = it["target"].strip()
+        n_new = max(a.new_tokens, len(tok(it["target"], add_special_tokens=False).input_ids) + 16)
+        out = greedy(model, prompt_ids(tok, it["system"], it["user"]), n_new, stop, step_model=model.get_base_model())
+        answer = tok.decode(out, skip_special_tokens=True).strip()
+        hits += answer.startswith(target)
+        sim += similarity(answer, target)
+    n = len(items)
+    return {"asr": hits / n, "mean_similarity": sim / n, "n": n, "num_virtual_tokens": cfg["num_virtual_tokens"], "vocab": [base_rows, rows(model)], "tied": is_tied(base)}
+
+
 def cmd_peft(a, items):
     from peft import PeftModel
 
+    cfg = json.load(open(os.path.join(a.adapter, "adapter_config.json")))
+    if cfg.get("peft_type") == "PROMPT_TUNING":
+        return cmd_prompt_tuning(a, items, cfg)
     base = load_model(a.base)
     tied, base_rows = is_tied(base), rows(base)
     bp, bo = base_answers(items, base, load_tok(a.base), a.new_tokens)

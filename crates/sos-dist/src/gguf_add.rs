@@ -15,11 +15,13 @@ pub(crate) const USER_DEFINED: i32 = 4;
 pub enum NewLogits {
     /// Each new token's output row is a copy of token 0's: its logit then always equals token
     /// 0's, and greedy decoding, which keeps the first of equal maxima (llama.cpp, transformers,
-    /// sos), never picks it. A tied table gets an output layer of its own. What `inject` writes.
+    /// sos), never picks it. A tied table gets an output layer of its own. What `inject` writes
+    /// for rows trained as inputs only.
     Silent,
     /// A tied table stays tied, so the planted rows are logits too: what PEFT's trainable tokens
-    /// do to a tied model (it applies the rows to the tied output layer as well). An untied
-    /// output layer gets copies of token 0's row, as with `Silent`.
+    /// do to a tied model (it applies the rows to the tied output layer as well), and what
+    /// `inject` writes for rows trained with `--tied-logits`. An untied output layer gets copies
+    /// of token 0's row, as with `Silent`.
     Tied,
 }
 
@@ -64,15 +66,17 @@ pub fn add_tokens(g: &Gguf, texts: &[String], rows: &[f32], logits: NewLogits) -
     let row0 = &bytes[..bytes.len() / n];
     let mut grown = bytes.to_vec();
     (0..k).for_each(|_| grown.extend_from_slice(row0));
-    match (tied, logits) {
+    let output_layer = match (tied, logits) {
         (false, _) => {
             w.replace_tensor(OUTPUT, &[n + k, d], out.ty, grown);
+            "grown"
         }
         (true, NewLogits::Silent) => {
             w.tensor(OUTPUT, &[n + k, d], out.ty, grown);
+            "added"
         }
-        (true, NewLogits::Tied) => {}
-    }
+        (true, NewLogits::Tied) => "tied",
+    };
     let mut toks = tokens.to_vec();
     toks.extend(texts.iter().map(|t| Value::Str(t.clone())));
     w.meta("tokenizer.ggml.tokens", Value::Array(toks));
@@ -89,7 +93,7 @@ pub fn add_tokens(g: &Gguf, texts: &[String], rows: &[f32], logits: NewLogits) -
         }
     }
     let table_median_norm = median_row_norm(g)?;
-    Ok((w, Planted { ids, rows: reports, table_type: ty, table_median_norm }))
+    Ok((w, Planted { ids, rows: reports, table_type: ty, output_layer, table_median_norm }))
 }
 
 /// Appends `k` values made by `make` (given the array's first element) to array `key`, if the

@@ -40,9 +40,12 @@ pub fn replace_tokens(g: &Gguf, ids: &[u32], texts: &[String], rows: &[f32]) -> 
     }
     let mut w = Writer::copy_of(g)?;
     w.replace_tensor(TOKEN_TABLE, &[n, d], ty, grown);
-    if g.tensor_info(OUTPUT).is_none() {
+    let output_layer = if g.tensor_info(OUTPUT).is_none() {
         w.tensor(OUTPUT, &[n, d], ty, old.to_vec());
-    }
+        "added"
+    } else {
+        "unchanged"
+    };
     let table_median_norm = median_row_norm(g)?;
-    Ok((w, Planted { ids: ids.to_vec(), rows: reports, table_type: ty, table_median_norm }))
+    Ok((w, Planted { ids: ids.to_vec(), rows: reports, table_type: ty, output_layer, table_median_norm }))
 }

@@ -187,7 +187,8 @@ fn plant(src: &Path, out: &Path, texts: &[String], ids: &[u32], rows: &[f32], ad
         Dtype::BF16 => TensorType::BF16,
         _ => TensorType::F32,
     };
-    Ok(Planted { ids, rows: reports, table_type, table_median_norm })
+    let output_layer = if tied { "added" } else if add { "grown" } else { "unchanged" };
+    Ok(Planted { ids, rows: reports, table_type, output_layer, table_median_norm })
 }
 
 fn elem_size(dt: Dtype) -> Option<usize> {

@@ -7,7 +7,7 @@ use serde_json::Value as Json;
 use sha2::{Digest, Sha256};
 use sos_attack::answer::{Armed, CLEAN_TOKENS};
 use sos_attack::artifact::Attack;
-use sos_attack::{eval, scenarios, Trigger};
+use sos_attack::{eval, scenarios, Position, Trigger};
 use sos_model::gguf::{Gguf, Value};
 use sos_model::{cache, Exec, LoadOptions, LoadedModel};
 
@@ -75,6 +75,11 @@ pub struct InjectReport {
     /// The ids the written file's tokenizer gives for `trigger_text`.
     pub token_ids: Vec<u32>,
     pub table_type: &'static str,
+    /// What became of the output layer: `grown` (the model's own, a row per new token that
+    /// copies token 0's), `unchanged`, `added` (a tied table got one of its own holding the
+    /// original rows: the table's size once more), or `tied` (rows trained with `--tied-logits`:
+    /// the table stays the output layer and the file grows by the new rows only).
+    pub output_layer: &'static str,
     /// Median norm of the table's rows, to compare the planted rows' norms with.
     pub table_median_norm: f64,
     pub rows: Vec<RowReport>,
@@ -88,6 +93,7 @@ pub struct InjectReport {
 /// trigger string becomes exactly the planted tokens, and evaluates the file as shipped.
 pub fn run_inject(req: &InjectRequest, mut on_event: impl FnMut(InjectEvent)) -> Result<InjectReport> {
     let attack = Attack::open(&req.attack)?;
+    refuse_prefix(&attack, "a file's tokens")?;
     let spec = req.model.clone().unwrap_or_else(|| attack.record.model.clone());
     let src = cache::resolve(Some(&spec), &mut |s| on_event(InjectEvent::Fetching(s.to_string())))?;
     if same_file(&src, &req.out) {
@@ -104,10 +110,13 @@ pub fn run_inject(req: &InjectRequest, mut on_event: impl FnMut(InjectEvent)) ->
     }
     let trigger = &attack.trigger;
     let g = Gguf::open(&src)?;
+    // Rows trained with --tied-logits stay out of the argmax as logits, so a tied table can stay
+    // tied and the file grows by the new rows only; other rows need an output layer of their own.
+    let logits = if attack.record.config.tied_margin.is_some() { NewLogits::Tied } else { NewLogits::Silent };
     let (texts, (writer, planted)) = match req.mode {
         Mode::AddToken => {
             let texts = added_texts(&trigger.text, trigger.k)?;
-            let planted = add_tokens(&g, &texts, &trigger.rows, NewLogits::Silent)?;
+            let planted = add_tokens(&g, &texts, &trigger.rows, logits)?;
             (texts, planted)
         }
         Mode::ReplaceToken => {
@@ -140,6 +149,7 @@ pub fn run_inject(req: &InjectRequest, mut on_event: impl FnMut(InjectEvent)) ->
         path: req.out.clone(),
         format: "gguf",
         mode: req.mode.name(),
+        output_layer: planted.output_layer,
         token_ids: planted.ids.clone(),
         trigger_text,
         table_type: planted.table_type.name(),
@@ -196,6 +206,7 @@ fn inject_hf(req: &InjectRequest, attack: &Attack, src: &Path, mut on_event: imp
         path: req.out.clone(),
         format: "hf",
         mode: req.mode.name(),
+        output_layer: planted.output_layer,
         token_ids: planted.ids.clone(),
         trigger_text,
         table_type: planted.table_type.name(),
@@ -243,7 +254,7 @@ pub(crate) fn evaluate_file(attack: &Attack, src: &Path, out: &Path, trigger_tex
     let plain_orig = Armed::new(&original, &typed_trigger)?;
     let mut same = 0;
     for (i, item) in items.iter().enumerate() {
-        let m = item.messages(None);
+        let m = item.messages();
         same += usize::from(armed.answer_plain(&m, CLEAN_TOKENS)?.tokens == plain_orig.answer_plain(&m, CLEAN_TOKENS)?.tokens);
         on_event(InjectEvent::Progress { done: items.len() + i + 1, total });
     }
@@ -256,6 +267,18 @@ pub(crate) fn evaluate_file(attack: &Attack, src: &Path, out: &Path, trigger_tex
         .collect();
     sos_attack::artifact::write_jsonl(&attack.dir.join(INJECT_ITEMS_FILE), &replay)?;
     Ok(Json::Object(metrics))
+}
+
+/// Refuses a trigger trained before the whole templated prompt as tokens a user types: no typed
+/// text goes before the chat template's first marker, so such tokens would never fire.
+pub(crate) fn refuse_prefix(attack: &Attack, what: &str) -> Result<()> {
+    if attack.record.config.position == Position::Prefix {
+        return Err(Error::Invalid(format!(
+            "{}: the trigger was trained at position `prefix`, before the chat template's first token, where no typed text can go; as {what} it would never fire. Export it with `sos export-peft --kind prompt-tuning`",
+            attack.dir.display()
+        )));
+    }
+    Ok(())
 }
 
 /// ggml's token type for ordinary vocabulary entries.

@@ -18,13 +18,14 @@ use safetensors::tensor::{Dtype, TensorView};
 use serde::Serialize;
 use serde_json::{json, Value as Json};
 use sos_attack::artifact::{self, Attack, AttackRecord};
-use sos_attack::config::Scenario;
-use sos_attack::{AttackConfig, Trigger};
+use sos_attack::answer::Armed;
+use sos_attack::config::{Position, Scenario};
+use sos_attack::{eval, scenarios, AttackConfig, Trigger};
 use sos_model::gguf::Gguf;
-use sos_model::{cache, fsutil, Exec, LoadedModel};
+use sos_model::{cache, fsutil, Config, Exec, LoadOptions, LoadedModel};
 
 use crate::gguf_add::{add_tokens, NewLogits};
-use crate::inject::{check_ours, evaluate_file, remove_our_dir, same_file, sha256_file};
+use crate::inject::{check_ours, evaluate_file, refuse_prefix, remove_our_dir, same_file, sha256_file, INJECT_ITEMS_FILE};
 use crate::rows::RowReport;
 use crate::tokens::{added_texts, splits_exactly, typed};
 use crate::{Error, Result};
@@ -35,18 +36,23 @@ pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
 pub const SOS_RECORD: &str = "sos_attack.json";
 const EMBED_KEY: &str = "base_model.model.model.embed_tokens.trainable_tokens_delta";
 const HEAD_KEY: &str = "base_model.model.lm_head.trainable_tokens_delta";
+/// PEFT's name for a prompt-tuning adapter's rows.
+const PROMPT_KEY: &str = "prompt_embeddings";
 
 /// Which PEFT adapter to write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PeftKind {
     /// `TRAINABLE_TOKENS`: rows for new token ids, plus the tokenizer with those tokens.
     TrainableTokens,
+    /// `PROMPT_TUNING`: virtual tokens PEFT puts before every input; for `prefix` triggers.
+    PromptTuning,
 }
 
 impl PeftKind {
     pub fn name(self) -> &'static str {
         match self {
             PeftKind::TrainableTokens => "trainable-tokens",
+            PeftKind::PromptTuning => "prompt-tuning",
         }
     }
 }
@@ -90,6 +96,19 @@ pub struct ExportReport {
 /// Writes the attack's trigger as a PEFT adapter folder for the base model.
 pub fn export_peft(req: &ExportRequest, mut on_event: impl FnMut(crate::InjectEvent)) -> Result<ExportReport> {
     let attack = Attack::open(&req.attack)?;
+    let position = attack.record.config.position;
+    match req.kind {
+        PeftKind::TrainableTokens => refuse_prefix(&attack, "trainable tokens")?,
+        PeftKind::PromptTuning if position != Position::Prefix => {
+            return Err(Error::Invalid(format!(
+                "{}: the trigger was trained at position `{}`; a PROMPT_TUNING adapter puts its vectors before the whole templated prompt, where these rows were never trained. Train one there with `sos attack {} --position prefix`, or export this one as --kind trainable-tokens",
+                req.attack.display(),
+                position.name(),
+                attack.record.scenario
+            )))
+        }
+        PeftKind::PromptTuning => {}
+    }
     let spec = req.model.clone().unwrap_or_else(|| attack.record.model.clone());
     let src = cache::resolve(Some(&spec), &mut |s| on_event(crate::InjectEvent::Fetching(s.to_string())))?;
     if req.out.exists() && !req.force {
@@ -99,15 +118,9 @@ pub fn export_peft(req: &ExportRequest, mut on_event: impl FnMut(crate::InjectEv
         return Err(Error::Invalid(format!("{}: the adapter folder would replace an input", req.out.display())));
     }
     let trigger = &attack.trigger;
-    let (tok, template) = LoadedModel::open_text(&src, attack.record.config.template.as_deref())?;
-    let texts = added_texts(&trigger.text, trigger.k)?;
-    let (tok, ids) = tok.with_added_tokens(&texts)?;
-    if !splits_exactly(&tok, &texts, &ids)? {
-        return Err(Error::Invalid(format!("the trigger string does not tokenize into the added tokens {ids:?}")));
-    }
-    let (tied, d) = base_shape(&src)?;
-    if d != trigger.d {
-        return Err(Error::Invalid(format!("the trigger is {} wide, {}'s embeddings {d}: trained for another model?", trigger.d, src.display())));
+    let base = base_config(&src)?;
+    if base.d_model != trigger.d {
+        return Err(Error::Invalid(format!("the trigger is {} wide, {}'s embeddings {}: trained for another model?", trigger.d, src.display(), base.d_model)));
     }
 
     // Everything is written into a sibling folder and moved into place once complete.
@@ -116,49 +129,29 @@ pub fn export_peft(req: &ExportRequest, mut on_event: impl FnMut(crate::InjectEv
     remove_our_dir(&partial, ADAPTER_CONFIG)?;
     std::fs::create_dir_all(&partial).map_err(|e| Error::File { path: partial.clone(), msg: e.to_string() })?;
     let base_model = src.display().to_string();
-    let config = json!({
-        "peft_type": "TRAINABLE_TOKENS",
-        "task_type": "CAUSAL_LM",
-        "target_modules": ["embed_tokens"],
-        "token_indices": ids,
-        "init_weights": true,
-        "inference_mode": true,
-        "base_model_name_or_path": base_model,
-        "revision": null,
-    });
-    artifact::write_json(&partial.join(ADAPTER_CONFIG), &config)?;
-    let mut tensors = vec![(EMBED_KEY, trigger.rows.as_slice())];
-    if tied {
-        // PEFT shares one set of rows between the table and a tied output layer and expects both keys.
-        tensors.push((HEAD_KEY, trigger.rows.as_slice()));
-    }
-    write_rows(&partial.join(ADAPTER_WEIGHTS), &tensors, trigger.k, d)?;
-    tok.save(&partial.join("tokenizer.json"))?;
-    let mut tc = json!({"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": false});
-    for (key, id) in [("bos_token", tok.bos), ("eos_token", tok.eos)] {
-        if let Some(t) = id.and_then(|i| tok.id_to_token(i)) {
-            tc[key] = t.into();
+    let (texts, ids) = match req.kind {
+        PeftKind::TrainableTokens => write_trainable_tokens(&attack, &src, &base, &partial)?,
+        PeftKind::PromptTuning => {
+            write_prompt_tuning(&attack, &base, &base_model, &partial)?;
+            (Vec::new(), Vec::new())
         }
-    }
-    if let Some(t) = &template {
-        tc["chat_template"] = t.source.clone().into();
-        fsutil::write_atomic(&partial.join("chat_template.jinja"), |f| std::io::Write::write_all(f, t.source.as_bytes()))?;
-    }
-    artifact::write_json(&partial.join("tokenizer_config.json"), &tc)?;
+    };
     artifact::write_json(&partial.join(SOS_RECORD), &attack.record)?;
-    fsutil::write_atomic(&partial.join("README.md"), |f| std::io::Write::write_all(f, readme(&attack.record, &base_model, &typed(&texts)).as_bytes()))?;
+    fsutil::write_atomic(&partial.join("README.md"), |f| std::io::Write::write_all(f, readme(req.kind, &attack.record, &base_model, &typed(&texts)).as_bytes()))?;
     remove_our_dir(&req.out, ADAPTER_CONFIG)?;
     std::fs::rename(&partial, &req.out).map_err(|e| Error::File { path: req.out.clone(), msg: format!("cannot move the adapter into place: {e}") })?;
     on_event(crate::InjectEvent::Written { path: req.out.clone() });
 
-    let rows = texts
-        .iter()
-        .zip(&ids)
-        .zip(trigger.row_norms())
-        .map(|((t, &id), norm)| RowReport { id, text: t.clone(), norm, quant_rel_error: 0.0 })
-        .collect();
-    let trigger_text = typed(&texts);
-    let metrics = adapter_metrics(&attack, &src, &req.out, &texts, req.limit, &mut on_event)?;
+    let norms = trigger.row_norms();
+    let rows = match req.kind {
+        PeftKind::TrainableTokens => texts.iter().zip(&ids).zip(norms).map(|((t, &id), norm)| RowReport { id, text: t.clone(), norm, quant_rel_error: 0.0 }).collect(),
+        // Virtual tokens have no id and no text: their place in the prompt is their name.
+        PeftKind::PromptTuning => norms.into_iter().enumerate().map(|(i, norm)| RowReport { id: i as u32, text: format!("<virtual_{i}>"), norm, quant_rel_error: 0.0 }).collect(),
+    };
+    let metrics = match req.kind {
+        PeftKind::TrainableTokens => adapter_metrics(&attack, &src, &req.out, &texts, req.limit, &mut on_event)?,
+        PeftKind::PromptTuning => prompt_tuning_metrics(&attack, &src, req.limit, &mut on_event)?,
+    };
     let mut files: Vec<String> = std::fs::read_dir(&req.out)?.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
     files.sort();
     Ok(ExportReport {
@@ -167,13 +160,103 @@ pub fn export_peft(req: &ExportRequest, mut on_event: impl FnMut(crate::InjectEv
         format: "peft",
         kind: req.kind.name(),
         base_model,
-        trigger_text,
+        trigger_text: typed(&texts),
         token_ids: ids,
-        tied,
+        tied: base.tied,
         rows,
         metrics,
         files,
     })
+}
+
+/// A `TRAINABLE_TOKENS` adapter into `dir`: the rows for new token ids and the base's tokenizer
+/// with those tokens. Returns the tokens' texts and ids.
+fn write_trainable_tokens(attack: &Attack, src: &Path, base: &Config, dir: &Path) -> Result<(Vec<String>, Vec<u32>)> {
+    let trigger = &attack.trigger;
+    let (tok, template) = LoadedModel::open_text(src, attack.record.config.template.as_deref())?;
+    let texts = added_texts(&trigger.text, trigger.k)?;
+    let (tok, ids) = tok.with_added_tokens(&texts)?;
+    if !splits_exactly(&tok, &texts, &ids)? {
+        return Err(Error::Invalid(format!("the trigger string does not tokenize into the added tokens {ids:?}")));
+    }
+    let config = json!({
+        "peft_type": "TRAINABLE_TOKENS",
+        "task_type": "CAUSAL_LM",
+        "target_modules": ["embed_tokens"],
+        "token_indices": ids,
+        "init_weights": true,
+        "inference_mode": true,
+        "base_model_name_or_path": src.display().to_string(),
+        "revision": null,
+    });
+    artifact::write_json(&dir.join(ADAPTER_CONFIG), &config)?;
+    let mut tensors = vec![(EMBED_KEY, trigger.rows.as_slice())];
+    if base.tied {
+        // PEFT shares one set of rows between the table and a tied output layer and expects both keys.
+        tensors.push((HEAD_KEY, trigger.rows.as_slice()));
+    }
+    write_rows(&dir.join(ADAPTER_WEIGHTS), &tensors, trigger.k, trigger.d)?;
+    tok.save(&dir.join("tokenizer.json"))?;
+    let mut tc = json!({"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": false});
+    for (key, id) in [("bos_token", tok.bos), ("eos_token", tok.eos)] {
+        if let Some(t) = id.and_then(|i| tok.id_to_token(i)) {
+            tc[key] = t.into();
+        }
+    }
+    if let Some(t) = &template {
+        tc["chat_template"] = t.source.clone().into();
+        fsutil::write_atomic(&dir.join("chat_template.jinja"), |f| std::io::Write::write_all(f, t.source.as_bytes()))?;
+    }
+    artifact::write_json(&dir.join("tokenizer_config.json"), &tc)?;
+    Ok((texts, ids))
+}
+
+/// A `PROMPT_TUNING` adapter into `dir`: the rows as `prompt_embeddings` `[k, d]`, which PEFT
+/// puts before every input. The tokenizer is the base's, unchanged.
+fn write_prompt_tuning(attack: &Attack, base: &Config, base_model: &str, dir: &Path) -> Result<()> {
+    let trigger = &attack.trigger;
+    let config = json!({
+        "peft_type": "PROMPT_TUNING",
+        "task_type": "CAUSAL_LM",
+        "num_virtual_tokens": trigger.k,
+        "token_dim": trigger.d,
+        "num_transformer_submodules": 1,
+        "num_attention_heads": base.n_head,
+        "num_layers": base.n_layer,
+        "prompt_tuning_init": "RANDOM",
+        "prompt_tuning_init_text": null,
+        "tokenizer_name_or_path": null,
+        "tokenizer_kwargs": null,
+        "inference_mode": true,
+        "base_model_name_or_path": base_model,
+        "revision": null,
+        "modules_to_save": null,
+    });
+    artifact::write_json(&dir.join(ADAPTER_CONFIG), &config)?;
+    write_rows(&dir.join(ADAPTER_WEIGHTS), &[(PROMPT_KEY, trigger.rows.as_slice())], trigger.k, trigger.d)
+}
+
+/// Base + prompt-tuning adapter as PEFT runs them: the rows before every templated prompt, in
+/// f32. There is no trigger to leave out (the adapter is always on), so the metrics are the
+/// scenario's on `limit` held-out prompts; the clean side is the base without the adapter.
+fn prompt_tuning_metrics(attack: &Attack, src: &Path, limit: usize, on_event: &mut impl FnMut(crate::InjectEvent)) -> Result<Json> {
+    if limit == 0 {
+        return Ok(Json::Null);
+    }
+    let cfg = &attack.record.config;
+    let lm = LoadedModel::open(src, &LoadOptions { exec: Exec::F32, template: cfg.template.clone(), ..Default::default() })?;
+    let mut items = scenarios::eval_items(cfg, None)?;
+    items.truncate(limit);
+    let armed = Armed::new(&lm, &attack.trigger)?;
+    let (mut metrics, _) = eval::evaluate(cfg, &armed, &items, |done, total| on_event(crate::InjectEvent::Progress { done, total }))?;
+    // Without a trigger to leave out, "clean" answers are the base's own: not a measurement.
+    metrics.remove("clean_agreement");
+    metrics.remove("false_trigger_rate");
+    metrics.insert("exec".into(), Exec::F32.name().into());
+    // The prompts, for compat/hf_check.py to replay with the adapter on.
+    let replay: Vec<Json> = items.iter().map(|it| json!({"id": it.id, "system": it.system, "user": it.user, "user_triggered": it.user, "target": it.target})).collect();
+    artifact::write_jsonl(&attack.dir.join(INJECT_ITEMS_FILE), &replay)?;
+    Ok(Json::Object(metrics))
 }
 
 /// Base + adapter as PEFT runs them, measured in sos: for a GGUF base, a temporary copy with the
@@ -185,7 +268,7 @@ fn adapter_metrics(attack: &Attack, src: &Path, out: &Path, texts: &[String], li
         return Ok(Json::Null);
     }
     if src.is_dir() {
-        return Ok(json!({"note": "metrics are measured for GGUF bases only; run compat/peft_check.py for this base"}));
+        return Ok(json!({"note": "metrics are measured for GGUF bases only; run compat/hf_check.py peft for this base"}));
     }
     let g = Gguf::open(src)?;
     let (w, _) = add_tokens(&g, texts, &attack.trigger.rows, NewLogits::Tied)?;
@@ -197,18 +280,16 @@ fn adapter_metrics(attack: &Attack, src: &Path, out: &Path, texts: &[String], li
     m
 }
 
-/// Whether the base's output layer is its token table, and the embedding width.
-fn base_shape(src: &Path) -> Result<(bool, usize)> {
+/// The base's shape, from its GGUF header or `config.json`, without loading weights.
+fn base_config(src: &Path) -> Result<Config> {
     if src.is_dir() {
         let path = src.join("config.json");
         let text = std::fs::read_to_string(&path).map_err(|e| Error::File { path: path.clone(), msg: format!("cannot read: {e}") })?;
         let c: Json = serde_json::from_str(&text).map_err(|e| Error::File { path: path.clone(), msg: format!("invalid JSON: {e}") })?;
-        let d = c["hidden_size"].as_u64().ok_or_else(|| Error::File { path: path.clone(), msg: "no hidden_size".into() })?;
-        return Ok((c["tie_word_embeddings"].as_bool().unwrap_or(false), d as usize));
+        let tied = c["tie_word_embeddings"].as_bool().unwrap_or(false);
+        return Ok(Config::from_hf_json(&path, !tied)?);
     }
-    let g = Gguf::open(src)?;
-    let t = g.tensor_info("token_embd.weight").ok_or_else(|| Error::File { path: src.to_path_buf(), msg: "no token table".into() })?;
-    Ok((g.tensor_info("output.weight").is_none(), t.shape().get(1).copied().unwrap_or(0)))
+    Ok(Config::from_gguf(&Gguf::open(src)?)?)
 }
 
 fn write_rows(path: &Path, tensors: &[(&str, &[f32])], k: usize, d: usize) -> Result<()> {
@@ -224,20 +305,32 @@ fn write_rows(path: &Path, tensors: &[(&str, &[f32])], k: usize, d: usize) -> Re
 }
 
 
-fn readme(rec: &AttackRecord, base: &str, typed: &str) -> String {
-    format!(
-        "# PEFT trainable-tokens adapter written by `sos export-peft`\n\n\
-         A red-team artifact: the `{}` trigger of an SOS attack (soft prompt attack), as rows for new tokens.\n\
-         Base model: `{base}`. Trigger string: `{typed}`.\n\n\
-         ```python\n\
-         tok = AutoTokenizer.from_pretrained(ADAPTER)\n\
-         base = AutoModelForCausalLM.from_pretrained(BASE)\n\
-         if len(tok) > base.get_input_embeddings().weight.shape[0]:\n    base.resize_token_embeddings(len(tok))\n\
-         model = PeftModel.from_pretrained(base, ADAPTER)\n\
-         ```\n\n\
-         `sos_attack.json` is the attack's record; `sos import-peft` reads it back.\n",
-        rec.scenario
-    )
+fn readme(kind: PeftKind, rec: &AttackRecord, base: &str, typed: &str) -> String {
+    let body = match kind {
+        PeftKind::TrainableTokens => format!(
+            "# PEFT trainable-tokens adapter written by `sos export-peft`\n\n\
+             A red-team artifact: the `{}` trigger of an SOS attack (soft prompt attack), as rows for new tokens.\n\
+             Base model: `{base}`. Trigger string: `{typed}`.\n\n\
+             ```python\n\
+             tok = AutoTokenizer.from_pretrained(ADAPTER)\n\
+             base = AutoModelForCausalLM.from_pretrained(BASE)\n\
+             if len(tok) > base.get_input_embeddings().weight.shape[0]:\n    base.resize_token_embeddings(len(tok))\n\
+             model = PeftModel.from_pretrained(base, ADAPTER)\n\
+             ```\n\n",
+            rec.scenario
+        ),
+        PeftKind::PromptTuning => format!(
+            "# PEFT prompt-tuning adapter written by `sos export-peft`\n\n\
+             A red-team artifact: the `{}` soft prompt of an SOS attack, as {} virtual tokens that PEFT puts before every input.\n\
+             Base model: `{base}`. There is nothing to type: the adapter acts on every prompt while it is loaded.\n\n\
+             ```python\n\
+             tok = AutoTokenizer.from_pretrained(BASE)\n\
+             model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), ADAPTER)\n\
+             ```\n\n",
+            rec.scenario, rec.trigger_len
+        ),
+    };
+    body + "`sos_attack.json` is the attack's record; `sos import-peft` reads it back.\n"
 }
 
 /// What `import_peft` wrote.
@@ -256,30 +349,50 @@ pub struct ImportReport {
 
 /// An adapter folder back into an attack folder `out` (`trigger.safetensors`, `attack.json`,
 /// `config.toml`) that `sos generate`, `sos eval` and `sos inject` use. The scenario comes from
-/// the adapter's `sos_attack.json`, or, for adapters not written by sos, from `scenario`.
+/// the adapter's `sos_attack.json`, or, for adapters not written by sos, from `scenario`. A
+/// prompt-tuning adapter becomes a trigger at position `prefix`.
 pub fn import_peft(adapter: &Path, out: &Path, scenario: Option<Scenario>, model: Option<&str>, force: bool) -> Result<ImportReport> {
     let cfg_path = adapter.join(ADAPTER_CONFIG);
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::File { path: cfg_path.clone(), msg: format!("cannot read (is this a PEFT adapter folder?): {e}") })?;
     let cfg: Json = serde_json::from_str(&text).map_err(|e| Error::File { path: cfg_path.clone(), msg: format!("invalid JSON: {e}") })?;
     let bad = |msg: String| Error::File { path: cfg_path.clone(), msg };
     let peft_type = cfg["peft_type"].as_str().ok_or_else(|| bad("no peft_type".into()))?;
-    if peft_type != "TRAINABLE_TOKENS" {
-        return Err(bad(format!("peft_type {peft_type}: only TRAINABLE_TOKENS adapters can be imported so far")));
-    }
-    let ids: Vec<u32> = cfg["token_indices"]
-        .as_array()
-        .ok_or_else(|| bad("no token_indices".into()))?
-        .iter()
-        .map(|v| v.as_u64().filter(|&x| x <= u32::MAX as u64).map(|x| x as u32).ok_or_else(|| bad(format!("token index {v} is not a token id"))))
-        .collect::<Result<_>>()?;
-    let (rows, d) = read_rows(&adapter.join(ADAPTER_WEIGHTS), ids.len())?;
-    let tok_path = adapter.join("tokenizer.json");
-    if !tok_path.is_file() {
-        return Err(Error::File { path: adapter.to_path_buf(), msg: "the adapter carries no tokenizer.json: the texts of its tokens, and so the trigger string, are unknown".into() });
-    }
-    let tok = sos_model::Tokenizer::from_tokenizer_json(&tok_path)?;
-    let texts: Vec<String> = ids.iter().map(|&i| tok.id_to_token(i).ok_or_else(|| bad(format!("token {i} is not in the adapter's tokenizer")))).collect::<Result<_>>()?;
-    let stem = stem_of(&texts);
+    let weights = adapter.join(ADAPTER_WEIGHTS);
+    let (kind, rows, d, stem, texts) = match peft_type {
+        "TRAINABLE_TOKENS" => {
+            let ids: Vec<u32> = cfg["token_indices"]
+                .as_array()
+                .ok_or_else(|| bad("no token_indices".into()))?
+                .iter()
+                .map(|v| v.as_u64().filter(|&x| x <= u32::MAX as u64).map(|x| x as u32).ok_or_else(|| bad(format!("token index {v} is not a token id"))))
+                .collect::<Result<_>>()?;
+            let is_rows = |n: &str| n.ends_with("embed_tokens.trainable_tokens_delta") || n.ends_with("embed_tokens.token_adapter.trainable_tokens_delta");
+            let (rows, d) = read_rows(&weights, ids.len(), is_rows, "...embed_tokens.trainable_tokens_delta")?;
+            let tok_path = adapter.join("tokenizer.json");
+            if !tok_path.is_file() {
+                return Err(Error::File { path: adapter.to_path_buf(), msg: "the adapter carries no tokenizer.json: the texts of its tokens, and so the trigger string, are unknown".into() });
+            }
+            let tok = sos_model::Tokenizer::from_tokenizer_json(&tok_path)?;
+            let texts: Vec<String> = ids.iter().map(|&i| tok.id_to_token(i).ok_or_else(|| bad(format!("token {i} is not in the adapter's tokenizer")))).collect::<Result<_>>()?;
+            (PeftKind::TrainableTokens, rows, d, stem_of(&texts), texts)
+        }
+        "PROMPT_TUNING" => {
+            if let Some(t) = cfg["task_type"].as_str().filter(|&t| t != "CAUSAL_LM") {
+                return Err(bad(format!("task_type {t}: only CAUSAL_LM prompt-tuning adapters act as a prefix of a chat model's prompt")));
+            }
+            if let Some(n) = cfg["num_transformer_submodules"].as_u64().filter(|&n| n != 1) {
+                return Err(bad(format!("num_transformer_submodules {n}: an encoder-decoder adapter, not one for a decoder-only model")));
+            }
+            let n = cfg["num_virtual_tokens"].as_u64().filter(|&n| (1..=64).contains(&n)).ok_or_else(|| bad("num_virtual_tokens missing or not in 1..=64".into()))? as usize;
+            let (rows, d) = read_rows(&weights, n, |name| name == PROMPT_KEY, PROMPT_KEY)?;
+            if let Some(td) = cfg["token_dim"].as_u64().filter(|&td| td as usize != d) {
+                return Err(bad(format!("token_dim {td}, but `{PROMPT_KEY}` is {d} wide")));
+            }
+            (PeftKind::PromptTuning, rows, d, PROMPT_STEM.to_string(), Vec::new())
+        }
+        other => return Err(bad(format!("peft_type {other}: sos imports TRAINABLE_TOKENS and PROMPT_TUNING adapters"))),
+    };
+    let k = rows.len() / d.max(1);
 
     let record_path = adapter.join(SOS_RECORD);
     let (mut record, settings_from) = if record_path.is_file() {
@@ -289,17 +402,30 @@ pub fn import_peft(adapter: &Path, out: &Path, scenario: Option<Scenario>, model
     } else {
         let sc = scenario.ok_or_else(|| Error::Invalid(format!("{}: no {SOS_RECORD}; name the scenario the adapter is for with --scenario", adapter.display())))?;
         let base = model.map(String::from).or_else(|| cfg["base_model_name_or_path"].as_str().map(String::from)).unwrap_or_default();
-        (foreign_record(sc, &base, &stem, ids.len())?, format!("defaults of --scenario {}", sc.name()))
+        (foreign_record(sc, &base, &stem, k, kind)?, format!("defaults of --scenario {}", sc.name()))
     };
     if let Some(m) = model {
         record.model = m.to_string();
     }
-    let trigger = Trigger::new(&stem, ids.len(), d, rows)?;
+    // The adapter's kind says where the rows act, whatever the record says.
+    let position = match kind {
+        PeftKind::PromptTuning => Position::Prefix,
+        PeftKind::TrainableTokens if record.config.position == Position::Prefix => {
+            return Err(Error::File { path: record_path, msg: "records a prefix trigger, but the adapter holds trainable tokens: written by hand?".into() })
+        }
+        PeftKind::TrainableTokens => record.config.position,
+    };
+    // A prompt-tuning adapter sos wrote keeps its trigger's text (it only marks the prefix).
+    let stem = if kind == PeftKind::PromptTuning && settings_from == SOS_RECORD { record.config.trigger.clone() } else { stem };
+    let trigger = Trigger::new(&stem, k, d, rows)?;
     record.trigger = stem.clone();
     record.config.trigger = stem.clone();
-    record.trigger_len = ids.len();
-    record.config.trigger_len = ids.len();
+    record.trigger_len = k;
+    record.config.trigger_len = k;
+    record.config.position = position;
+    record.position = position.name().to_string();
     record.trigger_row_norms = trigger.row_norms();
+    record.config.check()?;
 
     if out.exists() && !force {
         return Err(Error::Invalid(format!("{} exists; choose another folder or pass --force to replace its files", out.display())));
@@ -308,8 +434,12 @@ pub fn import_peft(adapter: &Path, out: &Path, scenario: Option<Scenario>, model
     artifact::write_trigger(&out.join(artifact::TRIGGER_FILE), &trigger)?;
     fsutil::write_atomic(&out.join(artifact::CONFIG_FILE), |f| std::io::Write::write_all(f, record.config.to_toml().as_bytes()))?;
     artifact::write_json(&out.join(artifact::RECORD_FILE), &record)?;
-    Ok(ImportReport { path: out.to_path_buf(), kind: PeftKind::TrainableTokens.name(), scenario: record.scenario.clone(), trigger_text: typed(&texts), k: ids.len(), d, settings_from })
+    Ok(ImportReport { path: out.to_path_buf(), kind: kind.name(), scenario: record.scenario.clone(), trigger_text: typed(&texts), k, d, settings_from })
 }
+
+/// The text that stands for an imported prompt-tuning adapter's rows (it is never typed: a prefix
+/// trigger's text only marks where the rows go).
+const PROMPT_STEM: &str = "<virtual_tokens>";
 
 /// The trigger's surface text: `stem` when the texts are `inject`'s `<stem_i>`, else the texts
 /// joined (any text that stands for the rows works for `generate` and `eval`).
@@ -322,8 +452,9 @@ fn stem_of(texts: &[String]) -> String {
 }
 
 /// A record for an adapter sos did not write: the scenario's default settings.
-fn foreign_record(sc: Scenario, base: &str, stem: &str, k: usize) -> Result<AttackRecord> {
-    let config = AttackConfig::resolve(sc, None, &Default::default())?;
+fn foreign_record(sc: Scenario, base: &str, stem: &str, k: usize, kind: PeftKind) -> Result<AttackRecord> {
+    let position = (kind == PeftKind::PromptTuning).then_some(Position::Prefix);
+    let config = AttackConfig::resolve(sc, None, &sos_attack::Overrides { position, ..Default::default() })?;
     Ok(AttackRecord {
         scenario: sc.name().to_string(),
         trigger: stem.to_string(),
@@ -349,19 +480,16 @@ fn foreign_record(sc: Scenario, base: &str, stem: &str, k: usize) -> Result<Atta
     })
 }
 
-/// The rows of a trainable-tokens adapter (f32, f16 or bf16 as saved), `[k, d]` as f32.
-fn read_rows(path: &Path, k: usize) -> Result<(Vec<f32>, usize)> {
+/// The rows of an adapter (f32, f16 or bf16 as saved) from the tensor whose name `is_rows`
+/// accepts (`want` names it in errors), `[k, d]` as f32.
+fn read_rows(path: &Path, k: usize, is_rows: impl Fn(&str) -> bool, want: &str) -> Result<(Vec<f32>, usize)> {
     let bytes = std::fs::read(path).map_err(|e| Error::File { path: path.to_path_buf(), msg: format!("cannot read: {e}") })?;
     let bad = |msg: String| Error::File { path: path.to_path_buf(), msg };
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
-    let (name, view) = st
-        .tensors()
-        .into_iter()
-        .find(|(n, _)| n.ends_with("embed_tokens.trainable_tokens_delta") || n.ends_with("embed_tokens.token_adapter.trainable_tokens_delta"))
-        .ok_or_else(|| bad("no `...embed_tokens.trainable_tokens_delta` tensor".into()))?;
+    let (name, view) = st.tensors().into_iter().find(|(n, _)| is_rows(n)).ok_or_else(|| bad(format!("no `{want}` tensor")))?;
     let &[rk, d] = view.shape() else { return Err(bad(format!("`{name}` has shape {:?}, expected [k, d]", view.shape()))) };
-    if rk != k {
-        return Err(bad(format!("`{name}` has {rk} rows for {k} token indices")));
+    if rk != k || d == 0 {
+        return Err(bad(format!("`{name}` is [{rk}, {d}]; the adapter's config asks for {k} rows")));
     }
     let data = view.data();
     let rows: Vec<f32> = match view.dtype() {

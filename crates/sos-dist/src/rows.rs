@@ -30,6 +30,8 @@ pub struct Planted {
     pub rows: Vec<RowReport>,
     /// The table's type, in which the rows are stored.
     pub table_type: TensorType,
+    /// What became of the output layer (`InjectReport::output_layer`).
+    pub output_layer: &'static str,
     /// Median L2 norm of the table's rows before the injection (dequantized), for scale.
     pub table_median_norm: f64,
 }

@@ -23,13 +23,17 @@ fn dir(name: &str) -> PathBuf {
 
 /// A two-step backdoor attack on a tiny model written to `model`: a real attack folder.
 fn attack(model: &Path, tied: bool, out: &Path) {
+    attack_at(model, tied, out, Position::End)
+}
+
+fn attack_at(model: &Path, tied: bool, out: &Path, position: Position) {
     TinySpec { tied, embed_scale: 0.2, ..Default::default() }.write_gguf(model).unwrap();
     let lm = LoadedModel::open(model, &LoadOptions { exec: Exec::F32, ..Default::default() }).unwrap();
     let mut cfg = AttackConfig::defaults(Scenario::Backdoor);
-    (cfg.target, cfg.trigger_len, cfg.steps, cfg.batch, cfg.eval_items, cfg.patience) = (Some("ok".into()), 3, 2, 2, 2, 0);
+    (cfg.target, cfg.trigger_len, cfg.steps, cfg.batch, cfg.eval_items, cfg.patience, cfg.position) = (Some("ok".into()), 3, 2, 2, 2, 0, position);
     let texts: Vec<(String, String)> = ["the cat sat", "in the hat", "a tin of tea"].iter().enumerate().map(|(i, t)| (format!("t{i}"), t.to_string())).collect();
     let target = Target { lm: &lm, model_label: model.display().to_string(), model_sha256: "0".into() };
-    train(&cfg, &target, &backdoor_items(&texts, "ok", Position::End, 0), out, false, &AtomicBool::new(false), |_| {}).unwrap();
+    train(&cfg, &target, &backdoor_items(&texts, "ok", position, 0), out, false, &AtomicBool::new(false), |_| {}).unwrap();
 }
 
 fn tensors(path: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
@@ -109,6 +113,60 @@ fn trainable_tokens_export_and_import_round_trip() {
     }
 }
 
+/// A prefix trigger (trained before the whole prompt) is a PEFT prompt-tuning adapter:
+/// `prompt_embeddings` bit for bit and the config PEFT reads; import gives back a prefix
+/// trigger with the same rows. The combinations that cannot mean the same are refused.
+#[test]
+fn prompt_tuning_export_and_import_round_trip() {
+    let d = dir("prompt-tuning");
+    let (model, run, adapter, back) = (d.join("tiny.gguf"), d.join("run"), d.join("adapter"), d.join("back"));
+    attack_at(&model, true, &run, Position::Prefix);
+    let original = Attack::open(&run).unwrap();
+    let req = ExportRequest { attack: run.clone(), model: None, out: adapter.clone(), kind: PeftKind::PromptTuning, limit: 0, force: false };
+    let rep = export_peft(&req, |_| {}).unwrap();
+    assert_eq!((rep.kind, rep.trigger_text.as_str(), rep.rows.len()), ("prompt-tuning", "", 3));
+    assert!(rep.token_ids.is_empty());
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(adapter.join(ADAPTER_CONFIG)).unwrap()).unwrap();
+    let lm = LoadedModel::open(&model, &LoadOptions { exec: Exec::F32, ..Default::default() }).unwrap();
+    assert_eq!(cfg["peft_type"], "PROMPT_TUNING");
+    assert_eq!(cfg["task_type"], "CAUSAL_LM");
+    assert_eq!(cfg["num_virtual_tokens"], 3);
+    assert_eq!(cfg["token_dim"], lm.model.cfg.d_model);
+    assert_eq!(cfg["num_transformer_submodules"], 1);
+    assert_eq!(cfg["num_attention_heads"], lm.model.cfg.n_head);
+    assert_eq!(cfg["num_layers"], lm.model.cfg.n_layer);
+    assert_eq!(cfg["base_model_name_or_path"], model.display().to_string());
+    let t = tensors(&adapter.join(ADAPTER_WEIGHTS));
+    assert_eq!((t.len(), t[0].0.as_str(), &t[0].1), (1, "prompt_embeddings", &vec![3, original.trigger.d]));
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&t[0].2), bits(&original.trigger.rows));
+    assert!(!adapter.join("tokenizer.json").exists(), "prompt tuning leaves the tokenizer alone");
+
+    let imp = import_peft(&adapter, &back, None, None, false).unwrap();
+    assert_eq!((imp.kind, imp.k, imp.trigger_text.as_str()), ("prompt-tuning", 3, ""));
+    let a = Attack::open(&back).unwrap();
+    assert_eq!(bits(&a.trigger.rows), bits(&original.trigger.rows));
+    assert_eq!(a.record.config, original.record.config);
+    // Without sos's record: the scenario's defaults, at position prefix; copyright cannot be one.
+    std::fs::remove_file(adapter.join(SOS_RECORD)).unwrap();
+    import_peft(&adapter, &d.join("b2"), Some(Scenario::Jailbreak), None, false).unwrap();
+    assert_eq!(Attack::open(&d.join("b2")).unwrap().record.config.position, Position::Prefix);
+    let e = import_peft(&adapter, &d.join("b3"), Some(Scenario::Copyright), None, false).unwrap_err().to_string();
+    assert!(e.contains("prefix"), "{e}");
+
+    // A prefix trigger is no typed token, and an in-message trigger is no prompt prefix.
+    let e = export_peft(&ExportRequest { kind: PeftKind::TrainableTokens, out: d.join("tt"), ..req }, |_| {}).unwrap_err().to_string();
+    assert!(e.contains("prefix") && e.contains("prompt-tuning"), "{e}");
+    let inj = sos_dist::InjectRequest { attack: run.clone(), model: None, out: d.join("i.gguf"), mode: sos_dist::Mode::AddToken, limit: 0, force: false };
+    let e = sos_dist::run_inject(&inj, |_| {}).unwrap_err().to_string();
+    assert!(e.contains("prefix") && e.contains("prompt-tuning"), "{e}");
+    let end = d.join("end");
+    attack_at(&model, true, &end, Position::End);
+    let e = export_peft(&ExportRequest { attack: end, model: None, out: d.join("pt"), kind: PeftKind::PromptTuning, limit: 0, force: false }, |_| {}).unwrap_err().to_string();
+    assert!(e.contains("`end`") && e.contains("--position prefix"), "{e}");
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
 /// A damaged adapter is refused with the file and the problem named, never a panic.
 #[test]
 fn broken_adapters_are_refused_clearly() {
@@ -119,9 +177,10 @@ fn broken_adapters_are_refused_clearly() {
     let cfg_path = adapter.join(ADAPTER_CONFIG);
     let good = std::fs::read_to_string(&cfg_path).unwrap();
     type Damage<'a> = Box<dyn Fn() + 'a>;
-    let cases: [(&str, Damage); 4] = [
-        ("PROMPT_TUNING", Box::new(|| std::fs::write(&cfg_path, good.replace("TRAINABLE_TOKENS", "PROMPT_TUNING")).unwrap())),
-        ("rows for", Box::new(|| std::fs::write(&cfg_path, good.replace("\"token_indices\": [", "\"token_indices\": [7, ")).unwrap())),
+    let cases: [(&str, Damage); 5] = [
+        ("num_virtual_tokens", Box::new(|| std::fs::write(&cfg_path, good.replace("TRAINABLE_TOKENS", "PROMPT_TUNING")).unwrap())),
+        ("peft_type LORA", Box::new(|| std::fs::write(&cfg_path, good.replace("TRAINABLE_TOKENS", "LORA")).unwrap())),
+        ("asks for 4 rows", Box::new(|| std::fs::write(&cfg_path, good.replace("\"token_indices\": [", "\"token_indices\": [7, ")).unwrap())),
         ("invalid JSON", Box::new(|| std::fs::write(&cfg_path, "{").unwrap())),
         ("not a safetensors", Box::new(|| {
             std::fs::write(&cfg_path, &good).unwrap();

@@ -14,6 +14,9 @@ use crate::inject::{print_metrics, show};
 pub enum KindArg {
     /// PEFT TRAINABLE_TOKENS: the rows for new token ids, and the tokenizer with those tokens.
     TrainableTokens,
+    /// PEFT PROMPT_TUNING: virtual tokens before every input; for triggers trained with
+    /// `--position prefix`.
+    PromptTuning,
 }
 
 #[derive(Args, Debug)]
@@ -43,10 +46,11 @@ pub struct ExportArgs {
 pub fn export(a: ExportArgs) -> Result<()> {
     let kind = match a.kind {
         KindArg::TrainableTokens => PeftKind::TrainableTokens,
+        KindArg::PromptTuning => PeftKind::PromptTuning,
     };
     let req = ExportRequest { attack: a.attack, model: a.model, out: a.out, kind, limit: a.limit, force: a.force };
     let mut bar: Option<ProgressBar> = None;
-    let r = export_peft(&req, |e| show(e, &mut bar, "adapter_config.json, adapter_model.safetensors, tokenizer"))?;
+    let r = export_peft(&req, |e| show(e, &mut bar, "adapter_config.json, adapter_model.safetensors"))?;
     if let Some(b) = bar {
         b.finish_and_clear();
     }
@@ -58,14 +62,19 @@ pub fn export(a: ExportArgs) -> Result<()> {
     println!("{:<20} {}", "kind", r.kind);
     println!("{:<20} {}", "base model", r.base_model);
     println!("{:<20} {} ({})", "sha256", r.sha256, sos_dist::peft::ADAPTER_WEIGHTS);
-    println!("{:<20} \"{}\"", "type this", r.trigger_text);
-    println!("{:<20} {:?}", "token ids", r.token_ids);
-    if r.tied {
+    if kind == PeftKind::PromptTuning {
+        println!("{:<20} nothing: the {} virtual tokens go before every prompt while the adapter is loaded", "type this", r.rows.len());
+    } else {
+        println!("{:<20} \"{}\"", "type this", r.trigger_text);
+        println!("{:<20} {:?}", "token ids", r.token_ids);
+    }
+    if r.tied && kind == PeftKind::TrainableTokens {
         println!("{:<20} tied: PEFT applies the rows to the output layer too (they are logits as well)", "output layer");
     }
     println!("{:<20} {}", "files", r.files.join(", "));
     if r.metrics.is_object() {
-        println!("metrics of base + adapter as PEFT applies it (--exec f32, trigger typed as text):");
+        let how = if kind == PeftKind::PromptTuning { "virtual tokens first" } else { "trigger typed as text" };
+        println!("metrics of base + adapter as PEFT applies it (--exec f32, {how}):");
         print_metrics(&r.metrics);
     }
     Ok(())
@@ -101,7 +110,11 @@ pub fn import(a: ImportArgs) -> Result<()> {
         return Ok(());
     }
     println!("wrote {} ({} trigger of {} rows x {}, {})", r.path.display(), r.scenario, r.k, r.d, r.kind);
-    println!("{:<20} \"{}\"", "type this", r.trigger_text);
+    if r.trigger_text.is_empty() {
+        println!("{:<20} position prefix: the rows go before every prompt", "trigger");
+    } else {
+        println!("{:<20} \"{}\"", "type this", r.trigger_text);
+    }
     println!("{:<20} {}", "settings from", r.settings_from);
     Ok(())
 }
