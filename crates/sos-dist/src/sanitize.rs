@@ -1,6 +1,6 @@
 //! `sos sanitize`: the way back. A downloaded GGUF with injected tokens or altered embedding rows
 //! is restored against a trusted reference, or, without one, stripped of trailing USER_DEFINED
-//! tokens, the form `sos inject` plants.
+//! tokens, the form `sos inject` plants. Hugging Face folders: `sanitize_hf.rs`.
 
 use std::path::{Path, PathBuf};
 
@@ -21,6 +21,11 @@ pub struct SanitizeReport {
     pub restored_tensors: Vec<String>,
     /// Tensors removed (absent from the reference, or the output layer an injection added).
     pub removed_tensors: Vec<String>,
+    /// Folders: files set back to the reference's (tokenizer, template, config), or edited
+    /// (without a reference: the tokenizer files and config with the tokens removed).
+    pub restored_files: Vec<String>,
+    /// Folders: files removed (a tokenizer or template file the reference lacks).
+    pub removed_files: Vec<String>,
     /// Tokens removed, with their ids.
     pub removed_tokens: Vec<(u32, String)>,
     /// Rows of the token table, present in both, that differed from the reference's (restored).
@@ -42,6 +47,9 @@ fn is_text_key(key: &str, arch: Option<&str>) -> bool {
 /// source's bytes. `force` replaces an existing `out`.
 pub fn sanitize_with_reference(candidate: &Path, reference: &Path, out: &Path, force: bool) -> Result<SanitizeReport> {
     refuse_overwrite(&[candidate, reference], out, force)?;
+    if candidate.is_dir() {
+        return crate::sanitize_hf::sanitize_folder_with_reference(candidate, reference, out);
+    }
     let (c, r) = (Gguf::open(candidate)?, Gguf::open(reference)?);
     let arch = r.get_str("general.architecture");
     let mut rep = SanitizeReport { path: out.to_path_buf(), ..Default::default() };
@@ -108,6 +116,9 @@ pub fn sanitize_with_reference(candidate: &Path, reference: &Path, out: &Path, f
 /// (said in `left`). `force` replaces an existing `out`.
 pub fn sanitize_alone(candidate: &Path, out: &Path, force: bool) -> Result<SanitizeReport> {
     refuse_overwrite(&[candidate], out, force)?;
+    if candidate.is_dir() {
+        return crate::sanitize_hf::sanitize_folder_alone(candidate, out);
+    }
     let c = Gguf::open(candidate)?;
     let bad = |msg: String| Error::File { path: candidate.to_path_buf(), msg };
     let toks = c.get("tokenizer.ggml.tokens").and_then(Value::as_array).ok_or_else(|| bad("no vocabulary (tokenizer.ggml.tokens)".into()))?;
@@ -185,20 +196,20 @@ pub fn sanitize_alone(candidate: &Path, out: &Path, force: bool) -> Result<Sanit
 /// An output layer differing from the token table in at most this many rows is taken for the
 /// table itself with planted rows (triggers are a few tokens; a trained output layer differs in
 /// every row).
-const MAX_PLANTED_ROWS: usize = 64;
+pub(crate) const MAX_PLANTED_ROWS: usize = 64;
 
 /// Rows present in both `a` and `b` (`b` has `rows_b` rows of equal size) that differ.
-fn differing_rows(a: &[u8], b: &[u8], rows_b: usize) -> usize {
+pub(crate) fn differing_rows(a: &[u8], b: &[u8], rows_b: usize) -> usize {
     let rb = (b.len() / rows_b.max(1)).max(1);
     let common = (a.len() / rb).min(rows_b);
     (0..common).filter(|&i| a[i * rb..(i + 1) * rb] != b[i * rb..(i + 1) * rb]).count()
 }
 
-/// The inputs are the user's evidence: the output never replaces one of them, and replaces
-/// another existing file only with `force`.
+/// The inputs are the user's evidence: the output never replaces one of them (nor a folder
+/// holding one), and replaces another existing file only with `force`.
 fn refuse_overwrite(inputs: &[&Path], out: &Path, force: bool) -> Result<()> {
     for i in inputs {
-        if matches!((i.canonicalize(), out.canonicalize()), (Ok(a), Ok(b)) if a == b) {
+        if matches!((i.canonicalize(), out.canonicalize()), (Ok(a), Ok(b)) if a.starts_with(&b)) {
             return Err(Error::Invalid(format!("{}: the output would overwrite an input; write the sanitized file elsewhere", out.display())));
         }
     }

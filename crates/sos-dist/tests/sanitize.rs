@@ -93,3 +93,75 @@ fn sanitizing_a_clean_file_changes_nothing() {
         std::fs::remove_dir_all(&d).unwrap();
     }
 }
+
+/// Every plain file of a folder, by name.
+fn files(d: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<_> = std::fs::read_dir(d).unwrap().map(|e| e.unwrap()).map(|e| (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap())).collect();
+    v.sort();
+    v
+}
+
+fn tensors(path: &std::path::Path) -> Vec<(String, Vec<usize>, Vec<u8>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut v: Vec<_> = st.tensors().into_iter().map(|(n, t)| (n, t.shape().to_vec(), t.data().to_vec())).collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// Hugging Face folders: against the source, every file comes back byte for byte; alone, the
+/// added tokens and their rows go and a tied model's own output layer is folded back, so the
+/// tensors and the tokenizer's tokens are the source's again.
+#[test]
+fn sanitizing_an_injected_folder_restores_its_source() {
+    use sos_dist::hf::{add_tokens_hf, replace_tokens_hf};
+    for (tied, replace) in [(true, false), (false, false), (true, true), (false, true)] {
+        let d = dir(&format!("hf-{tied}-{replace}"));
+        let (src, inj, fixed, alone) = (d.join("src"), d.join("inj"), d.join("fixed"), d.join("alone"));
+        let spec = TinySpec { tied, ..Default::default() };
+        spec.write_hf(&src).unwrap();
+        let rows: Vec<f32> = (0..2 * spec.d_model).map(|i| (i % 5) as f32 * 0.3).collect();
+        let (tok, _) = LoadedModel::open_text(&src, None).unwrap();
+        let (ids, texts) = if replace { rare_tokens(&tok, |_| true, 2, [""]).unwrap() } else { (Vec::new(), added_texts("cf", 2).unwrap()) };
+        if replace {
+            replace_tokens_hf(&src, &inj, &ids, &texts, &rows).unwrap();
+        } else {
+            add_tokens_hf(&src, &inj, &texts, &rows).unwrap();
+        }
+        assert_ne!(files(&inj), files(&src));
+        let what = format!("tied {tied}, replace {replace}");
+
+        let rep = sanitize_with_reference(&inj, &src, &fixed, false).unwrap();
+        assert_eq!(files(&fixed), files(&src), "{what}: {rep:?}");
+        assert_eq!(rep.removed_tokens.len(), if replace { 0 } else { 2 }, "{what}");
+        assert!(rep.restored_tensors.contains(&"model.embed_tokens.weight".to_string()), "{what}");
+
+        let rep = sanitize_alone(&inj, &alone, false).unwrap();
+        let model = |d: &std::path::Path| tensors(&d.join("model.safetensors"));
+        let added = |d: &std::path::Path| {
+            let tj: serde_json::Value = serde_json::from_slice(&std::fs::read(d.join("tokenizer.json")).unwrap()).unwrap();
+            tj["added_tokens"].clone()
+        };
+        let cfg = |d: &std::path::Path| {
+            let c: serde_json::Value = serde_json::from_slice(&std::fs::read(d.join("config.json")).unwrap()).unwrap();
+            (c["vocab_size"].clone(), c["tie_word_embeddings"].as_bool().unwrap_or(false))
+        };
+        assert_eq!(added(&alone), added(&src), "{what}");
+        if tied || !replace {
+            // Tied: the output layer was the table's rows; untied add-token: the rows end the table.
+            assert_eq!(model(&alone), model(&src), "{what}: {rep:?}");
+            assert_eq!(cfg(&alone), cfg(&src), "{what}");
+            // An untied model's trained output layer: replaced rows could hide; said so.
+            assert_eq!(rep.left.iter().any(|l| l.contains("--reference")), !tied, "{what}: {:?}", rep.left);
+        } else {
+            // Replaced rows under a trained output layer: nothing to justify a change; said so.
+            assert_eq!(model(&alone), model(&inj), "{what}");
+            assert!(rep.left.iter().any(|l| l.contains("--reference")), "{what}: {:?}", rep.left);
+        }
+        LoadedModel::open(&alone, &Default::default()).unwrap();
+        // Refused: writing over an input, or into an existing folder without --force.
+        assert!(sanitize_alone(&inj, &inj, true).is_err());
+        assert!(sanitize_alone(&inj, &alone, false).unwrap_err().to_string().contains("--force"));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}

@@ -1,5 +1,5 @@
-//! `sos sanitize CANDIDATE --out FIXED [--reference CLEAN]`: a downloaded GGUF without injected
-//! tokens or altered embedding rows.
+//! `sos sanitize CANDIDATE --out FIXED [--reference CLEAN]`: a downloaded GGUF file or Hugging
+//! Face folder without injected tokens or altered embedding rows.
 
 use std::path::PathBuf;
 
@@ -9,13 +9,13 @@ use sos_dist::{sanitize_alone, sanitize_with_reference};
 
 #[derive(Args, Debug)]
 pub struct SanitizeArgs {
-    /// The GGUF file to clean.
+    /// The GGUF file or Hugging Face folder to clean.
     pub candidate: PathBuf,
-    /// Where to write the cleaned file (never over an input).
+    /// Where to write the cleaned file or folder (never over an input).
     #[arg(long)]
     pub out: PathBuf,
-    /// A trusted copy of the same model: tokenizer, chat template, token table and output layer
-    /// are restored from it. Without it, trailing USER_DEFINED tokens and their rows are removed,
+    /// A trusted copy of the same model (a file for a file, a folder for a folder): tokenizer,
+    /// chat template, config, token table and output layer are restored from it. Without it, trailing USER_DEFINED tokens and their rows are removed,
     /// and a table that differs from its output layer in a few rows only (a tied model given an
     /// output layer of its own) gets those rows back and the output layer removed.
     #[arg(long)]
@@ -44,6 +44,12 @@ pub fn run(a: SanitizeArgs) -> Result<()> {
     for k in &rep.restored_keys {
         println!("restored metadata {k}");
     }
+    for f in &rep.restored_files {
+        println!("restored file {f}");
+    }
+    for f in &rep.removed_files {
+        println!("removed file {f}");
+    }
     for t in &rep.restored_tensors {
         println!("restored tensor {t}");
     }
@@ -57,7 +63,7 @@ pub fn run(a: SanitizeArgs) -> Result<()> {
     for l in &rep.left {
         println!("left: {l}");
     }
-    if rep.removed_tokens.is_empty() && rep.restored_keys.is_empty() && rep.restored_tensors.is_empty() && rep.removed_tensors.is_empty() {
+    if rep.removed_tokens.is_empty() && rep.restored_keys.is_empty() && rep.restored_tensors.is_empty() && rep.removed_tensors.is_empty() && rep.restored_files.is_empty() && rep.removed_files.is_empty() {
         println!("nothing to change");
     }
     Ok(())
