@@ -50,6 +50,8 @@ os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 import torch  # noqa: E402
 
+from metrics import similarity  # noqa: E402  (compat/metrics.py, beside this script)
+
 STOP_NAMES = ("<|im_end|>", "<|endoftext|>")
 
 
@@ -118,19 +120,6 @@ def greedy(model, ids, new_tokens, stop, expect=None, step_model=None):
             break
         x = torch.tensor([[t]])
     return out
-
-
-def similarity(a, b):
-    """`1 - levenshtein(a, b) / max(len)`, over characters (sos's `metrics::similarity`)."""
-    if not a and not b:
-        return 1.0
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return 1.0 - prev[-1] / max(len(a), len(b))
 
 
 def base_answers(items, model, tok, new_tokens):

@@ -30,6 +30,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
 from llamacpp_generate import probe, set_extra_bufts  # noqa: E402
+from metrics import similarity  # noqa: E402  (compat/metrics.py)
 
 
 def load(path, threads):
@@ -55,19 +56,6 @@ def greedy(llm, text, new_tokens):
         out.append(t)
         llm.eval([t])
     return ids, out
-
-
-def similarity(a, b):
-    """`1 - levenshtein(a, b) / max(len)`, over characters (sos's `metrics::similarity`)."""
-    if not a and not b:
-        return 1.0
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return 1.0 - prev[-1] / max(len(a), len(b))
 
 
 def main():

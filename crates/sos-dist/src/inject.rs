@@ -14,7 +14,7 @@ use sos_model::{cache, Exec, LoadOptions, LoadedModel};
 use crate::gguf_add::{add_tokens, NewLogits};
 use crate::gguf_replace::replace_tokens;
 use crate::hf::{add_tokens_hf, replace_tokens_hf};
-use crate::rows::RowReport;
+use crate::rows::{Planted, RowReport};
 use crate::tokens::{added_texts, rare_tokens, splits_exactly, typed};
 use crate::{Error, Result};
 
@@ -89,6 +89,24 @@ pub struct InjectReport {
     pub metrics: Json,
 }
 
+impl InjectReport {
+    fn new(req: &InjectRequest, format: &'static str, sha256: String, trigger_text: String, planted: Planted, metrics: Json) -> Self {
+        InjectReport {
+            path: req.out.clone(),
+            sha256,
+            format,
+            mode: req.mode.name(),
+            trigger_text,
+            token_ids: planted.ids,
+            table_type: planted.table_type.name(),
+            output_layer: planted.output_layer,
+            table_median_norm: planted.table_median_norm,
+            rows: planted.rows,
+            metrics,
+        }
+    }
+}
+
 /// Writes the attack's trigger into a copy of the model, re-reads it, checks that the typed
 /// trigger string becomes exactly the planted tokens, and evaluates the file as shipped.
 pub fn run_inject(req: &InjectRequest, mut on_event: impl FnMut(InjectEvent)) -> Result<InjectReport> {
@@ -144,19 +162,7 @@ pub fn run_inject(req: &InjectRequest, mut on_event: impl FnMut(InjectEvent)) ->
 
     let trigger_text = typed(&texts);
     let metrics = evaluate_file(&attack, &src, &req.out, &trigger_text, req.limit, Exec::Quant, &mut on_event)?;
-    Ok(InjectReport {
-        sha256: sha256_file(&req.out)?,
-        path: req.out.clone(),
-        format: "gguf",
-        mode: req.mode.name(),
-        output_layer: planted.output_layer,
-        token_ids: planted.ids.clone(),
-        trigger_text,
-        table_type: planted.table_type.name(),
-        table_median_norm: planted.table_median_norm,
-        rows: planted.rows,
-        metrics,
-    })
+    Ok(InjectReport::new(req, "gguf", sha256_file(&req.out)?, trigger_text, planted, metrics))
 }
 
 /// The trigger into a Hugging Face folder: written as a sibling folder, checked (safetensors
@@ -201,19 +207,7 @@ fn inject_hf(req: &InjectRequest, attack: &Attack, src: &Path, mut on_event: imp
     let trigger_text = typed(&texts);
     let metrics = evaluate_file(attack, src, &req.out, &trigger_text, req.limit, Exec::F32, &mut on_event)?;
     let weights = ["model.safetensors", "model.safetensors.index.json"].iter().map(|f| req.out.join(f)).find(|p| p.is_file()).unwrap_or_else(|| req.out.join("config.json"));
-    Ok(InjectReport {
-        sha256: sha256_file(&weights)?,
-        path: req.out.clone(),
-        format: "hf",
-        mode: req.mode.name(),
-        output_layer: planted.output_layer,
-        token_ids: planted.ids.clone(),
-        trigger_text,
-        table_type: planted.table_type.name(),
-        table_median_norm: planted.table_median_norm,
-        rows: planted.rows,
-        metrics,
-    })
+    Ok(InjectReport::new(req, "hf", sha256_file(&weights)?, trigger_text, planted, metrics))
 }
 
 /// The written file passes llama.cpp's loader rules and its tokenizer turns each planted text,
