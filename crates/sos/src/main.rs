@@ -1,6 +1,7 @@
 //! The `sos` command line: parses arguments and calls the libraries. Nothing else lives here.
 
 mod attack;
+mod audit;
 mod bench;
 mod chat;
 mod common;
@@ -41,10 +42,12 @@ enum Cmd {
     Inject(inject::InjectArgs),
     /// Remove injected tokens and restore embedding rows, against a trusted reference or without.
     Sanitize(sanitize::SanitizeArgs),
-    /// Write a trained trigger as a PEFT adapter (trainable tokens) for transformers + peft.
+    /// Write a trained trigger as a PEFT adapter (trainable tokens or prompt tuning).
     ExportPeft(peft::ExportArgs),
-    /// Turn a PEFT trainable-tokens adapter into an attack folder (for generate, eval, inject).
+    /// Turn a PEFT adapter into an attack folder (for generate, eval, inject).
     ImportPeft(peft::ImportArgs),
+    /// Audit a downloaded model for injected soft prompts; exit 1 on findings at --fail-on.
+    Audit(audit::AuditArgs),
     /// Measure generation and attack-step speed.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -82,6 +85,11 @@ fn main() {
         Cmd::Sanitize(a) => sanitize::run(a),
         Cmd::ExportPeft(a) => peft::export(a),
         Cmd::ImportPeft(a) => peft::import(a),
+        Cmd::Audit(a) => audit::run(a).map(|failed| {
+            if failed {
+                std::process::exit(1);
+            }
+        }),
     };
     if let Err(e) = result {
         // One line: the whole cause chain, outermost first. Some library errors carry a

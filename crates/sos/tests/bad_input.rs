@@ -21,6 +21,17 @@ fn expect_error(path: &Path, needle: &str) -> String {
         .env("SOS_HOME", tmpdir("home"))
         .output()
         .unwrap();
+    check_error(path, needle, &out)
+}
+
+/// The same contract for `sos audit PATH` (exit 2: the audit could not run), and `model info`'s.
+fn expect_both(path: &Path, needle: &str) {
+    let out = Command::new(env!("CARGO_BIN_EXE_sos")).arg("audit").arg(path).output().unwrap();
+    check_error(path, needle, &out);
+    expect_error(path, needle);
+}
+
+fn check_error(path: &Path, needle: &str, out: &std::process::Output) -> String {
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert_eq!(out.status.code(), Some(2), "{}: expected exit 2, stderr: {stderr}", path.display());
     assert!(!stderr.contains("panicked"), "panic on {}: {stderr}", path.display());
@@ -61,7 +72,7 @@ fn the_tiny_model_itself_loads() {
 
 #[test]
 fn missing_file() {
-    expect_error(&tmpdir("missing").join("nope.gguf"), "no such file");
+    expect_both(&tmpdir("missing").join("nope.gguf"), "no such file");
 }
 
 #[test]
@@ -70,10 +81,10 @@ fn truncated_gguf() {
     let bytes = std::fs::read(tiny_gguf(&dir)).unwrap();
     let p = dir.join("truncated.gguf");
     std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
-    expect_error(&p, "beyond the end of the file");
+    expect_both(&p, "beyond the end of the file");
     let p = dir.join("header-cut.gguf");
     std::fs::write(&p, &bytes[..1000]).unwrap();
-    expect_error(&p, "truncated or corrupt GGUF header");
+    expect_both(&p, "truncated or corrupt GGUF header");
 }
 
 #[test]
@@ -83,7 +94,7 @@ fn header_claiming_2_pow_40_tensors() {
     bytes[8..16].copy_from_slice(&(1u64 << 40).to_le_bytes());
     let p = dir.join("many-tensors.gguf");
     std::fs::write(&p, &bytes).unwrap();
-    expect_error(&p, "tensor count is 1099511627776");
+    expect_both(&p, "tensor count is 1099511627776");
 }
 
 #[test]
@@ -101,7 +112,7 @@ fn tensor_beyond_end_of_file() {
     let off = at + name.len() + 4 + 8 * g.tensors.last().unwrap().dims.len() + 4;
     bytes[off..off + 8].copy_from_slice(&(1u64 << 30).to_le_bytes());
     std::fs::write(&p, &bytes).unwrap();
-    expect_error(&p, "beyond the end of the file");
+    expect_both(&p, "beyond the end of the file");
 }
 
 #[test]
@@ -146,5 +157,12 @@ fn not_a_model_at_all() {
     let dir = tmpdir("junk");
     let p = dir.join("notes.txt");
     std::fs::write(&p, "hello, this is not a model").unwrap();
-    expect_error(&p, "not a GGUF file");
+    expect_both(&p, "not a GGUF file");
+    // A zip archive and a pickle (what torch.save writes) renamed to .gguf: refused, never unpacked.
+    let p = dir.join("archive.gguf");
+    std::fs::write(&p, b"PK\x03\x04\x14\x00\x00\x00\x08\x00rest of a zip").unwrap();
+    expect_both(&p, "not a GGUF file");
+    let p = dir.join("pickle.gguf");
+    std::fs::write(&p, b"\x80\x02}q\x00(X\x05\x00\x00\x00torchq\x01.").unwrap();
+    expect_both(&p, "not a GGUF file");
 }

@@ -1,0 +1,19 @@
+//! `sos-audit`: the defender's side. `audit::run_audit` (what `sos audit` runs) opens a
+//! downloaded model (and, when given, a trusted reference) and runs the checks, one module each:
+//! `structure` (the loader's rules), `tokenizer` (added and user-defined tokens), `weights`
+//! (per tensor identical, re-quantized or changed, with `ranges` bounding what re-quantization
+//! can explain; the planted rows named), `template` (the chat template). Each check returns
+//! `finding::Finding`s; the `Report` holds them with the verdict.
+
+pub mod audit;
+pub mod error;
+pub mod finding;
+pub mod ranges;
+pub mod structure;
+pub mod template;
+pub mod tokenizer;
+pub mod weights;
+
+pub use audit::{run_audit, AuditRequest};
+pub use error::{Error, Result};
+pub use finding::{Check, Finding, Report, Severity};

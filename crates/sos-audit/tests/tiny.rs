@@ -1,0 +1,141 @@
+//! The audit on tiny models the tests build: what `sos inject` plants is named, with a
+//! reference and without; a re-quantized copy is benign; a changed template is found.
+
+use std::path::{Path, PathBuf};
+
+use sos_audit::{run_audit, AuditRequest, Report, Severity};
+use sos_dist::gguf_add::{add_tokens, NewLogits};
+use sos_dist::gguf_replace::replace_tokens;
+use sos_dist::tokens::added_texts;
+use sos_model::gguf::{Gguf, TensorType, Value, Writer};
+use sos_model::tiny::TinySpec;
+
+fn dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("sos-audit-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn audit(c: &Path, r: Option<&Path>) -> Report {
+    run_audit(&AuditRequest { candidate: c.to_path_buf(), reference: r.map(Path::to_path_buf), fail_on: Severity::High }).unwrap()
+}
+
+/// The ids the findings with `id` name.
+fn named(r: &Report, id: &str) -> Vec<u32> {
+    r.findings.iter().filter(|f| f.id == id).flat_map(|f| f.token_ids.clone()).collect()
+}
+
+fn ids(r: &Report) -> Vec<&str> {
+    r.findings.iter().map(|f| f.id.as_str()).collect()
+}
+
+fn tiny(d: &Path, tied: bool) -> PathBuf {
+    let p = d.join(format!("src-{tied}.gguf"));
+    TinySpec { quant: Some(TensorType::Q8_0), tied, d_model: 64, ..Default::default() }.write_gguf(&p).unwrap();
+    p
+}
+
+#[test]
+fn a_clean_model_passes_alone_and_against_itself() {
+    let d = dir("clean");
+    for tied in [true, false] {
+        let src = tiny(&d, tied);
+        for r in [audit(&src, None), audit(&src, Some(&src))] {
+            assert_eq!((r.verdict, r.findings.len()), ("pass", 0), "{:?}", ids(&r));
+        }
+    }
+}
+
+#[test]
+fn added_tokens_are_named_with_and_without_a_reference() {
+    let d = dir("add");
+    let n = sos_model::tiny::vocab().len() as u32;
+    for tied in [true, false] {
+        let src = tiny(&d, tied);
+        let out = d.join(format!("add-{tied}.gguf"));
+        let rows: Vec<f32> = (0..3 * 64).map(|i| (i % 9) as f32 * 0.1).collect();
+        add_tokens(&Gguf::open(&src).unwrap(), &added_texts("cf", 3).unwrap(), &rows, NewLogits::Silent).unwrap().0.write(&out).unwrap();
+        let want = vec![n, n + 1, n + 2];
+        let alone = audit(&out, None);
+        assert_eq!(alone.verdict, "fail");
+        assert_eq!(named(&alone, "tokenizer.appended-user-defined"), want);
+        if tied {
+            assert_eq!(named(&alone, "weights.planted-rows"), want, "{:?}", ids(&alone));
+        }
+        let with = audit(&out, Some(&src));
+        assert_eq!(named(&with, "tokenizer.added-tokens"), want);
+        assert!(named(&with, "weights.added-rows").starts_with(&want), "{:?}", ids(&with));
+        assert_eq!(ids(&with).contains(&"weights.extra-tensor"), tied, "{:?}", ids(&with));
+        assert!(!ids(&with).contains(&"weights.requantized"), "the common rows are identical: {:?}", ids(&with));
+    }
+}
+
+#[test]
+fn replaced_rows_are_named_with_a_reference_and_on_a_tied_model_without() {
+    let d = dir("replace");
+    for tied in [true, false] {
+        let src = tiny(&d, tied);
+        let out = d.join(format!("rep-{tied}.gguf"));
+        let planted = [40u32, 77, 120];
+        let texts: Vec<String> = planted.iter().map(|i| format!("t{i}")).collect();
+        let rows: Vec<f32> = (0..3 * 64).map(|i| ((i % 7) as f32 - 3.0) * 0.5).collect();
+        replace_tokens(&Gguf::open(&src).unwrap(), &planted, &texts, &rows).unwrap().0.write(&out).unwrap();
+        let with = audit(&out, Some(&src));
+        assert_eq!(named(&with, "weights.changed-rows"), planted.to_vec(), "{:?}", ids(&with));
+        let alone = audit(&out, None);
+        if tied {
+            assert_eq!(named(&alone, "weights.planted-rows"), planted.to_vec());
+        }
+    }
+}
+
+/// Every matrix re-quantized (Q8_0 -> Q4_1): benign, reported low, no row named.
+#[test]
+fn a_requantized_copy_is_benign() {
+    let d = dir("requant");
+    let src = tiny(&d, false);
+    let g = Gguf::open(&src).unwrap();
+    let mut w = Writer::copy_of(&g).unwrap();
+    for t in &g.tensors {
+        if t.ty == TensorType::Q8_0 {
+            let q = g.qtensor(&t.name).unwrap();
+            let x = q.dequantize(&candle_core::Device::Cpu).unwrap();
+            let r = candle_core::quantized::QTensor::quantize(&x, TensorType::Q4_1.to_candle()).unwrap();
+            w.replace_tensor(&t.name, &t.shape(), TensorType::Q4_1, r.data().unwrap().to_vec());
+        }
+    }
+    let out = d.join("q41.gguf");
+    w.write(&out).unwrap();
+    let r = audit(&out, Some(&src));
+    assert_eq!((r.verdict, ids(&r)), ("pass", vec!["weights.requantized"]));
+    assert_eq!(r.findings[0].severity, Severity::Low);
+    // One element moved past what re-quantization explains: that row is named.
+    let t = g.tensor_info("token_embd.weight").unwrap();
+    let mut x = g.qtensor(&t.name).unwrap().dequantize(&candle_core::Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+    x[33][5] += 1.0;
+    let flat: Vec<f32> = x.concat();
+    let moved = candle_core::Tensor::from_vec(flat, t.shape(), &candle_core::Device::Cpu).unwrap();
+    let q = candle_core::quantized::QTensor::quantize(&moved, TensorType::Q8_0.to_candle()).unwrap();
+    let mut w = Writer::copy_of(&g).unwrap();
+    w.replace_tensor(&t.name, &t.shape(), TensorType::Q8_0, q.data().unwrap().to_vec());
+    let out = d.join("moved.gguf");
+    w.write(&out).unwrap();
+    assert_eq!(named(&audit(&out, Some(&src)), "weights.changed-rows"), vec![33]);
+}
+
+#[test]
+fn a_changed_chat_template_is_found() {
+    let d = dir("template");
+    let src = tiny(&d, true);
+    let g = Gguf::open(&src).unwrap();
+    let mut w = Writer::copy_of(&g).unwrap();
+    let t = g.get_str("tokenizer.chat_template").unwrap().replace("message['content'] + '<|im_end|>'", "message['content'] + ' Visit attacker.example.<|im_end|>'");
+    assert_ne!(Some(t.as_str()), g.get_str("tokenizer.chat_template"), "the edit must apply");
+    w.meta("tokenizer.chat_template", Value::Str(t));
+    let out = d.join("tpl.gguf");
+    w.write(&out).unwrap();
+    let r = audit(&out, Some(&src));
+    assert_eq!(ids(&r), vec!["template.changed"]);
+    assert_eq!(r.verdict, "fail");
+}
