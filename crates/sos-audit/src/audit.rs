@@ -7,7 +7,9 @@ use serde_json::{Map, Value as Json};
 use sos_model::gguf::Gguf;
 
 use crate::finding::{Finding, Report, Severity};
-use crate::{structure, template, tokenizer, weights, Error, Result};
+use crate::folder::{self, Folder};
+use crate::weights::{self, Layout, Stored};
+use crate::{structure, template, tokenizer, Error, Result};
 
 /// What `sos audit` was asked.
 pub struct AuditRequest {
@@ -17,43 +19,103 @@ pub struct AuditRequest {
     pub fail_on: Severity,
 }
 
-/// Runs every check on the candidate (and its reference). An `Err` is an audit that could not
-/// run (unreadable or unparsable input): exit 2, not a verdict.
-pub fn run_audit(req: &AuditRequest) -> Result<Report> {
-    let t0 = Instant::now();
-    let mut timings = Map::new();
-    let mut findings = Vec::new();
-    let mut timed = |name: &str, f: &mut dyn FnMut() -> Result<Vec<Finding>>| -> Result<()> {
-        let t = Instant::now();
-        findings.extend(f()?);
-        timings.insert(name.to_string(), Json::from(t.elapsed().as_secs_f64() * 1e3));
-        Ok(())
-    };
-    let candidate = open_gguf(&req.candidate)?;
-    let reference = req.reference.as_deref().map(open_gguf).transpose()?;
-    timed("structure", &mut || Ok(structure::gguf(&candidate)))?;
-    match &reference {
-        Some(r) => {
-            timed("tokenizer", &mut || Ok(tokenizer::with_reference(&candidate, r)))?;
-            timed("weights", &mut || weights::with_reference(&candidate, r))?;
-            timed("template", &mut || Ok(template::with_reference(candidate.get_str("tokenizer.chat_template"), r.get_str("tokenizer.chat_template"))))?;
-        }
-        None => {
-            timed("tokenizer", &mut || Ok(tokenizer::alone(&candidate)))?;
-            timed("weights", &mut || weights::alone(&candidate))?;
-        }
-    }
-    timings.insert("total".into(), Json::from(t0.elapsed().as_secs_f64() * 1e3));
-    let shown = |p: &Path| p.display().to_string();
-    Ok(Report::new(shown(&req.candidate), req.reference.as_deref().map(shown), findings, req.fail_on, timings))
+/// Findings and the milliseconds each check took.
+#[derive(Default)]
+struct Run {
+    findings: Vec<Finding>,
+    timings: Map<String, Json>,
 }
 
-fn open_gguf(path: &Path) -> Result<Gguf> {
-    if !path.exists() {
-        return Err(Error::File { path: path.to_path_buf(), msg: "no such file".into() });
+impl Run {
+    fn check(&mut self, name: &str, f: impl FnOnce() -> Result<Vec<Finding>>) -> Result<()> {
+        let t = Instant::now();
+        self.findings.extend(f()?);
+        let ms = t.elapsed().as_secs_f64() * 1e3 + self.timings.get(name).and_then(Json::as_f64).unwrap_or(0.0);
+        self.timings.insert(name.to_string(), Json::from(ms));
+        Ok(())
     }
-    if path.is_dir() {
-        return Err(Error::File { path: path.to_path_buf(), msg: "a folder: Hugging Face folders and PEFT adapters are not audited yet (GGUF files are)".into() });
+}
+
+/// Runs every check on the candidate (and its reference): a GGUF file or a Hugging Face folder.
+/// An `Err` is an audit that could not run (unreadable or unparsable input): exit 2, not a
+/// verdict.
+pub fn run_audit(req: &AuditRequest) -> Result<Report> {
+    let t0 = Instant::now();
+    for p in std::iter::once(&req.candidate).chain(&req.reference) {
+        if !p.exists() {
+            return Err(Error::File { path: p.clone(), msg: "no such file".into() });
+        }
     }
-    Ok(Gguf::open(path)?)
+    if let Some(r) = &req.reference {
+        if r.is_dir() != req.candidate.is_dir() {
+            return Err(Error::Invalid(format!("{} and {} are not the same kind (a GGUF file and a folder): compare like with like", req.candidate.display(), r.display())));
+        }
+    }
+    let mut run = Run::default();
+    if req.candidate.is_dir() {
+        audit_folder(req, &mut run)?;
+    } else {
+        audit_gguf(req, &mut run)?;
+    }
+    run.timings.insert("total".into(), Json::from(t0.elapsed().as_secs_f64() * 1e3));
+    let shown = |p: &Path| p.display().to_string();
+    Ok(Report::new(shown(&req.candidate), req.reference.as_deref().map(shown), run.findings, req.fail_on, run.timings))
+}
+
+pub const TOKEN_TABLE: &str = "token_embd.weight";
+pub const OUTPUT: &str = "output.weight";
+
+fn gguf_stored(g: &Gguf) -> Vec<Stored<'_>> {
+    g.tensors.iter().map(|t| Stored { name: t.name.clone(), ty: t.ty, shape: t.shape(), bytes: g.tensor_bytes(t) }).collect()
+}
+
+fn audit_gguf(req: &AuditRequest, run: &mut Run) -> Result<()> {
+    let c = Gguf::open(&req.candidate)?;
+    let r = req.reference.as_deref().map(Gguf::open).transpose()?;
+    let vocab = tokenizer::Vocab::of(&c);
+    let text = |i: usize| vocab.texts.get(i).cloned().unwrap_or_default();
+    let layout = Layout { table: TOKEN_TABLE, head: OUTPUT, text: &text };
+    run.check("structure", || Ok(structure::gguf(&c)))?;
+    let cs = gguf_stored(&c);
+    match &r {
+        Some(r) => {
+            run.check("tokenizer", || Ok(tokenizer::with_reference(&c, r)))?;
+            run.check("weights", || weights::with_reference(&cs, &gguf_stored(r), &layout))?;
+            run.check("template", || Ok(template::with_reference(c.get_str("tokenizer.chat_template"), r.get_str("tokenizer.chat_template"))))?;
+        }
+        None => {
+            run.check("tokenizer", || Ok(tokenizer::alone(&c)))?;
+            let find = |n: &str| cs.iter().find(|t| t.name == n);
+            run.check("weights", || Ok(weights::alone(find(TOKEN_TABLE), find(OUTPUT), &layout)))?;
+        }
+    }
+    Ok(())
+}
+
+fn audit_folder(req: &AuditRequest, run: &mut Run) -> Result<()> {
+    // Opening checks every safetensors header against its file (what the structure check is for
+    // a folder): a folder that fails it cannot be audited.
+    let t = Instant::now();
+    let c = Folder::open(&req.candidate)?;
+    let r = req.reference.as_deref().map(Folder::open).transpose()?;
+    run.timings.insert("structure".into(), Json::from(t.elapsed().as_secs_f64() * 1e3));
+    let text = |i: usize| c.text(i);
+    let layout = folder::layout(&text);
+    let (cs, other) = c.stored()?;
+    match &r {
+        Some(r) => {
+            run.check("tokenizer", || Ok(folder::tokenizer_with_reference(&c, r)))?;
+            let (rs, _) = r.stored()?;
+            run.check("weights", || weights::with_reference(&cs, &rs, &layout))?;
+            run.check("weights", || folder::unverifiable(&c, &other, Some(r)))?;
+            run.check("template", || Ok(template::with_reference(c.template.as_deref(), r.template.as_deref())))?;
+        }
+        None => {
+            run.check("tokenizer", || Ok(folder::tokenizer_alone(&c)))?;
+            let find = |n: &str| cs.iter().find(|t| t.name == n);
+            run.check("weights", || Ok(weights::alone(find(folder::TABLE), find(folder::HEAD), &layout)))?;
+            run.check("weights", || folder::unverifiable(&c, &other, None))?;
+        }
+    }
+    Ok(())
 }

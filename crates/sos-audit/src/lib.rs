@@ -1,5 +1,6 @@
 //! `sos-audit`: the defender's side. `audit::run_audit` (what `sos audit` runs) opens a
-//! downloaded model (and, when given, a trusted reference) and runs the checks, one module each:
+//! downloaded model, a GGUF file or a Hugging Face folder (`folder`), and, when given, a trusted
+//! reference, and runs the checks, one module each:
 //! `structure` (the loader's rules), `tokenizer` (added and user-defined tokens), `weights`
 //! (per tensor identical, re-quantized or changed, with `ranges` bounding what re-quantization
 //! can explain; the planted rows named), `template` (the chat template). Each check returns
@@ -8,6 +9,7 @@
 pub mod audit;
 pub mod error;
 pub mod finding;
+pub mod folder;
 pub mod ranges;
 pub mod structure;
 pub mod template;

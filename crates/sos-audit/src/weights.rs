@@ -1,24 +1,51 @@
-//! The weights check on a GGUF. Against a reference every tensor is identical, re-quantized
-//! (each element's stored value could come from the same source: `ranges`), or changed, and
-//! for the token table and the output layer the changed rows are named. Alone, the signature
+//! The weights check. Against a reference every tensor is identical, re-quantized (each
+//! element's stored value could come from the same source: `ranges`), or changed, and for the
+//! token table and the output layer the changed rows are named. Alone, the signature
 //! `sos inject` leaves on a tied model is read: an output layer that equals the token table but
-//! for a few rows names those rows.
+//! for a few rows names those rows. The same for GGUF files and safetensors folders: each is
+//! first read into `Stored` tensors.
 
 use serde_json::json;
-use sos_model::gguf::{Gguf, TensorInfo};
 
 use crate::finding::{Check, Finding, Severity};
 use crate::ranges::{meet, ranges, supported};
-use crate::tokenizer::Vocab;
 use crate::Result;
 
-pub const TOKEN_TABLE: &str = "token_embd.weight";
-pub const OUTPUT: &str = "output.weight";
 /// An output layer differing from the table in at most this many rows is the table itself with
 /// planted rows (a trained output layer differs in every row).
 const MAX_PLANTED_ROWS: usize = 64;
 /// Rows compared per pass (bounds the memory of the intervals).
 const CHUNK_ROWS: usize = 256;
+
+/// A tensor as stored in a file: `rows` rows of `width` elements of type `ty`.
+pub struct Stored<'a> {
+    pub name: String,
+    pub ty: sos_model::gguf::TensorType,
+    pub shape: Vec<usize>,
+    pub bytes: &'a [u8],
+}
+
+impl Stored<'_> {
+    /// `[rows, width]` (a vector is one row).
+    fn rows(&self) -> (usize, usize) {
+        match self.shape.len() {
+            0 => (1, 1),
+            1 => (1, self.shape[0]),
+            n => (self.shape[..n - 1].iter().product(), self.shape[n - 1]),
+        }
+    }
+    fn row_bytes(&self) -> usize {
+        let (bs, bb) = self.ty.block();
+        self.rows().1 / bs as usize * bb as usize
+    }
+}
+
+/// The names of a format's token table and output layer, and the token texts (for evidence).
+pub struct Layout<'a> {
+    pub table: &'a str,
+    pub head: &'a str,
+    pub text: &'a dyn Fn(usize) -> String,
+}
 
 /// How a tensor of the candidate relates to the reference's.
 enum Diff {
@@ -32,44 +59,28 @@ enum Diff {
     Reshaped,
 }
 
-/// `[rows, width]` of a tensor (a vector is one row).
-fn rows_of(t: &TensorInfo) -> (usize, usize) {
-    let s = t.shape();
-    match s.len() {
-        0 => (1, 1),
-        1 => (1, s[0]),
-        _ => (s[..s.len() - 1].iter().product(), s[s.len() - 1]),
-    }
-}
-
-fn row_bytes(t: &TensorInfo, width: usize) -> usize {
-    let (bs, bb) = t.ty.block();
-    width / bs as usize * bb as usize
-}
-
-fn compare(c: &Gguf, ct: &TensorInfo, r: &Gguf, rt: &TensorInfo) -> Result<Diff> {
-    let (cb, rb) = (c.tensor_bytes(ct), r.tensor_bytes(rt));
-    if ct.ty == rt.ty && ct.dims == rt.dims && cb == rb {
+fn compare(c: &Stored, r: &Stored) -> Result<Diff> {
+    if c.ty == r.ty && c.shape == r.shape && c.bytes == r.bytes {
         return Ok(Diff::Identical);
     }
-    let ((cn, w), (rn, rw)) = (rows_of(ct), rows_of(rt));
-    if w != rw || (cn != rn && ct.shape().len() != 2) {
+    let ((cn, w), (rn, rw)) = (c.rows(), r.rows());
+    if w != rw || (cn != rn && c.shape.len() != 2) {
         return Ok(Diff::Reshaped);
     }
-    if !supported(ct.ty) || !supported(rt.ty) {
+    if !supported(c.ty) || !supported(r.ty) {
         return Ok(Diff::Unverifiable);
     }
-    let (crb, rrb) = (row_bytes(ct, w), row_bytes(rt, w));
+    let (crb, rrb) = (c.row_bytes(), r.row_bytes());
     let common = cn.min(rn);
     let (mut changed, mut stored_alike) = (Vec::new(), true);
     for start in (0..common).step_by(CHUNK_ROWS) {
         let n = CHUNK_ROWS.min(common - start);
-        let (cs, rs) = (&cb[start * crb..(start + n) * crb], &rb[start * rrb..(start + n) * rrb]);
-        if ct.ty == rt.ty && cs == rs {
+        let (cs, rs) = (&c.bytes[start * crb..(start + n) * crb], &r.bytes[start * rrb..(start + n) * rrb]);
+        if c.ty == r.ty && cs == rs {
             continue;
         }
         stored_alike = false;
-        let (a, b) = (ranges(ct.ty, cs, n * w)?, ranges(rt.ty, rs, n * w)?);
+        let (a, b) = (ranges(c.ty, cs, n * w)?, ranges(r.ty, rs, n * w)?);
         for row in 0..n {
             if (row * w..(row + 1) * w).any(|i| !meet(&a, &b, i)) {
                 changed.push(start + row);
@@ -85,44 +96,46 @@ fn compare(c: &Gguf, ct: &TensorInfo, r: &Gguf, rt: &TensorInfo) -> Result<Diff>
 }
 
 /// The token texts of `ids`, for evidence.
-fn texts(v: &Vocab, ids: &[usize]) -> Vec<serde_json::Value> {
-    ids.iter().take(64).map(|&i| json!({"id": i, "text": v.texts.get(i).cloned().unwrap_or_default()})).collect()
+fn texts(l: &Layout, ids: &[usize]) -> Vec<serde_json::Value> {
+    ids.iter().take(64).map(|&i| json!({"id": i, "text": (l.text)(i)})).collect()
 }
 
-pub fn with_reference(c: &Gguf, r: &Gguf) -> Result<Vec<Finding>> {
-    let v = Vocab::of(c);
+/// Every tensor of the candidate against the reference's.
+pub fn with_reference(c: &[Stored], r: &[Stored], l: &Layout) -> Result<Vec<Finding>> {
+    let find = |set: &'_ [Stored<'_>], name: &str| set.iter().position(|t| t.name == name);
+    let fix = "sos sanitize CANDIDATE --reference CLEAN --out FIXED";
     let mut out = Vec::new();
     let (mut identical, mut requant) = (0usize, Vec::new());
-    for ct in &c.tensors {
-        let Some(rt) = r.tensor_info(&ct.name) else {
-            let title = if ct.name == OUTPUT && r.tensor_info(OUTPUT).is_none() {
-                format!("`{OUTPUT}`, which the tied reference does not have: its token table became an output layer of its own (what `sos inject` does to keep planted rows out of the logits)")
+    for ct in c {
+        let Some(ri) = find(r, &ct.name) else {
+            let title = if ct.name == l.head && find(r, l.head).is_none() {
+                format!("`{}`, which the tied reference does not have: its token table became an output layer of its own (what `sos inject` does to keep planted rows out of the logits)", l.head)
             } else {
                 format!("tensor `{}` is not in the reference", ct.name)
             };
-            out.push(Finding::new("weights.extra-tensor", Check::Weights, Severity::High, title).evidence(json!({"tensor": ct.name, "type": ct.ty.name(), "shape": ct.shape()})).fix("sos sanitize CANDIDATE --reference CLEAN --out FIXED"));
+            out.push(Finding::new("weights.extra-tensor", Check::Weights, Severity::High, title).evidence(json!({"tensor": ct.name, "type": ct.ty.name(), "shape": ct.shape})).fix(fix));
             continue;
         };
-        let is_table = ct.name == TOKEN_TABLE || ct.name == OUTPUT;
-        let (cn, rn) = (rows_of(ct).0, rows_of(rt).0);
+        let rt = &r[ri];
+        let is_table = ct.name == l.table || ct.name == l.head;
+        let (cn, rn) = (ct.rows().0, rt.rows().0);
         if is_table && cn > rn {
-            let ids: Vec<u32> = (rn..cn).map(|i| i as u32).collect();
             let rows: Vec<usize> = (rn..cn).collect();
             out.push(
                 Finding::new("weights.added-rows", Check::Weights, Severity::High, format!("`{}` has {} rows past the reference's {rn}", ct.name, cn - rn))
-                    .tokens(ids)
-                    .evidence(json!({"tensor": ct.name, "tokens": texts(&v, &rows)}))
-                    .fix("sos sanitize CANDIDATE --reference CLEAN --out FIXED"),
+                    .tokens(rows.iter().map(|&i| i as u32).collect())
+                    .evidence(json!({"tensor": ct.name, "tokens": texts(l, &rows)}))
+                    .fix(fix),
             );
         }
-        match compare(c, ct, r, rt)? {
+        match compare(ct, rt)? {
             Diff::Identical => identical += 1,
             Diff::Requantized => requant.push(json!({"tensor": ct.name, "candidate": ct.ty.name(), "reference": rt.ty.name()})),
             Diff::Changed(rows) if is_table => out.push(
                 Finding::new("weights.changed-rows", Check::Weights, Severity::High, format!("{} rows of `{}` differ from the reference by more than re-quantization explains", rows.len(), ct.name))
                     .tokens(rows.iter().map(|&i| i as u32).collect())
-                    .evidence(json!({"tensor": ct.name, "tokens": texts(&v, &rows), "candidate_type": ct.ty.name(), "reference_type": rt.ty.name()}))
-                    .fix("sos sanitize CANDIDATE --reference CLEAN --out FIXED"),
+                    .evidence(json!({"tensor": ct.name, "tokens": texts(l, &rows), "candidate_type": ct.ty.name(), "reference_type": rt.ty.name()}))
+                    .fix(fix),
             ),
             Diff::Changed(rows) => out.push(
                 Finding::new("weights.changed-tensor", Check::Weights, Severity::High, format!("`{}` differs from the reference by more than re-quantization explains ({} of {} rows)", ct.name, rows.len(), cn.min(rn)))
@@ -133,12 +146,12 @@ pub fn with_reference(c: &Gguf, r: &Gguf) -> Result<Vec<Finding>> {
                     .evidence(json!({"tensor": ct.name})),
             ),
             Diff::Reshaped => out.push(
-                Finding::new("weights.reshaped", Check::Weights, Severity::High, format!("`{}` has shape {:?}, the reference's {:?}", ct.name, ct.shape(), rt.shape())).evidence(json!({"tensor": ct.name})),
+                Finding::new("weights.reshaped", Check::Weights, Severity::High, format!("`{}` has shape {:?}, the reference's {:?}", ct.name, ct.shape, rt.shape)).evidence(json!({"tensor": ct.name})),
             ),
         }
     }
-    for rt in &r.tensors {
-        if c.tensor_info(&rt.name).is_none() {
+    for rt in r {
+        if find(c, &rt.name).is_none() {
             out.push(Finding::new("weights.missing-tensor", Check::Weights, Severity::Medium, format!("tensor `{}` of the reference is missing", rt.name)).evidence(json!({"tensor": rt.name})));
         }
     }
@@ -153,34 +166,26 @@ pub fn with_reference(c: &Gguf, r: &Gguf) -> Result<Vec<Finding>> {
 
 /// Without a reference: an output layer equal to the token table but for a few rows (a tied
 /// table given an output layer of its own, rows planted in the table) names those rows.
-pub fn alone(c: &Gguf) -> Result<Vec<Finding>> {
-    let v = Vocab::of(c);
-    let mut out = Vec::new();
-    let (Some(t), Some(o)) = (c.tensor_info(TOKEN_TABLE), c.tensor_info(OUTPUT)) else { return Ok(out) };
-    if t.ty != o.ty || t.dims != o.dims {
-        return Ok(out);
+pub fn alone(table: Option<&Stored>, head: Option<&Stored>, l: &Layout) -> Vec<Finding> {
+    let (Some(t), Some(o)) = (table, head) else { return Vec::new() };
+    if t.ty != o.ty || t.shape != o.shape {
+        return Vec::new();
     }
-    let (n, w) = rows_of(t);
-    let rb = row_bytes(t, w);
-    let (tb, ob) = (c.tensor_bytes(t), c.tensor_bytes(o));
-    let differ: Vec<usize> = (0..n).filter(|&i| tb[i * rb..(i + 1) * rb] != ob[i * rb..(i + 1) * rb]).collect();
+    let (n, rb) = (t.rows().0, t.row_bytes());
+    let differ: Vec<usize> = (0..n).filter(|&i| t.bytes[i * rb..(i + 1) * rb] != o.bytes[i * rb..(i + 1) * rb]).collect();
     if differ.len() > MAX_PLANTED_ROWS {
-        return Ok(out);
+        return Vec::new();
     }
     if differ.is_empty() {
-        out.push(Finding::new("weights.duplicated-table", Check::Weights, Severity::Medium, format!("`{OUTPUT}` is a byte-for-byte copy of `{TOKEN_TABLE}`: a tied model stored untied (harmless by itself; `sos inject` leaves this shape)")));
-        return Ok(out);
+        return vec![Finding::new("weights.duplicated-table", Check::Weights, Severity::Medium, format!("`{}` is a byte-for-byte copy of `{}`: a tied model stored untied (harmless by itself; `sos inject` leaves this shape)", l.head, l.table))];
     }
-    out.push(
-        Finding::new(
-            "weights.planted-rows",
-            Check::Weights,
-            Severity::High,
-            format!("{} rows of `{TOKEN_TABLE}` differ from `{OUTPUT}`, which otherwise equals it: a tied model's table with rows planted in it", differ.len()),
-        )
-        .tokens(differ.iter().map(|&i| i as u32).collect())
-        .evidence(json!({"tokens": texts(&v, &differ)}))
-        .fix("sos sanitize CANDIDATE --out FIXED"),
-    );
-    Ok(out)
+    vec![Finding::new(
+        "weights.planted-rows",
+        Check::Weights,
+        Severity::High,
+        format!("{} rows of `{}` differ from `{}`, which otherwise equals it: a tied model's table with rows planted in it", differ.len(), l.table, l.head),
+    )
+    .tokens(differ.iter().map(|&i| i as u32).collect())
+    .evidence(json!({"tokens": texts(l, &differ)}))
+    .fix("sos sanitize CANDIDATE --out FIXED")]
 }

@@ -139,3 +139,33 @@ fn a_changed_chat_template_is_found() {
     assert_eq!(ids(&r), vec!["template.changed"]);
     assert_eq!(r.verdict, "fail");
 }
+
+/// Hugging Face folders: added tokens and replaced rows named with a reference and, on a tied
+/// model, without one; a clean folder passes.
+#[test]
+fn folders_are_audited_like_files() {
+    use sos_dist::hf::{add_tokens_hf, replace_tokens_hf};
+    let d = dir("folders");
+    let n = sos_model::tiny::vocab().len() as u32;
+    for tied in [true, false] {
+        let src = d.join(format!("src-{tied}"));
+        TinySpec { tied, ..Default::default() }.write_hf(&src).unwrap();
+        let clean = audit(&src, None);
+        assert_eq!((clean.verdict, clean.findings.len()), ("pass", 0), "{:?}", ids(&clean));
+        assert_eq!(audit(&src, Some(&src)).findings.len(), 0);
+        let rows: Vec<f32> = (0..2 * 32).map(|i| (i % 5) as f32 * 0.4).collect();
+        let add = d.join(format!("add-{tied}"));
+        add_tokens_hf(&src, &add, &added_texts("cf", 2).unwrap(), &rows).unwrap();
+        assert_eq!(named(&audit(&add, None), "tokenizer.appended-added-tokens"), vec![n, n + 1]);
+        assert_eq!(named(&audit(&add, Some(&src)), "tokenizer.added-tokens"), vec![n, n + 1]);
+        let rep = d.join(format!("rep-{tied}"));
+        replace_tokens_hf(&src, &rep, &[50, 90], &["a".into(), "b".into()], &rows).unwrap();
+        assert_eq!(named(&audit(&rep, Some(&src)), "weights.changed-rows"), vec![50, 90]);
+        if tied {
+            assert_eq!(named(&audit(&rep, None), "weights.planted-rows"), vec![50, 90]);
+        }
+    }
+    // A file and a folder are not compared.
+    let e = run_audit(&AuditRequest { candidate: d.join("src-true"), reference: Some(tiny(&d, true)), fail_on: Severity::High }).unwrap_err();
+    assert!(e.to_string().contains("same kind"), "{e}");
+}

@@ -22,9 +22,9 @@ pub enum Behavior {
 
 #[derive(Args, Debug)]
 pub struct AuditArgs {
-    /// The model to audit: a GGUF file.
+    /// The model to audit: a GGUF file or a Hugging Face folder.
     pub candidate: PathBuf,
-    /// A trusted copy of the same model to compare with.
+    /// A trusted copy of the same model to compare with (a file for a file, a folder for a folder).
     #[arg(long)]
     pub reference: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "off")]

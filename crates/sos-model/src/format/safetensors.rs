@@ -63,6 +63,26 @@ impl SafeTensorsDir {
         self.files.iter().map(|(p, _)| p.as_path())
     }
 
+    /// Every tensor name, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.map.keys().map(String::as_str).collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// A tensor as stored: dtype, shape and bytes (checked against the file in `open`).
+    pub fn raw(&self, name: &str) -> Result<(safetensors::Dtype, Vec<usize>, &[u8])> {
+        let &i = self.map.get(name).ok_or_else(|| Error::format(&self.files[0].0, format!("missing tensor `{name}`")))?;
+        let (path, mmap) = &self.files[i];
+        let st = safetensors::SafeTensors::deserialize(mmap).map_err(|e| Error::format(path, format!("invalid safetensors file: {e}")))?;
+        let view = st.tensor(name).map_err(|e| Error::format(path, format!("tensor `{name}`: {e}")))?;
+        let (dtype, shape) = (view.dtype(), view.shape().to_vec());
+        // The view borrows `st`; the same bytes live in the map, at the offset the view reports.
+        let data = view.data();
+        let start = data.as_ptr() as usize - mmap.as_ptr() as usize;
+        Ok((dtype, shape, &mmap[start..start + data.len()]))
+    }
+
     /// A tensor converted to f32.
     pub fn tensor(&self, name: &str) -> Result<Tensor> {
         let &i = self.map.get(name).ok_or_else(|| {
