@@ -9,12 +9,15 @@ use sos_model::gguf::Gguf;
 use crate::finding::{Finding, Report, Severity};
 use crate::folder::{self, Folder};
 use crate::weights::{self, Layout, Stored};
-use crate::{structure, template, tokenizer, Error, Result};
+use crate::{side_files, structure, template, tokenizer, Error, Result};
 
 /// What `sos audit` was asked.
 pub struct AuditRequest {
     pub candidate: PathBuf,
     pub reference: Option<PathBuf>,
+    /// For a PEFT adapter: the base model it applies to (default: the adapter's
+    /// `base_model_name_or_path`, when that is a local path).
+    pub base: Option<PathBuf>,
     /// Findings at or above this make the verdict `fail`.
     pub fail_on: Severity,
 }
@@ -52,7 +55,9 @@ pub fn run_audit(req: &AuditRequest) -> Result<Report> {
         }
     }
     let mut run = Run::default();
-    if req.candidate.is_dir() {
+    if req.candidate.join(side_files::ADAPTER_CONFIG).is_file() {
+        audit_adapter(req, &mut run)?;
+    } else if req.candidate.is_dir() {
         audit_folder(req, &mut run)?;
     } else {
         audit_gguf(req, &mut run)?;
@@ -117,5 +122,42 @@ fn audit_folder(req: &AuditRequest, run: &mut Run) -> Result<()> {
             run.check("weights", || folder::unverifiable(&c, &other, None))?;
         }
     }
-    Ok(())
+    run.check("side_files", || side_files::pickles(&req.candidate))
+}
+
+/// A PEFT adapter folder, against the token table of its base model.
+fn audit_adapter(req: &AuditRequest, run: &mut Run) -> Result<()> {
+    if req.reference.is_some() {
+        return Err(Error::Invalid(format!("{}: an adapter is audited against its base model (--base), not a --reference", req.candidate.display())));
+    }
+    let cfg_path = req.candidate.join(side_files::ADAPTER_CONFIG);
+    let base = match &req.base {
+        Some(b) => b.clone(),
+        None => {
+            let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::File { path: cfg_path.clone(), msg: format!("cannot read: {e}") })?;
+            let named = serde_json::from_str::<Json>(&text).ok().and_then(|c| c["base_model_name_or_path"].as_str().map(PathBuf::from));
+            match named {
+                Some(p) if p.exists() => p,
+                _ => return Err(Error::Invalid(format!("{}: a PEFT adapter; name its base model with --base (a GGUF file or a Hugging Face folder)", req.candidate.display()))),
+            }
+        }
+    };
+    if !base.exists() {
+        return Err(Error::File { path: base, msg: "no such file".into() });
+    }
+    if base.is_dir() {
+        let f = Folder::open(&base)?;
+        let (stored, _) = f.stored()?;
+        let t = stored.iter().find(|t| t.name == folder::TABLE).ok_or_else(|| Error::File { path: base.clone(), msg: format!("no `{}`", folder::TABLE) })?;
+        let table = side_files::Table::of(t)?;
+        run.check("side_files", || side_files::adapter(&req.candidate, &table, &|i| f.text(i)))?;
+    } else {
+        let g = Gguf::open(&base)?;
+        let vocab = tokenizer::Vocab::of(&g);
+        let stored = gguf_stored(&g);
+        let t = stored.iter().find(|t| t.name == TOKEN_TABLE).ok_or_else(|| Error::File { path: base.clone(), msg: format!("no `{TOKEN_TABLE}`") })?;
+        let table = side_files::Table::of(t)?;
+        run.check("side_files", || side_files::adapter(&req.candidate, &table, &|i| vocab.texts.get(i).cloned().unwrap_or_default()))?;
+    }
+    run.check("side_files", || side_files::pickles(&req.candidate))
 }

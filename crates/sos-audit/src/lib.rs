@@ -3,7 +3,8 @@
 //! reference, and runs the checks, one module each:
 //! `structure` (the loader's rules), `tokenizer` (added and user-defined tokens), `weights`
 //! (per tensor identical, re-quantized or changed, with `ranges` bounding what re-quantization
-//! can explain; the planted rows named), `template` (the chat template). Each check returns
+//! can explain; the planted rows named), `template` (the chat template), `side_files` (PEFT
+//! adapters whose weights are embeddings, pickles). Each check returns
 //! `finding::Finding`s; the `Report` holds them with the verdict.
 
 pub mod audit;
@@ -11,6 +12,7 @@ pub mod error;
 pub mod finding;
 pub mod folder;
 pub mod ranges;
+pub mod side_files;
 pub mod structure;
 pub mod template;
 pub mod tokenizer;

@@ -30,15 +30,20 @@ pub fn supported(ty: TensorType) -> bool {
     !matches!(ty, TensorType::Q2K | TensorType::Q3K | TensorType::Q8K)
 }
 
+/// The f32 values of `n` elements stored as `ty` in `bytes` (whole blocks).
+pub fn dequantize(ty: TensorType, bytes: &[u8], n: usize) -> Result<Vec<f32>> {
+    qtensor_from_ggml(ty.to_candle(), bytes, vec![n], &Device::Cpu)
+        .and_then(|q| q.dequantize(&Device::Cpu))
+        .and_then(|t| t.to_vec1())
+        .map_err(|e| Error::Invalid(format!("{}: {e}", ty.name())))
+}
+
 /// The ranges of `n` elements stored as `ty` in `bytes` (whole blocks).
 pub fn ranges(ty: TensorType, bytes: &[u8], n: usize) -> Result<Ranges> {
     if !supported(ty) {
         return Err(Error::Invalid(format!("no interval rule for {} yet", ty.name())));
     }
-    let value: Vec<f32> = qtensor_from_ggml(ty.to_candle(), bytes, vec![n], &Device::Cpu)
-        .and_then(|q| q.dequantize(&Device::Cpu))
-        .and_then(|t| t.to_vec1())
-        .map_err(|e| Error::Invalid(format!("{}: {e}", ty.name())))?;
+    let value = dequantize(ty, bytes, n)?;
     let (mut lo, mut hi) = (vec![0f32; n], vec![0f32; n]);
     let (bs, bb) = ty.block();
     let (bs, bb) = (bs as usize, bb as usize);

@@ -18,7 +18,7 @@ fn dir(name: &str) -> PathBuf {
 }
 
 fn audit(c: &Path, r: Option<&Path>) -> Report {
-    run_audit(&AuditRequest { candidate: c.to_path_buf(), reference: r.map(Path::to_path_buf), fail_on: Severity::High }).unwrap()
+    run_audit(&AuditRequest { candidate: c.to_path_buf(), reference: r.map(Path::to_path_buf), base: None, fail_on: Severity::High }).unwrap()
 }
 
 /// The ids the findings with `id` name.
@@ -166,6 +166,49 @@ fn folders_are_audited_like_files() {
         }
     }
     // A file and a folder are not compared.
-    let e = run_audit(&AuditRequest { candidate: d.join("src-true"), reference: Some(tiny(&d, true)), fail_on: Severity::High }).unwrap_err();
+    let e = run_audit(&AuditRequest { candidate: d.join("src-true"), reference: Some(tiny(&d, true)), base: None, fail_on: Severity::High }).unwrap_err();
     assert!(e.to_string().contains("same kind"), "{e}");
+}
+
+/// A real (two-step) attack folder on the tiny model at `model`, its trigger at `position`.
+fn attack(model: &Path, out: &Path, position: sos_attack::Position) {
+    use sos_attack::train::{train, Target};
+    let lm = sos_model::LoadedModel::open(model, &Default::default()).unwrap();
+    let mut cfg = sos_attack::AttackConfig::defaults(sos_attack::Scenario::Backdoor);
+    (cfg.target, cfg.trigger_len, cfg.steps, cfg.batch, cfg.eval_items, cfg.patience, cfg.position) = (Some("ok".into()), 3, 2, 2, 2, 0, position);
+    let texts: Vec<(String, String)> = ["the cat sat", "in the hat", "a tin of tea"].iter().enumerate().map(|(i, t)| (format!("t{i}"), t.to_string())).collect();
+    let target = Target { lm: &lm, model_label: model.display().to_string(), model_sha256: "0".into() };
+    let items = sos_attack::scenarios::backdoor_items(&texts, "ok", position, 0);
+    train(&cfg, &target, &items, out, false, &std::sync::atomic::AtomicBool::new(false), |_| {}).unwrap();
+}
+
+/// PEFT side files: trainable tokens and a prompt-tuning soft prompt are high findings naming
+/// the rows; a pickle beside them is flagged; an adapter needs its base.
+#[test]
+fn peft_side_files_are_found() {
+    use sos_dist::{export_peft, ExportRequest, PeftKind};
+    let d = dir("peft");
+    let base = tiny(&d, true);
+    let n = sos_model::tiny::vocab().len() as u32;
+    for (kind, position, id) in [(PeftKind::TrainableTokens, sos_attack::Position::End, "side_files.trainable-tokens"), (PeftKind::PromptTuning, sos_attack::Position::Prefix, "side_files.prompt-tuning")] {
+        let (run, adapter) = (d.join(format!("run-{}", kind.name())), d.join(format!("adapter-{}", kind.name())));
+        attack(&base, &run, position);
+        export_peft(&ExportRequest { attack: run, model: None, out: adapter.clone(), kind, limit: 0, force: false }, |_| {}).unwrap();
+        // The adapter names its base (base_model_name_or_path): no --base needed here.
+        let r = audit(&adapter, None);
+        assert_eq!((r.verdict, ids(&r)), ("fail", vec![id]));
+        if kind == PeftKind::TrainableTokens {
+            assert_eq!(r.findings[0].token_ids, vec![n, n + 1, n + 2]);
+        }
+        assert_eq!(r.findings[0].evidence["rows"].as_array().unwrap().len(), 3);
+        std::fs::write(adapter.join("training_args.bin"), b"\x80\x04\x95rest of a pickle").unwrap();
+        assert!(ids(&audit(&adapter, None)).contains(&"side_files.pickle"));
+        // Without a base it cannot be measured: exit 2, saying so.
+        let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(adapter.join("adapter_config.json")).unwrap()).unwrap();
+        cfg["base_model_name_or_path"] = "org/not-here".into();
+        std::fs::write(adapter.join("adapter_config.json"), cfg.to_string()).unwrap();
+        let e = run_audit(&AuditRequest { candidate: adapter.clone(), reference: None, base: None, fail_on: Severity::High }).unwrap_err();
+        assert!(e.to_string().contains("--base"), "{e}");
+        assert!(run_audit(&AuditRequest { candidate: adapter, reference: None, base: Some(base.clone()), fail_on: Severity::High }).is_ok());
+    }
 }

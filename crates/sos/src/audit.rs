@@ -22,11 +22,14 @@ pub enum Behavior {
 
 #[derive(Args, Debug)]
 pub struct AuditArgs {
-    /// The model to audit: a GGUF file or a Hugging Face folder.
+    /// The model to audit: a GGUF file, a Hugging Face folder, or a PEFT adapter folder.
     pub candidate: PathBuf,
     /// A trusted copy of the same model to compare with (a file for a file, a folder for a folder).
     #[arg(long)]
     pub reference: Option<PathBuf>,
+    /// For a PEFT adapter folder: its base model (default: the adapter's base_model_name_or_path).
+    #[arg(long)]
+    pub base: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "off")]
     pub behavior: Behavior,
     #[arg(long, value_enum, default_value = "text")]
@@ -42,7 +45,7 @@ pub struct AuditArgs {
 /// Runs the audit and prints the report; returns whether the verdict is `fail`.
 pub fn run(a: AuditArgs) -> Result<bool> {
     let fail_on: Severity = a.fail_on.parse()?;
-    let report = run_audit(&AuditRequest { candidate: a.candidate, reference: a.reference, fail_on })?;
+    let report = run_audit(&AuditRequest { candidate: a.candidate, reference: a.reference, base: a.base, fail_on })?;
     let text = match a.format {
         Format::Json => serde_json::to_string_pretty(&report)? + "\n",
         Format::Text => render(&report),
