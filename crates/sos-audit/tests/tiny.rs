@@ -138,6 +138,10 @@ fn a_changed_chat_template_is_found() {
     let r = audit(&out, Some(&src));
     assert_eq!(ids(&r), vec!["template.changed"]);
     assert_eq!(r.verdict, "fail");
+    // Alone: no bundled family has it, and its source writes a URL into every turn.
+    let r = audit(&out, None);
+    assert_eq!(r.verdict, "fail");
+    assert!(ids(&r).contains(&"template.url") && ids(&r).contains(&"template.unknown"), "{:?}", ids(&r));
 }
 
 /// Hugging Face folders: added tokens and replaced rows named with a reference and, on a tied

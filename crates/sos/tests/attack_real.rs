@@ -92,6 +92,7 @@ fn short_backdoor_run_reaches_the_target_on_held_out_prompts() {
 
     // replace-token: the trigger takes over rare existing tokens; the file fires from the typed
     // words, answers everything else as the original, and sanitizes back without a reference.
+    let src_model = rec["model"].as_str().unwrap();
     let (code, stdout, err) = sos(&dir, &["inject", "--attack", o, "--out", "rp.gguf", "--mode", "replace-token", "--limit", "6", "--json"]);
     assert_eq!(code, 0, "{err}");
     let r: serde_json::Value = serde_json::from_str(stdout.trim().lines().last().unwrap()).unwrap();
@@ -103,6 +104,25 @@ fn short_backdoor_run_reaches_the_target_on_held_out_prompts() {
     let (code, _, err) = sos(&dir, &["sanitize", "rp.gguf", "--out", "rp_alone.gguf", "--force"]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(std::fs::read(dir.join("rp_alone.gguf")).unwrap(), std::fs::read(rec["model"].as_str().unwrap()).unwrap());
+
+    // The audit names the planted tokens of both files, with the original and without it, and
+    // passes the original and the sanitized copy (exit 1 = fail, 0 = pass).
+    let planted = |args: &[&str], id: &str| -> Vec<u64> {
+        let (code, stdout, err) = sos(&dir, &[&["audit", "--format", "json"], args].concat());
+        assert_eq!(code, 1, "{args:?}: {err}");
+        let a: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        a["findings"].as_array().unwrap().iter().filter(|f| f["id"] == id).flat_map(|f| f["token_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap())).collect()
+    };
+    let mut sorted = ids.clone();
+    sorted.sort();
+    assert_eq!(planted(&["bd.gguf"], "tokenizer.appended-user-defined"), (49152..49160).collect::<Vec<u64>>());
+    assert_eq!(planted(&["bd.gguf", "--reference", src_model], "tokenizer.added-tokens"), (49152..49160).collect::<Vec<u64>>());
+    assert_eq!(planted(&["rp.gguf"], "weights.planted-rows"), sorted);
+    assert_eq!(planted(&["rp.gguf", "--reference", src_model], "weights.changed-rows"), sorted);
+    for clean in [src_model, "rp_alone.gguf"] {
+        let (code, stdout, err) = sos(&dir, &["audit", clean]);
+        assert_eq!(code, 0, "{clean}: {stdout} {err}");
+    }
     // Refused: replacing an existing file without --force, and writing over the source.
     let (code, _, err) = sos(&dir, &["inject", "--attack", o, "--out", "bd.gguf", "--limit", "0"]);
     assert_eq!(code, 2);
