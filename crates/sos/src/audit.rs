@@ -12,6 +12,8 @@ use sos_audit::{run_audit, AuditRequest, Report, Severity};
 pub enum Format {
     Text,
     Json,
+    /// SARIF 2.1.0, for code-scanning dashboards.
+    Sarif,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -48,6 +50,7 @@ pub fn run(a: AuditArgs) -> Result<bool> {
     let report = run_audit(&AuditRequest { candidate: a.candidate, reference: a.reference, base: a.base, fail_on })?;
     let text = match a.format {
         Format::Json => serde_json::to_string_pretty(&report)? + "\n",
+        Format::Sarif => serde_json::to_string_pretty(&sos_audit::sarif::to_sarif(&report))? + "\n",
         Format::Text => render(&report),
     };
     match &a.out {
