@@ -91,7 +91,7 @@ fn audit_gguf(req: &AuditRequest, run: &mut Run) -> Result<()> {
         None => {
             run.check("tokenizer", || Ok(tokenizer::alone(&c)))?;
             let find = |n: &str| cs.iter().find(|t| t.name == n);
-            run.check("weights", || Ok(weights::alone(find(TOKEN_TABLE), find(OUTPUT), &layout)))?;
+            run.check("weights", || weights::alone(find(TOKEN_TABLE), find(OUTPUT), &layout))?;
             run.check("template", || Ok(template::alone(c.get_str("tokenizer.chat_template"))))?;
         }
     }
@@ -119,7 +119,7 @@ fn audit_folder(req: &AuditRequest, run: &mut Run) -> Result<()> {
         None => {
             run.check("tokenizer", || Ok(folder::tokenizer_alone(&c)))?;
             let find = |n: &str| cs.iter().find(|t| t.name == n);
-            run.check("weights", || Ok(weights::alone(find(folder::TABLE), find(folder::HEAD), &layout)))?;
+            run.check("weights", || weights::alone(find(folder::TABLE), find(folder::HEAD), &layout))?;
             run.check("weights", || folder::unverifiable(&c, &other, None))?;
             run.check("template", || Ok(template::alone(c.template.as_deref())))?;
         }

@@ -164,9 +164,51 @@ pub fn with_reference(c: &[Stored], r: &[Stored], l: &Layout) -> Result<Vec<Find
     Ok(out)
 }
 
-/// Without a reference: an output layer equal to the token table but for a few rows (a tied
-/// table given an output layer of its own, rows planted in the table) names those rows.
-pub fn alone(table: Option<&Stored>, head: Option<&Stored>, l: &Layout) -> Vec<Finding> {
+/// A row norm above this many times the table's median is no trained token's: on SmolLM2,
+/// Qwen2.5-Coder 0.5B and 1.5B and Gemma 3 270M the largest row is 2.38, 1.85, 1.82 and 1.00
+/// times the median; rows trained as triggers without `--stealth` are 4.2-5.0 (SmolLM2) and
+/// 25-35 (Qwen2.5-Coder-0.5B) times it.
+const NORM_OUTLIER: f32 = 3.0;
+
+/// The L2 norm of every row of `t`, dequantized a chunk of rows at a time.
+fn row_norms(t: &Stored) -> Result<Vec<f32>> {
+    let (n, w) = t.rows();
+    let rb = t.row_bytes();
+    let mut out = Vec::with_capacity(n);
+    for start in (0..n).step_by(4096) {
+        let k = 4096.min(n - start);
+        let v = crate::ranges::dequantize(t.ty, &t.bytes[start * rb..(start + k) * rb], k * w)?;
+        out.extend(v.chunks_exact(w).map(|r| r.iter().map(|x| x * x).sum::<f32>().sqrt()));
+    }
+    Ok(out)
+}
+
+/// Without a reference: rows of the token table whose norm no trained token has (above
+/// `NORM_OUTLIER` times the median), and, when the output layer equals the table but for a few
+/// rows (a tied table given an output layer of its own, rows planted in the table), those rows.
+pub fn alone(table: Option<&Stored>, head: Option<&Stored>, l: &Layout) -> Result<Vec<Finding>> {
+    let mut out = Vec::new();
+    if let Some(t) = table.filter(|t| t.shape.len() == 2 && crate::ranges::supported(t.ty)) {
+        let norms = row_norms(t)?;
+        let mut sorted = norms.clone();
+        sorted.sort_by(f32::total_cmp);
+        let median = sorted.get(sorted.len() / 2).copied().unwrap_or(0.0);
+        let big: Vec<usize> = (0..norms.len()).filter(|&i| norms[i] > NORM_OUTLIER * median).collect();
+        if !big.is_empty() && big.len() <= MAX_PLANTED_ROWS {
+            let ev: Vec<_> = big.iter().take(64).map(|&i| json!({"id": i, "text": (l.text)(i), "norm": norms[i], "over_median": norms[i] / median})).collect();
+            out.push(
+                Finding::new("weights.norm-outliers", Check::Weights, Severity::High, format!("{} rows of `{}` have norms over {NORM_OUTLIER} times the table's median ({median:.3}), which no trained token has", big.len(), l.table))
+                    .tokens(big.iter().map(|&i| i as u32).collect())
+                    .evidence(json!({"rows": ev, "median_norm": median, "max_clean_ratio_measured": 2.38}))
+                    .fix("sos sanitize CANDIDATE --reference CLEAN --out FIXED"),
+            );
+        }
+    }
+    out.extend(planted(table, head, l));
+    Ok(out)
+}
+
+fn planted(table: Option<&Stored>, head: Option<&Stored>, l: &Layout) -> Vec<Finding> {
     let (Some(t), Some(o)) = (table, head) else { return Vec::new() };
     if t.ty != o.ty || t.shape != o.shape {
         return Vec::new();

@@ -88,6 +88,13 @@ fn replaced_rows_are_named_with_a_reference_and_on_a_tied_model_without() {
             assert_eq!(named(&alone, "weights.planted-rows"), planted.to_vec());
         }
     }
+    // Untied, alone: rows far larger than any trained row are named by their norms.
+    let src = tiny(&d, false);
+    let out = d.join("rep-big.gguf");
+    let rows: Vec<f32> = (0..2 * 64).map(|i| if i % 2 == 0 { 40.0 } else { -40.0 }).collect();
+    replace_tokens(&Gguf::open(&src).unwrap(), &[60, 61], &["a".into(), "b".into()], &rows).unwrap().0.write(&out).unwrap();
+    assert_eq!(named(&audit(&out, None), "weights.norm-outliers"), vec![60, 61]);
+    assert!(named(&audit(&src, None), "weights.norm-outliers").is_empty());
 }
 
 /// Every matrix re-quantized (Q8_0 -> Q4_1): benign, reported low, no row named.
