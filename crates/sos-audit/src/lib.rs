@@ -11,6 +11,7 @@ pub mod audit;
 pub mod error;
 pub mod finding;
 pub mod folder;
+pub mod manifest;
 pub mod ranges;
 pub mod sarif;
 pub mod side_files;

@@ -30,6 +30,19 @@ pub enum BenchCmd {
     /// Time for the default backdoor attack to reach a train metric of 1.0 (its first
     /// evaluation at 1.0); `--export` writes the exact problem for a peer (bench/torch_attack.py).
     Attack(AttackBench),
+    /// Whole-file SHA-256 (what `sos manifest` and the audit's provenance cost) against
+    /// `openssl dgst -sha256` on the same file, in the same run.
+    Hash(HashBench),
+}
+
+#[derive(Args, Debug)]
+pub struct HashBench {
+    /// The file to hash (ideally about 1 GB).
+    pub file: std::path::PathBuf,
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -97,7 +110,46 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Generate(a) => bench_generate(a),
         BenchCmd::Step(a) => bench_step(a),
         BenchCmd::Attack(a) => bench_attack(a),
+        BenchCmd::Hash(a) => bench_hash(a),
     }
+}
+
+/// Best of `runs` for sos's SHA-256 and for openssl's, alternating, on a file read once before
+/// (page cache warm for both).
+fn bench_hash(a: HashBench) -> Result<()> {
+    anyhow::ensure!(a.runs >= 1, "runs must be >= 1");
+    let size = std::fs::metadata(&a.file)?.len() as f64;
+    sos_audit::manifest::sha256_file(&a.file)?;
+    let (mut ours, mut theirs) = (f64::INFINITY, f64::INFINITY);
+    let mut openssl_ok = true;
+    for _ in 0..a.runs {
+        let t = Instant::now();
+        let d = sos_audit::manifest::sha256_file(&a.file)?;
+        ours = ours.min(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        match std::process::Command::new("openssl").args(["dgst", "-sha256"]).arg(&a.file).output() {
+            Ok(o) if o.status.success() => {
+                theirs = theirs.min(t.elapsed().as_secs_f64());
+                let hex: String = d.iter().map(|b| format!("{b:02x}")).collect();
+                anyhow::ensure!(String::from_utf8_lossy(&o.stdout).contains(&hex), "openssl and sos disagree on the digest of {}", a.file.display());
+            }
+            _ => openssl_ok = false,
+        }
+    }
+    let gbs = |s: f64| size / s / 1e9;
+    let ratio = if openssl_ok { Some(theirs / ours) } else { None };
+    if a.json {
+        println!("{}", json!({"file": a.file.display().to_string(), "bytes": size, "sos_s": ours, "sos_gb_s": gbs(ours), "openssl_s": openssl_ok.then_some(theirs), "openssl_gb_s": openssl_ok.then(|| gbs(theirs)), "speed_vs_openssl": ratio}));
+    } else {
+        println!("sos     {:.3} s  {:.2} GB/s", ours, gbs(ours));
+        if let Some(r) = ratio {
+            println!("openssl {:.3} s  {:.2} GB/s", theirs, gbs(theirs));
+            println!("sos speed / openssl speed: {r:.3}");
+        } else {
+            println!("openssl: not found; no ratio");
+        }
+    }
+    Ok(())
 }
 
 fn bench_generate(a: GenBench) -> Result<()> {

@@ -8,6 +8,7 @@ mod common;
 mod eval;
 mod generate;
 mod inject;
+mod manifest;
 mod model_cmd;
 mod peft;
 mod sanitize;
@@ -48,6 +49,9 @@ enum Cmd {
     ImportPeft(peft::ImportArgs),
     /// Audit a downloaded model for injected soft prompts; exit 1 on findings at --fail-on.
     Audit(audit::AuditArgs),
+    /// Provenance: a model-signing v1.0 manifest of a model's files, and its verification.
+    #[command(subcommand)]
+    Manifest(manifest::ManifestCmd),
     /// Measure generation and attack-step speed.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -86,6 +90,11 @@ fn main() {
         Cmd::ExportPeft(a) => peft::export(a),
         Cmd::ImportPeft(a) => peft::import(a),
         Cmd::Audit(a) => audit::run(a).map(|failed| {
+            if failed {
+                std::process::exit(1);
+            }
+        }),
+        Cmd::Manifest(c) => manifest::run(c).map(|failed| {
             if failed {
                 std::process::exit(1);
             }

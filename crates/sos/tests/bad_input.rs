@@ -166,3 +166,24 @@ fn not_a_model_at_all() {
     std::fs::write(&p, b"\x80\x02}q\x00(X\x05\x00\x00\x00torchq\x01.").unwrap();
     expect_both(&p, "not a GGUF file");
 }
+
+/// `sos manifest verify`: exit 0 verified, 1 on a mismatch, 2 on a manifest it cannot read.
+#[test]
+fn manifest_verify_exit_codes() {
+    let dir = tmpdir("manifest");
+    let model = tiny_gguf(&dir);
+    let m = dir.join("m.json");
+    let sos = |args: &[&std::ffi::OsStr]| Command::new(env!("CARGO_BIN_EXE_sos")).args(args).output().unwrap();
+    let out = sos(&["manifest".as_ref(), "create".as_ref(), model.as_os_str(), "--out".as_ref(), m.as_os_str()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(sos(&["manifest".as_ref(), "verify".as_ref(), model.as_os_str(), m.as_os_str()]).status.code(), Some(0));
+    let mut bytes = std::fs::read(&model).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    std::fs::write(&model, &bytes).unwrap();
+    let out = sos(&["manifest".as_ref(), "verify".as_ref(), model.as_os_str(), m.as_os_str()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("changed: ."), "{}", String::from_utf8_lossy(&out.stdout));
+    std::fs::write(&m, "not json").unwrap();
+    check_error(&m, "invalid JSON", &sos(&["manifest".as_ref(), "verify".as_ref(), model.as_os_str(), m.as_os_str()]));
+}

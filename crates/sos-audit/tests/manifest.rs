@@ -1,0 +1,102 @@
+//! `sos manifest`: the statement lists every file (or shard) in model-signing's order and
+//! verifies its own model; each kind of tampering is named. (Byte-for-byte agreement with
+//! model-signing 1.1.1 itself: compat/manifest_check.py.)
+
+use std::path::{Path, PathBuf};
+
+use sos_audit::manifest::{create, verify, Serialization};
+use sos_model::tiny::TinySpec;
+
+fn dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("sos-manifest-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn write(p: &Path, data: &[u8]) {
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    std::fs::write(p, data).unwrap();
+}
+
+fn names(st: &serde_json::Value) -> Vec<String> {
+    st["predicate"]["resources"].as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap().to_string()).collect()
+}
+
+#[test]
+fn a_folder_in_model_signing_order_verifies_and_tampering_is_named() {
+    let d = dir("folder");
+    let m = d.join("model");
+    TinySpec::default().write_hf(&m).unwrap();
+    // Path order is component by component: `a/b` before `a-c` (a plain string sort says otherwise).
+    write(&m.join("a/b"), b"x");
+    write(&m.join("a-c"), b"y");
+    write(&m.join(".git/HEAD"), b"ref");
+    write(&m.join(".gitattributes"), b"*");
+    let st = create(&m, Serialization::Files, Some("test")).unwrap();
+    let n = names(&st);
+    assert!(n.iter().position(|x| x == "a/b").unwrap() < n.iter().position(|x| x == "a-c").unwrap(), "{n:?}");
+    assert!(!n.iter().any(|x| x.starts_with(".git")), "git files are ignored: {n:?}");
+    assert_eq!(st["subject"][0]["name"], "model");
+    assert_eq!(st["predicate"]["sos"]["source"], "test");
+    assert!(st["predicate"]["sos"]["tensors"]["model.safetensors"]["model.embed_tokens.weight"].is_string());
+    let path = d.join("m.json");
+    std::fs::write(&path, serde_json::to_string(&st).unwrap()).unwrap();
+    assert!(verify(&m, &path).unwrap().ok());
+
+    // A changed tensor, a new file, a removed file: each named.
+    let st_path = m.join("model.safetensors");
+    let mut bytes = std::fs::read(&st_path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&st_path, &bytes).unwrap();
+    write(&m.join("extra.bin"), b"\x80\x04");
+    std::fs::remove_file(m.join("a-c")).unwrap();
+    let v = verify(&m, &path).unwrap();
+    assert!(!v.ok());
+    assert_eq!(v.changed, vec!["model.safetensors"]);
+    assert_eq!(v.unlisted, vec!["extra.bin"]);
+    assert_eq!(v.missing, vec!["a-c"]);
+    assert_eq!(v.changed_tensors.len(), 1, "{:?}", v.changed_tensors);
+    // A resource edited in the manifest itself no longer matches the subject digest.
+    let mut forged = st.clone();
+    forged["predicate"]["resources"][0]["digest"] = "00".repeat(32).into();
+    std::fs::write(&path, serde_json::to_string(&forged).unwrap()).unwrap();
+    assert!(verify(&m, &path).unwrap().subject_mismatch);
+}
+
+#[test]
+fn shards_and_single_files() {
+    let d = dir("shards");
+    let f = d.join("tiny.gguf");
+    TinySpec::default().write_gguf(&f).unwrap();
+    let size = std::fs::metadata(&f).unwrap().len();
+    // One file: one resource named `.`, as model-signing names it.
+    let st = create(&f, Serialization::Files, None).unwrap();
+    assert_eq!(names(&st), vec!["."]);
+    assert_eq!(st["subject"][0]["name"], "tiny.gguf");
+    // Shards of 1000 bytes: `path:start:end`, the last one short, digests that verify.
+    let st = create(&f, Serialization::Shards(1000), None).unwrap();
+    let n = names(&st);
+    assert_eq!(n.len() as u64, size.div_ceil(1000));
+    assert_eq!(n[0], ".:0:1000");
+    assert_eq!(n.last().unwrap(), &format!(".:{}:{size}", (size - 1) / 1000 * 1000));
+    assert_eq!(st["predicate"]["resources"][0]["algorithm"], "sha256-sharded-1000");
+    assert_eq!(st["predicate"]["serialization"]["shard_size"], 1000);
+    let path = d.join("m.json");
+    std::fs::write(&path, serde_json::to_string(&st).unwrap()).unwrap();
+    assert!(verify(&f, &path).unwrap().ok());
+    assert_eq!(st["subject"][0]["digest"]["sha256"].as_str().unwrap().len(), 64);
+    // Not a statement: refused, naming the file.
+    std::fs::write(&path, "{\"_type\": \"other\"}").unwrap();
+    let e = verify(&f, &path).unwrap_err().to_string();
+    assert!(e.contains("m.json") && e.contains("model-signing"), "{e}");
+    // A symbolic link in the model is refused (model-signing's default).
+    #[cfg(unix)]
+    {
+        let m = d.join("linked");
+        std::fs::create_dir_all(&m).unwrap();
+        std::os::unix::fs::symlink(&f, m.join("link.gguf")).unwrap();
+        assert!(create(&m, Serialization::Files, None).unwrap_err().to_string().contains("symbolic link"));
+    }
+}

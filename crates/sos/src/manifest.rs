@@ -1,0 +1,78 @@
+//! `sos manifest create|verify`: provenance, as an OpenSSF model-signing v1.0 statement.
+//! `verify` exits 0 when every digest matches, 1 on any mismatch, 2 when it could not run.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Subcommand, ValueEnum};
+use sos_audit::manifest::{create, verify, Serialization};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Hash {
+    Sha256,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ManifestCmd {
+    /// Hash a model (a folder or one file) into a manifest.
+    Create {
+        path: PathBuf,
+        /// The manifest to write (JSON).
+        #[arg(long)]
+        out: PathBuf,
+        /// Where the model came from (a URL, a build id): recorded in the manifest.
+        #[arg(long)]
+        source: Option<String>,
+        #[arg(long, value_enum, default_value = "sha256")]
+        hash: Hash,
+        /// Hash every file in shards of this many bytes (model-signing's `shards` method).
+        #[arg(long)]
+        shard_size: Option<u64>,
+    },
+    /// Check a model against a manifest: exit 0 verified, 1 mismatch, 2 could not run.
+    Verify {
+        path: PathBuf,
+        manifest: PathBuf,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Runs the command; returns whether verification failed.
+pub fn run(c: ManifestCmd) -> Result<bool> {
+    match c {
+        ManifestCmd::Create { path, out, source, hash: Hash::Sha256, shard_size } => {
+            let ser = match shard_size {
+                Some(0) => anyhow::bail!("--shard-size must be positive"),
+                Some(s) => Serialization::Shards(s),
+                None => Serialization::Files,
+            };
+            let st = create(&path, ser, source.as_deref())?;
+            let text = serde_json::to_string_pretty(&st)? + "\n";
+            sos_model::fsutil::write_atomic(&out, |f| f.write_all(text.as_bytes())).with_context(|| format!("cannot write {}", out.display()))?;
+            let n = st["predicate"]["resources"].as_array().map_or(0, Vec::len);
+            println!("wrote {} ({n} resources; subject {} sha256:{})", out.display(), st["subject"][0]["name"].as_str().unwrap_or(""), st["subject"][0]["digest"]["sha256"].as_str().unwrap_or(""));
+            Ok(false)
+        }
+        ManifestCmd::Verify { path, manifest, json } => {
+            let v = verify(&path, &manifest)?;
+            if json {
+                println!("{}", serde_json::json!({"verified": v.ok(), "changed": v.changed, "missing": v.missing, "unlisted": v.unlisted, "changed_tensors": v.changed_tensors, "added_tensors": v.added_tensors, "subject_mismatch": v.subject_mismatch}));
+            } else {
+                for (what, list) in [("changed", &v.changed), ("missing", &v.missing), ("not in the manifest", &v.unlisted), ("changed tensor", &v.changed_tensors), ("added tensor", &v.added_tensors)] {
+                    for x in list {
+                        println!("{what}: {x}");
+                    }
+                }
+                if v.subject_mismatch {
+                    println!("the subject digest does not match the listed resources");
+                }
+                println!("{}", if v.ok() { "verified" } else { "MISMATCH" });
+            }
+            std::io::stdout().flush()?;
+            Ok(!v.ok())
+        }
+    }
+}
