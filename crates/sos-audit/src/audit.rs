@@ -9,7 +9,7 @@ use sos_model::gguf::Gguf;
 use crate::finding::{Finding, Report, Severity};
 use crate::folder::{self, Folder};
 use crate::weights::{self, Layout, Stored};
-use crate::{side_files, structure, template, tokenizer, Error, Result};
+use crate::{provenance, side_files, structure, template, tokenizer, Error, Result};
 
 /// What `sos audit` was asked.
 pub struct AuditRequest {
@@ -18,6 +18,8 @@ pub struct AuditRequest {
     /// For a PEFT adapter: the base model it applies to (default: the adapter's
     /// `base_model_name_or_path`, when that is a local path).
     pub base: Option<PathBuf>,
+    /// A manifest (`sos manifest create`, model-signing's payload) to check the files against.
+    pub manifest: Option<PathBuf>,
     /// Findings at or above this make the verdict `fail`.
     pub fail_on: Severity,
 }
@@ -55,6 +57,9 @@ pub fn run_audit(req: &AuditRequest) -> Result<Report> {
         }
     }
     let mut run = Run::default();
+    if let Some(m) = &req.manifest {
+        run.check("provenance", || provenance::check(&req.candidate, m))?;
+    }
     if req.candidate.join(side_files::ADAPTER_CONFIG).is_file() {
         audit_adapter(req, &mut run)?;
     } else if req.candidate.is_dir() {

@@ -12,6 +12,7 @@ pub mod error;
 pub mod finding;
 pub mod folder;
 pub mod manifest;
+pub mod provenance;
 pub mod ranges;
 pub mod sarif;
 pub mod side_files;

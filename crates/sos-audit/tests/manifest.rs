@@ -58,6 +58,12 @@ fn a_folder_in_model_signing_order_verifies_and_tampering_is_named() {
     assert_eq!(v.unlisted, vec!["extra.bin"]);
     assert_eq!(v.missing, vec!["a-c"]);
     assert_eq!(v.changed_tensors.len(), 1, "{:?}", v.changed_tensors);
+    // The audit's provenance check says the same, as findings.
+    let req = sos_audit::AuditRequest { candidate: m.clone(), reference: None, base: None, manifest: Some(path.clone()), fail_on: sos_audit::Severity::High };
+    let r = sos_audit::run_audit(&req).unwrap();
+    let ids: Vec<&str> = r.findings.iter().filter(|f| f.check == sos_audit::Check::Provenance).map(|f| f.id.as_str()).collect();
+    assert_eq!(ids, vec!["provenance.changed", "provenance.unlisted", "provenance.missing"]);
+    assert_eq!(r.verdict, "fail");
     // A resource edited in the manifest itself no longer matches the subject digest.
     let mut forged = st.clone();
     forged["predicate"]["resources"][0]["digest"] = "00".repeat(32).into();

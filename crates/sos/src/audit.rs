@@ -29,6 +29,9 @@ pub struct AuditArgs {
     /// A trusted copy of the same model to compare with (a file for a file, a folder for a folder).
     #[arg(long)]
     pub reference: Option<PathBuf>,
+    /// A manifest to check the files against (`sos manifest create`, or model-signing's payload).
+    #[arg(long)]
+    pub manifest: Option<PathBuf>,
     /// For a PEFT adapter folder: its base model (default: the adapter's base_model_name_or_path).
     #[arg(long)]
     pub base: Option<PathBuf>,
@@ -47,7 +50,7 @@ pub struct AuditArgs {
 /// Runs the audit and prints the report; returns whether the verdict is `fail`.
 pub fn run(a: AuditArgs) -> Result<bool> {
     let fail_on: Severity = a.fail_on.parse()?;
-    let report = run_audit(&AuditRequest { candidate: a.candidate, reference: a.reference, base: a.base, fail_on })?;
+    let report = run_audit(&AuditRequest { candidate: a.candidate, reference: a.reference, base: a.base, manifest: a.manifest, fail_on })?;
     let text = match a.format {
         Format::Json => serde_json::to_string_pretty(&report)? + "\n",
         Format::Sarif => serde_json::to_string_pretty(&sos_audit::sarif::to_sarif(&report))? + "\n",
