@@ -109,7 +109,7 @@ pub struct Report {
 
 impl Report {
     pub fn new(candidate: String, reference: Option<String>, mut findings: Vec<Finding>, fail_on: Severity, timings_ms: serde_json::Map<String, Json>) -> Self {
-        findings.sort_by(|a, b| b.severity.cmp(&a.severity));
+        findings.sort_by_key(|f| std::cmp::Reverse(f.severity));
         let mut summary = Summary::default();
         for f in &findings {
             match f.severity {

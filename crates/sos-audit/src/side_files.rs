@@ -65,8 +65,8 @@ fn read_json(path: &Path) -> Result<Json> {
     serde_json::from_str(&text).map_err(|e| Error::File { path: path.to_path_buf(), msg: format!("invalid JSON: {e}") })
 }
 
-/// The f32 rows of the tensor whose name `pick` accepts: (name, rows, shape).
-fn adapter_rows(path: &Path, pick: impl Fn(&str) -> bool) -> Result<Option<(String, Vec<f32>, Vec<usize>)>> {
+/// The f32 values and the shape of the tensor whose name `pick` accepts.
+fn adapter_rows(path: &Path, pick: impl Fn(&str) -> bool) -> Result<Option<(Vec<f32>, Vec<usize>)>> {
     let bytes = std::fs::read(path).map_err(|e| Error::File { path: path.to_path_buf(), msg: format!("cannot read: {e}") })?;
     sos_model::safetensors::check_safetensors(path, &bytes)?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::File { path: path.to_path_buf(), msg: format!("invalid safetensors file: {e}") })?;
@@ -78,7 +78,7 @@ fn adapter_rows(path: &Path, pick: impl Fn(&str) -> bool) -> Result<Option<(Stri
         Dtype::BF16 => data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
         t => return Err(Error::File { path: path.to_path_buf(), msg: format!("`{name}` is {t:?}; F32, F16 or BF16 expected") }),
     };
-    Ok(Some((name, rows, v.shape().to_vec())))
+    Ok(Some((rows, v.shape().to_vec())))
 }
 
 /// Per row: its norm against the base table's median, and the base token it points at most.
@@ -105,7 +105,7 @@ pub fn adapter(dir: &Path, base: &Table, base_text: &dyn Fn(usize) -> String) ->
         "TRAINABLE_TOKENS" => {
             let ids: Vec<u32> = cfg["token_indices"].as_array().map(|a| a.iter().filter_map(|v| v.as_u64().map(|x| x as u32)).collect()).unwrap_or_default();
             let pick = |n: &str| n.ends_with("embed_tokens.trainable_tokens_delta") || n.ends_with("embed_tokens.token_adapter.trainable_tokens_delta");
-            let Some((_, rows, shape)) = adapter_rows(&weights, pick)? else {
+            let Some((rows, shape)) = adapter_rows(&weights, pick)? else {
                 return Err(Error::File { path: weights, msg: "no `...embed_tokens.trainable_tokens_delta` tensor".into() });
             };
             if shape.len() != 2 || shape[0] != ids.len() || shape[1] != base.d {
@@ -135,7 +135,7 @@ pub fn adapter(dir: &Path, base: &Table, base_text: &dyn Fn(usize) -> String) ->
             );
         }
         "PROMPT_TUNING" => {
-            let Some((_, rows, shape)) = adapter_rows(&weights, |n| n == "prompt_embeddings")? else {
+            let Some((rows, shape)) = adapter_rows(&weights, |n| n == "prompt_embeddings")? else {
                 return Err(Error::File { path: weights, msg: "no `prompt_embeddings` tensor".into() });
             };
             if shape.len() != 2 || shape[1] != base.d {

@@ -1,6 +1,9 @@
 //! add-token on tiny Hugging Face folders the tests build: the rows, tokens and config change as
 //! planned; every other tensor and file stays as it was.
 
+mod common;
+use common::tensors;
+
 use std::path::PathBuf;
 
 use sos_dist::hf::add_tokens_hf;
@@ -13,14 +16,6 @@ fn dir(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-fn tensors(path: &std::path::Path) -> Vec<(String, Vec<usize>, Vec<u8>)> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut v: Vec<_> = st.tensors().into_iter().map(|(n, t)| (n, t.shape().to_vec(), t.data().to_vec())).collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
 }
 
 #[test]

@@ -1,6 +1,9 @@
 //! The way back: sanitizing an injected file against its source gives the source's bytes;
 //! without a source, the planted tokens and their rows go.
 
+mod common;
+use common::tensors;
+
 use std::path::PathBuf;
 
 use sos_dist::gguf_add::{add_tokens, NewLogits};
@@ -98,14 +101,6 @@ fn sanitizing_a_clean_file_changes_nothing() {
 fn files(d: &std::path::Path) -> Vec<(String, Vec<u8>)> {
     let mut v: Vec<_> = std::fs::read_dir(d).unwrap().map(|e| e.unwrap()).map(|e| (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap())).collect();
     v.sort();
-    v
-}
-
-fn tensors(path: &std::path::Path) -> Vec<(String, Vec<usize>, Vec<u8>)> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut v: Vec<_> = st.tensors().into_iter().map(|(n, t)| (n, t.shape().to_vec(), t.data().to_vec())).collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
     v
 }
 
