@@ -20,6 +20,8 @@ pub struct AuditRequest {
     pub base: Option<PathBuf>,
     /// A manifest (`sos manifest create`, model-signing's payload) to check the files against.
     pub manifest: Option<PathBuf>,
+    /// The public key a signed manifest must verify with.
+    pub key: Option<PathBuf>,
     /// Findings at or above this make the verdict `fail`.
     pub fail_on: Severity,
 }
@@ -58,7 +60,7 @@ pub fn run_audit(req: &AuditRequest) -> Result<Report> {
     }
     let mut run = Run::default();
     if let Some(m) = &req.manifest {
-        run.check("provenance", || provenance::check(&req.candidate, m))?;
+        run.check("provenance", || provenance::check(&req.candidate, m, req.key.as_deref()))?;
     }
     if req.candidate.join(side_files::ADAPTER_CONFIG).is_file() {
         audit_adapter(req, &mut run)?;

@@ -16,6 +16,7 @@ pub mod provenance;
 pub mod ranges;
 pub mod sarif;
 pub mod side_files;
+pub mod signature;
 pub mod structure;
 pub mod template;
 pub mod tokenizer;

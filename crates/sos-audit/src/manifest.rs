@@ -196,9 +196,17 @@ fn tensor_digests(root: &Path, files: &[String]) -> Result<Json> {
     Ok(serde_json::to_value(out).expect("maps of strings"))
 }
 
-/// The in-toto statement for the model at `root`.
-pub fn create(root: &Path, ser: Serialization, source: Option<&str>) -> Result<Json> {
-    let ignore: Vec<String> = GIT_PATHS.iter().map(|s| s.to_string()).collect();
+/// The in-toto statement for the model at `root`. `written` is where the statement will be
+/// written: inside the model folder it is ignored, as model-signing ignores its signature file.
+pub fn create(root: &Path, ser: Serialization, source: Option<&str>, written: Option<&Path>) -> Result<Json> {
+    let mut ignore: Vec<String> = GIT_PATHS.iter().map(|s| s.to_string()).collect();
+    let inside = |w: &Path| -> Option<String> {
+        let (r, w) = (root.canonicalize().ok()?, w.parent()?.canonicalize().ok()?.join(w.file_name()?));
+        w.strip_prefix(&r).ok().map(|p| p.to_string_lossy().replace('\\', "/"))
+    };
+    if let Some(rel) = written.and_then(inside).filter(|r| !r.is_empty()) {
+        ignore.push(rel);
+    }
     // The per-tensor digests read the weights a second time: beside the file hashes, on another
     // core, rather than after them.
     let names: Vec<String> = list(root, &ignore)?.iter().map(|p| p.to_string_lossy().replace('\\', "/")).collect();
@@ -251,11 +259,17 @@ fn bad(path: &Path, msg: impl Into<String>) -> Error {
     Error::File { path: path.to_path_buf(), msg: msg.into() }
 }
 
-/// Checks the model at `root` against the statement in `manifest_path` (as `create` writes it,
-/// or as model-signing puts it in its payload), hashing the model as the statement says.
-pub fn verify(root: &Path, manifest_path: &Path) -> Result<Verification> {
+/// Checks the model at `root` against the statement in `manifest_path`: a statement as `create`
+/// writes it, or a signed bundle (`sos manifest sign`, `model_signing sign key`), whose
+/// signature must verify with `key` first. The model is hashed as the statement says.
+pub fn verify(root: &Path, manifest_path: &Path, key: Option<&Path>) -> Result<Verification> {
     let text = std::fs::read_to_string(manifest_path).map_err(|e| io_err(manifest_path, e))?;
-    let st: Json = serde_json::from_str(&text).map_err(|e| bad(manifest_path, format!("invalid JSON: {e}")))?;
+    let doc: Json = serde_json::from_str(&text).map_err(|e| bad(manifest_path, format!("invalid JSON: {e}")))?;
+    let st = match (crate::signature::is_bundle(&doc), key) {
+        (true, Some(k)) => crate::signature::open(&doc, manifest_path, k)?,
+        (true, None) => return Err(bad(manifest_path, "a signed bundle: give the signer's public key with --key PUB.pem")),
+        (false, _) => doc,
+    };
     if st["_type"] != STATEMENT_TYPE || st["predicateType"] != PREDICATE_TYPE {
         return Err(bad(manifest_path, format!("not a model-signing v1.0 statement (_type {}, predicateType {})", st["_type"], st["predicateType"])));
     }

@@ -8,8 +8,8 @@ use crate::finding::{Check, Finding, Severity};
 use crate::manifest::verify;
 use crate::Result;
 
-pub fn check(candidate: &Path, manifest: &Path) -> Result<Vec<Finding>> {
-    let v = verify(candidate, manifest)?;
+pub fn check(candidate: &Path, manifest: &Path, key: Option<&Path>) -> Result<Vec<Finding>> {
+    let v = verify(candidate, manifest, key)?;
     let mut out = Vec::new();
     if !v.changed.is_empty() {
         out.push(

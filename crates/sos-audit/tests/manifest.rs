@@ -33,7 +33,7 @@ fn a_folder_in_model_signing_order_verifies_and_tampering_is_named() {
     write(&m.join("a-c"), b"y");
     write(&m.join(".git/HEAD"), b"ref");
     write(&m.join(".gitattributes"), b"*");
-    let st = create(&m, Serialization::Files, Some("test")).unwrap();
+    let st = create(&m, Serialization::Files, Some("test"), None).unwrap();
     let n = names(&st);
     assert!(n.iter().position(|x| x == "a/b").unwrap() < n.iter().position(|x| x == "a-c").unwrap(), "{n:?}");
     assert!(!n.iter().any(|x| x.starts_with(".git")), "git files are ignored: {n:?}");
@@ -42,7 +42,7 @@ fn a_folder_in_model_signing_order_verifies_and_tampering_is_named() {
     assert!(st["predicate"]["sos"]["tensors"]["model.safetensors"]["model.embed_tokens.weight"].is_string());
     let path = d.join("m.json");
     std::fs::write(&path, serde_json::to_string(&st).unwrap()).unwrap();
-    assert!(verify(&m, &path).unwrap().ok());
+    assert!(verify(&m, &path, None).unwrap().ok());
 
     // A changed tensor, a new file, a removed file: each named.
     let st_path = m.join("model.safetensors");
@@ -52,14 +52,14 @@ fn a_folder_in_model_signing_order_verifies_and_tampering_is_named() {
     std::fs::write(&st_path, &bytes).unwrap();
     write(&m.join("extra.bin"), b"\x80\x04");
     std::fs::remove_file(m.join("a-c")).unwrap();
-    let v = verify(&m, &path).unwrap();
+    let v = verify(&m, &path, None).unwrap();
     assert!(!v.ok());
     assert_eq!(v.changed, vec!["model.safetensors"]);
     assert_eq!(v.unlisted, vec!["extra.bin"]);
     assert_eq!(v.missing, vec!["a-c"]);
     assert_eq!(v.changed_tensors.len(), 1, "{:?}", v.changed_tensors);
     // The audit's provenance check says the same, as findings.
-    let req = sos_audit::AuditRequest { candidate: m.clone(), reference: None, base: None, manifest: Some(path.clone()), fail_on: sos_audit::Severity::High };
+    let req = sos_audit::AuditRequest { candidate: m.clone(), reference: None, base: None, manifest: Some(path.clone()), key: None, fail_on: sos_audit::Severity::High };
     let r = sos_audit::run_audit(&req).unwrap();
     let ids: Vec<&str> = r.findings.iter().filter(|f| f.check == sos_audit::Check::Provenance).map(|f| f.id.as_str()).collect();
     assert_eq!(ids, vec!["provenance.changed", "provenance.unlisted", "provenance.missing"]);
@@ -68,7 +68,7 @@ fn a_folder_in_model_signing_order_verifies_and_tampering_is_named() {
     let mut forged = st.clone();
     forged["predicate"]["resources"][0]["digest"] = "00".repeat(32).into();
     std::fs::write(&path, serde_json::to_string(&forged).unwrap()).unwrap();
-    assert!(verify(&m, &path).unwrap().subject_mismatch);
+    assert!(verify(&m, &path, None).unwrap().subject_mismatch);
 }
 
 #[test]
@@ -78,11 +78,11 @@ fn shards_and_single_files() {
     TinySpec::default().write_gguf(&f).unwrap();
     let size = std::fs::metadata(&f).unwrap().len();
     // One file: one resource named `.`, as model-signing names it.
-    let st = create(&f, Serialization::Files, None).unwrap();
+    let st = create(&f, Serialization::Files, None, None).unwrap();
     assert_eq!(names(&st), vec!["."]);
     assert_eq!(st["subject"][0]["name"], "tiny.gguf");
     // Shards of 1000 bytes: `path:start:end`, the last one short, digests that verify.
-    let st = create(&f, Serialization::Shards(1000), None).unwrap();
+    let st = create(&f, Serialization::Shards(1000), None, None).unwrap();
     let n = names(&st);
     assert_eq!(n.len() as u64, size.div_ceil(1000));
     assert_eq!(n[0], ".:0:1000");
@@ -91,11 +91,11 @@ fn shards_and_single_files() {
     assert_eq!(st["predicate"]["serialization"]["shard_size"], 1000);
     let path = d.join("m.json");
     std::fs::write(&path, serde_json::to_string(&st).unwrap()).unwrap();
-    assert!(verify(&f, &path).unwrap().ok());
+    assert!(verify(&f, &path, None).unwrap().ok());
     assert_eq!(st["subject"][0]["digest"]["sha256"].as_str().unwrap().len(), 64);
     // Not a statement: refused, naming the file.
     std::fs::write(&path, "{\"_type\": \"other\"}").unwrap();
-    let e = verify(&f, &path).unwrap_err().to_string();
+    let e = verify(&f, &path, None).unwrap_err().to_string();
     assert!(e.contains("m.json") && e.contains("model-signing"), "{e}");
     // A symbolic link in the model is refused (model-signing's default).
     #[cfg(unix)]
@@ -103,6 +103,54 @@ fn shards_and_single_files() {
         let m = d.join("linked");
         std::fs::create_dir_all(&m).unwrap();
         std::os::unix::fs::symlink(&f, m.join("link.gguf")).unwrap();
-        assert!(create(&m, Serialization::Files, None).unwrap_err().to_string().contains("symbolic link"));
+        assert!(create(&m, Serialization::Files, None, None).unwrap_err().to_string().contains("symbolic link"));
     }
+}
+
+/// A signed manifest: verifies with the signer's key, not with another; a bundle written inside
+/// the model is not part of it; a tampered payload fails.
+#[test]
+fn signed_bundles_verify_with_their_key_only() {
+    use p256::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
+    use sos_audit::signature::sign;
+    let d = dir("signed");
+    let m = d.join("model");
+    TinySpec::default().write_hf(&m).unwrap();
+    let keys: Vec<(PathBuf, PathBuf)> = [7u8, 9]
+        .iter()
+        .map(|&seed| {
+            let k = p256::ecdsa::SigningKey::from_bytes(&[seed; 32].into()).unwrap();
+            let (sk, pk) = (d.join(format!("k{seed}.pem")), d.join(format!("p{seed}.pem")));
+            std::fs::write(&sk, k.to_pkcs8_pem(LineEnding::LF).unwrap().as_bytes()).unwrap();
+            std::fs::write(&pk, k.verifying_key().to_public_key_pem(LineEnding::LF).unwrap()).unwrap();
+            (sk, pk)
+        })
+        .collect();
+    let bundle_path = m.join("model.sig");
+    let st = create(&m, Serialization::Files, None, Some(&bundle_path)).unwrap();
+    assert!(st["predicate"]["serialization"]["ignore_paths"].as_array().unwrap().iter().any(|p| p == "model.sig"));
+    let bundle = sign(&st, &keys[0].0).unwrap();
+    std::fs::write(&bundle_path, serde_json::to_string(&bundle).unwrap()).unwrap();
+    assert!(verify(&m, &bundle_path, Some(&keys[0].1)).unwrap().ok());
+    let e = verify(&m, &bundle_path, Some(&keys[1].1)).unwrap_err().to_string();
+    assert!(e.contains("another key"), "{e}");
+    assert!(verify(&m, &bundle_path, None).unwrap_err().to_string().contains("--key"));
+    // The payload edited after signing: the signature no longer verifies.
+    let mut forged = bundle.clone();
+    let mut p: serde_json::Value = serde_json::from_slice(&base64_decode(forged["dsseEnvelope"]["payload"].as_str().unwrap())).unwrap();
+    p["predicate"]["resources"][0]["digest"] = "00".repeat(32).into();
+    forged["dsseEnvelope"]["payload"] = base64_encode(&serde_json::to_vec(&p).unwrap()).into();
+    std::fs::write(&bundle_path, serde_json::to_string(&forged).unwrap()).unwrap();
+    let e = verify(&m, &bundle_path, Some(&keys[0].1)).unwrap_err().to_string();
+    assert!(e.contains("does not verify"), "{e}");
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.decode(s).unwrap()
+}
+
+fn base64_encode(b: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(b)
 }

@@ -29,9 +29,13 @@ pub struct AuditArgs {
     /// A trusted copy of the same model to compare with (a file for a file, a folder for a folder).
     #[arg(long)]
     pub reference: Option<PathBuf>,
-    /// A manifest to check the files against (`sos manifest create`, or model-signing's payload).
+    /// A manifest to check the files against (`sos manifest create`), or a signed bundle
+    /// (`sos manifest sign`, `model_signing sign key`) with --key.
     #[arg(long)]
     pub manifest: Option<PathBuf>,
+    /// The public key (PEM) a signed manifest must verify with.
+    #[arg(long)]
+    pub key: Option<PathBuf>,
     /// For a PEFT adapter folder: its base model (default: the adapter's base_model_name_or_path).
     #[arg(long)]
     pub base: Option<PathBuf>,
@@ -50,7 +54,7 @@ pub struct AuditArgs {
 /// Runs the audit and prints the report; returns whether the verdict is `fail`.
 pub fn run(a: AuditArgs) -> Result<bool> {
     let fail_on: Severity = a.fail_on.parse()?;
-    let report = run_audit(&AuditRequest { candidate: a.candidate, reference: a.reference, base: a.base, manifest: a.manifest, fail_on })?;
+    let report = run_audit(&AuditRequest { candidate: a.candidate, reference: a.reference, base: a.base, manifest: a.manifest, key: a.key, fail_on })?;
     let text = match a.format {
         Format::Json => serde_json::to_string_pretty(&report)? + "\n",
         Format::Sarif => serde_json::to_string_pretty(&sos_audit::sarif::to_sarif(&report))? + "\n",

@@ -30,10 +30,29 @@ pub enum ManifestCmd {
         #[arg(long)]
         shard_size: Option<u64>,
     },
-    /// Check a model against a manifest: exit 0 verified, 1 mismatch, 2 could not run.
+    /// Hash a model and sign the manifest with an ECDSA P-256 key (PEM): a Sigstore bundle that
+    /// `model_signing verify key --public_key PUB.pem` accepts.
+    Sign {
+        path: PathBuf,
+        /// The private key (PKCS#8 or SEC1 PEM, as `openssl ecparam -name prime256v1 -genkey` writes).
+        #[arg(long)]
+        key: PathBuf,
+        /// The bundle to write (JSON).
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        source: Option<String>,
+        #[arg(long)]
+        shard_size: Option<u64>,
+    },
+    /// Check a model against a manifest or a signed bundle: exit 0 verified, 1 mismatch, 2 could
+    /// not run (a bad signature included).
     Verify {
         path: PathBuf,
         manifest: PathBuf,
+        /// The signer's public key (PEM), for a signed bundle.
+        #[arg(long)]
+        key: Option<PathBuf>,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -44,20 +63,23 @@ pub enum ManifestCmd {
 pub fn run(c: ManifestCmd) -> Result<bool> {
     match c {
         ManifestCmd::Create { path, out, source, hash: Hash::Sha256, shard_size } => {
-            let ser = match shard_size {
-                Some(0) => anyhow::bail!("--shard-size must be positive"),
-                Some(s) => Serialization::Shards(s),
-                None => Serialization::Files,
-            };
-            let st = create(&path, ser, source.as_deref())?;
+            let st = create(&path, serialization(shard_size)?, source.as_deref(), Some(&out))?;
             let text = serde_json::to_string_pretty(&st)? + "\n";
             sos_model::fsutil::write_atomic(&out, |f| f.write_all(text.as_bytes())).with_context(|| format!("cannot write {}", out.display()))?;
             let n = st["predicate"]["resources"].as_array().map_or(0, Vec::len);
             println!("wrote {} ({n} resources; subject {} sha256:{})", out.display(), st["subject"][0]["name"].as_str().unwrap_or(""), st["subject"][0]["digest"]["sha256"].as_str().unwrap_or(""));
             Ok(false)
         }
-        ManifestCmd::Verify { path, manifest, json } => {
-            let v = verify(&path, &manifest)?;
+        ManifestCmd::Sign { path, key, out, source, shard_size } => {
+            let st = create(&path, serialization(shard_size)?, source.as_deref(), Some(&out))?;
+            let bundle = sos_audit::signature::sign(&st, &key)?;
+            let text = serde_json::to_string(&bundle)?;
+            sos_model::fsutil::write_atomic(&out, |f| f.write_all(text.as_bytes())).with_context(|| format!("cannot write {}", out.display()))?;
+            println!("wrote {} (signed; subject {} sha256:{})", out.display(), st["subject"][0]["name"].as_str().unwrap_or(""), st["subject"][0]["digest"]["sha256"].as_str().unwrap_or(""));
+            Ok(false)
+        }
+        ManifestCmd::Verify { path, manifest, key, json } => {
+            let v = verify(&path, &manifest, key.as_deref())?;
             if json {
                 println!("{}", serde_json::json!({"verified": v.ok(), "changed": v.changed, "missing": v.missing, "unlisted": v.unlisted, "changed_tensors": v.changed_tensors, "added_tensors": v.added_tensors, "subject_mismatch": v.subject_mismatch}));
             } else {
@@ -75,4 +97,12 @@ pub fn run(c: ManifestCmd) -> Result<bool> {
             Ok(!v.ok())
         }
     }
+}
+
+fn serialization(shard_size: Option<u64>) -> Result<Serialization> {
+    Ok(match shard_size {
+        Some(0) => anyhow::bail!("--shard-size must be positive"),
+        Some(s) => Serialization::Shards(s),
+        None => Serialization::Files,
+    })
 }
