@@ -15,7 +15,6 @@ pub mod inject;
 pub mod peft;
 pub mod rows;
 pub mod sanitize;
-mod sanitize_hf;
 pub mod tokens;
 
 pub use error::{Error, Result};

@@ -1,4 +1,4 @@
-//! `sos sanitize` on Hugging Face folders: the folder counterpart of `sanitize.rs`, written as a
+//! `sos sanitize` on Hugging Face folders: the folder counterpart of `mod.rs`, written as a
 //! sibling folder and moved into place.
 //!
 //! With a reference, the files that make up the tokenizer, the chat template and the config come
@@ -18,7 +18,7 @@ use safetensors::SafeTensors;
 use serde_json::{json, Value as Json};
 
 use crate::inject::{check_ours, partial_path, remove_our_dir};
-use crate::sanitize::{differing_rows, SanitizeReport, MAX_PLANTED_ROWS};
+use super::{differing_rows, SanitizeReport, MAX_PLANTED_ROWS};
 use crate::{Error, Result};
 
 const TABLE: &str = "model.embed_tokens.weight";
@@ -102,7 +102,7 @@ fn same_tensor(a: &TensorView, b: &TensorView) -> bool {
 }
 
 /// Writes the folder with `fill` into a sibling `.partial` folder, then moves it into place.
-/// (`sanitize.rs` has refused an `out` that is an input, or exists without `force`.)
+/// (`mod.rs` has refused an `out` that is an input, or exists without `force`.)
 fn write_folder(out: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     check_ours(out, "config.json")?;
     let partial = partial_path(out);

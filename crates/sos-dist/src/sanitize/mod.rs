@@ -1,11 +1,13 @@
 //! `sos sanitize`: the way back. A downloaded GGUF with injected tokens or altered embedding rows
 //! is restored against a trusted reference, or, without one, stripped of trailing USER_DEFINED
-//! tokens, the form `sos inject` plants. Hugging Face folders: `sanitize_hf.rs`.
+//! tokens, the form `sos inject` plants. Hugging Face folders: `hf.rs`.
 
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use sos_model::gguf::{Gguf, Value, Writer};
+
+mod hf;
 
 use crate::gguf_add::same_int_type;
 use crate::rows::{OUTPUT, TOKEN_TABLE};
@@ -48,7 +50,7 @@ fn is_text_key(key: &str, arch: Option<&str>) -> bool {
 pub fn sanitize_with_reference(candidate: &Path, reference: &Path, out: &Path, force: bool) -> Result<SanitizeReport> {
     refuse_overwrite(&[candidate, reference], out, force)?;
     if candidate.is_dir() {
-        return crate::sanitize_hf::sanitize_folder_with_reference(candidate, reference, out);
+        return hf::sanitize_folder_with_reference(candidate, reference, out);
     }
     let (c, r) = (Gguf::open(candidate)?, Gguf::open(reference)?);
     let arch = r.get_str("general.architecture");
@@ -117,7 +119,7 @@ pub fn sanitize_with_reference(candidate: &Path, reference: &Path, out: &Path, f
 pub fn sanitize_alone(candidate: &Path, out: &Path, force: bool) -> Result<SanitizeReport> {
     refuse_overwrite(&[candidate], out, force)?;
     if candidate.is_dir() {
-        return crate::sanitize_hf::sanitize_folder_alone(candidate, out);
+        return hf::sanitize_folder_alone(candidate, out);
     }
     let c = Gguf::open(candidate)?;
     let bad = |msg: String| Error::File { path: candidate.to_path_buf(), msg };
