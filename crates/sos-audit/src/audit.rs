@@ -89,6 +89,9 @@ fn audit_gguf(req: &AuditRequest, run: &mut Run) -> Result<()> {
     let layout = Layout { table: TOKEN_TABLE, head: OUTPUT, text: &text };
     run.check("structure", || Ok(structure::gguf(&c)))?;
     let cs = gguf_stored(&c);
+    let arch = c.get_str("general.architecture");
+    let n_layer = arch.and_then(|a| c.get(&format!("{a}.block_count"))).and_then(|v| v.as_u64()).unwrap_or(0) as usize;
+    run.check("side_files", || Ok(side_files::unused_tensors(&cs, arch, n_layer, false, TOKEN_TABLE)))?;
     match &r {
         Some(r) => {
             run.check("tokenizer", || Ok(tokenizer::with_reference(&c, r)))?;
@@ -115,6 +118,7 @@ fn audit_folder(req: &AuditRequest, run: &mut Run) -> Result<()> {
     let text = |i: usize| c.text(i);
     let layout = folder::layout(&text);
     let (cs, other) = c.stored()?;
+    run.check("side_files", || Ok(side_files::unused_tensors(&cs, c.model_type(), c.n_layer(), true, folder::TABLE)))?;
     match &r {
         Some(r) => {
             run.check("tokenizer", || Ok(folder::tokenizer_with_reference(&c, r)))?;

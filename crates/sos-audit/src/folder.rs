@@ -26,6 +26,7 @@ pub struct Folder {
     /// `tokenizer.json`'s `added_tokens`: id -> (text, special).
     pub added: BTreeMap<u32, (String, bool)>,
     tokenizer: Json,
+    config: Json,
     pub template: Option<String>,
 }
 
@@ -44,7 +45,18 @@ impl Folder {
             .map(|a| a.iter().filter_map(|t| Some((t["id"].as_u64()? as u32, (t["content"].as_str()?.to_string(), t["special"].as_bool().unwrap_or(false))))).collect())
             .unwrap_or_default();
         let template = LoadedModel::open_text(path, None)?.1.map(|t| t.source);
-        Ok(Folder { path: path.to_path_buf(), st, vocab, added, tokenizer, template })
+        let config = read_json(&path.join("config.json"))?;
+        Ok(Folder { path: path.to_path_buf(), st, vocab, added, tokenizer, config, template })
+    }
+
+    /// `config.json`'s `model_type`.
+    pub fn model_type(&self) -> Option<&str> {
+        self.config["model_type"].as_str()
+    }
+
+    /// `config.json`'s `num_hidden_layers`.
+    pub fn n_layer(&self) -> usize {
+        self.config["num_hidden_layers"].as_u64().unwrap_or(0) as usize
     }
 
     /// The text of token `id` (vocabulary or added).

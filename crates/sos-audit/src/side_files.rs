@@ -1,8 +1,8 @@
 //! Side files: what travels beside a model and acts on it. PEFT adapters whose weights are
 //! embeddings (`TRAINABLE_TOKENS` rows for token ids, `PROMPT_TUNING` virtual tokens put before
 //! every prompt: the SOS threat's "unfamiliar embeddings in side files"), measured against the
-//! base model's token table; and pickle files, which run code when loaded (flagged, never
-//! unpickled).
+//! base model's token table; tensors the architecture does not use (a second token table among
+//! them); and pickle files, which run code when loaded (flagged, never unpickled).
 
 use std::io::Read;
 use std::path::Path;
@@ -192,4 +192,62 @@ pub fn pickles(dir: &Path) -> Result<Vec<Finding>> {
     Ok(vec![Finding::new("side_files.pickle", Check::SideFiles, Severity::Medium, format!("{} pickle files ({}): loading them runs code; use the safetensors files", found.len(), found.join(", ")))
         .evidence(json!({"files": found}))
         .fix("delete them, or convert with a trusted tool in a sandbox")])
+}
+
+/// The per-layer parts a llama-family model (llama, mistral, qwen2) reads, by GGUF name, and the
+/// Hugging Face name of each.
+const LAYER_PARTS: &[(&str, &str)] = &[
+    ("attn_norm", "input_layernorm"),
+    ("ffn_norm", "post_attention_layernorm"),
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+];
+const GGUF_TOP: &[&str] = &["token_embd.weight", "output_norm.weight", "output.weight", "rope_freqs.weight"];
+/// `rotary_emb.inv_freq` is a buffer older transformers versions saved; it holds no weights.
+const HF_TOP: &[&str] = &["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight", "model.rotary_emb.inv_freq"];
+
+/// Whether `name` is a tensor a llama-family model of `n_layer` layers reads.
+fn used(name: &str, n_layer: usize, folder: bool) -> bool {
+    if (if folder { HF_TOP } else { GGUF_TOP }).contains(&name) {
+        return true;
+    }
+    let (prefix, sep) = if folder { ("model.layers.", '.') } else { ("blk.", '.') };
+    let Some(rest) = name.strip_prefix(prefix) else { return false };
+    let Some((layer, rest)) = rest.split_once(sep) else { return false };
+    if !layer.parse::<usize>().is_ok_and(|l| l < n_layer) {
+        return false;
+    }
+    let Some((part, kind)) = rest.rsplit_once('.') else { return false };
+    (kind == "weight" || kind == "bias") && LAYER_PARTS.iter().any(|(g, h)| part == if folder { *h } else { *g })
+}
+
+/// Tensors a llama-family model does not read: medium; one shaped like the token table (a
+/// second embedding table, for rows a modified loader would use): high. Other architectures are
+/// not checked (nothing is said about them).
+pub fn unused_tensors(tensors: &[Stored], arch: Option<&str>, n_layer: usize, folder: bool, table: &str) -> Vec<Finding> {
+    if !matches!(arch, Some("llama" | "mistral" | "qwen2")) {
+        return Vec::new();
+    }
+    let table_shape = tensors.iter().find(|t| t.name == table).map(|t| t.shape.clone());
+    let (mut embed, mut other) = (Vec::new(), Vec::new());
+    for t in tensors.iter().filter(|t| !used(&t.name, n_layer, folder)) {
+        if Some(&t.shape) == table_shape.as_ref() {
+            embed.push(t.name.clone());
+        } else {
+            other.push(json!({"tensor": t.name, "shape": t.shape, "type": t.ty.name()}));
+        }
+    }
+    let mut out = Vec::new();
+    if !embed.is_empty() {
+        out.push(Finding::new("side_files.extra-embedding", Check::SideFiles, Severity::High, format!("tensors shaped like the token table that the architecture does not use: {}", embed.join(", "))).evidence(json!({"tensors": embed})));
+    }
+    if !other.is_empty() {
+        out.push(Finding::new("side_files.unused-tensor", Check::SideFiles, Severity::Medium, format!("{} tensors the architecture does not use", other.len())).evidence(json!({"tensors": other})));
+    }
+    out
 }

@@ -223,3 +223,20 @@ fn peft_side_files_are_found() {
         assert!(run_audit(&AuditRequest { candidate: adapter, reference: None, base: Some(base.clone()), manifest: None, key: None, fail_on: Severity::High }).is_ok());
     }
 }
+
+/// Tensors a llama model does not read are listed; one shaped like the token table is high.
+#[test]
+fn tensors_the_architecture_does_not_use_are_found() {
+    let d = dir("unused");
+    let src = tiny(&d, true);
+    let g = Gguf::open(&src).unwrap();
+    let t = g.tensor_info("token_embd.weight").unwrap();
+    let mut w = Writer::copy_of(&g).unwrap();
+    w.tensor("token_embd_shadow.weight", &t.shape(), t.ty, g.tensor_bytes(t).to_vec());
+    w.tensor_f32("blk.0.attn_gate_extra.weight", &[64], &[0.0; 64]);
+    let out = d.join("extra.gguf");
+    w.write(&out).unwrap();
+    let r = audit(&out, None);
+    assert!(ids(&r).contains(&"side_files.extra-embedding") && ids(&r).contains(&"side_files.unused-tensor"), "{:?}", ids(&r));
+    assert_eq!(r.verdict, "fail");
+}
