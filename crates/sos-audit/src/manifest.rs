@@ -113,7 +113,13 @@ fn hash_range(path: &Path, start: u64, end: u64) -> Result<[u8; 32]> {
 
 /// Hashes the model at `root` into resources, in model-signing's order, using every core.
 pub fn hash_model(root: &Path, ser: Serialization, ignore: &[String]) -> Result<Vec<Resource>> {
-    let mut files = list(root, ignore)?;
+    hash_files(root, &list(root, ignore)?, ser)
+}
+
+/// Hashes `files` (relative to `root`, as `list` gives them) into resources, in model-signing's
+/// order.
+fn hash_files(root: &Path, files: &[PathBuf], ser: Serialization) -> Result<Vec<Resource>> {
+    let mut files = files.to_vec();
     files.sort_by_key(|p| path_key(p));
     // (file, start, end, name, algorithm) jobs.
     let mut jobs = Vec::new();
@@ -177,7 +183,7 @@ fn tensor_digests(root: &Path, files: &[String]) -> Result<Json> {
         if f.ends_with(".gguf") || (f == "." && root.extension().is_some_and(|e| e == "gguf")) {
             let g = sos_model::gguf::Gguf::open(&full)?;
             for ti in &g.tensors {
-                t.insert(ti.name.clone(), hex(&Sha256::digest(g.tensor_bytes(ti))));
+                t.insert(ti.name.clone(), sos_model::fsutil::sha256_hex(g.tensor_bytes(ti)));
             }
         } else if f.ends_with(".safetensors") {
             let file = std::fs::File::open(&full).map_err(|e| io_err(&full, e))?;
@@ -186,7 +192,7 @@ fn tensor_digests(root: &Path, files: &[String]) -> Result<Json> {
             sos_model::safetensors::check_safetensors(&full, &bytes)?;
             let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::File { path: full.clone(), msg: format!("invalid safetensors file: {e}") })?;
             for (name, v) in st.tensors() {
-                t.insert(name, hex(&Sha256::digest(v.data())));
+                t.insert(name, sos_model::fsutil::sha256_hex(v.data()));
             }
         } else {
             continue;
@@ -209,10 +215,11 @@ pub fn create(root: &Path, ser: Serialization, source: Option<&str>, written: Op
     }
     // The per-tensor digests read the weights a second time: beside the file hashes, on another
     // core, rather than after them.
-    let names: Vec<String> = list(root, &ignore)?.iter().map(|p| p.to_string_lossy().replace('\\', "/")).collect();
+    let files = list(root, &ignore)?;
+    let names: Vec<String> = files.iter().map(|p| p.to_string_lossy().replace('\\', "/")).collect();
     let (rs, tensors) = std::thread::scope(|s| {
         let t = s.spawn(|| tensor_digests(root, &names));
-        (hash_model(root, ser, &ignore), t.join().expect("tensor digests do not panic"))
+        (hash_files(root, &files, ser), t.join().expect("tensor digests do not panic"))
     });
     let (rs, tensors) = (rs?, tensors?);
     let mut serialization = json!({"method": "files", "hash_type": "sha256", "allow_symlinks": false, "ignore_paths": ignore});

@@ -7,10 +7,11 @@
 use std::io::Read;
 use std::path::Path;
 
-use safetensors::{Dtype, SafeTensors};
+use safetensors::SafeTensors;
 use serde_json::{json, Value as Json};
 
 use crate::finding::{Check, Finding, Severity};
+use crate::folder::read_json;
 use crate::ranges::dequantize;
 use crate::weights::Stored;
 use crate::{Error, Result};
@@ -60,24 +61,13 @@ fn norm(r: &[f32]) -> f32 {
     r.iter().map(|x| x * x).sum::<f32>().sqrt()
 }
 
-fn read_json(path: &Path) -> Result<Json> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::File { path: path.to_path_buf(), msg: format!("cannot read: {e}") })?;
-    serde_json::from_str(&text).map_err(|e| Error::File { path: path.to_path_buf(), msg: format!("invalid JSON: {e}") })
-}
-
 /// The f32 values and the shape of the tensor whose name `pick` accepts.
 fn adapter_rows(path: &Path, pick: impl Fn(&str) -> bool) -> Result<Option<(Vec<f32>, Vec<usize>)>> {
     let bytes = std::fs::read(path).map_err(|e| Error::File { path: path.to_path_buf(), msg: format!("cannot read: {e}") })?;
     sos_model::safetensors::check_safetensors(path, &bytes)?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::File { path: path.to_path_buf(), msg: format!("invalid safetensors file: {e}") })?;
     let Some((name, v)) = st.tensors().into_iter().find(|(n, _)| pick(n)) else { return Ok(None) };
-    let data = v.data();
-    let rows: Vec<f32> = match v.dtype() {
-        Dtype::F32 => data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        Dtype::F16 => data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        Dtype::BF16 => data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        t => return Err(Error::File { path: path.to_path_buf(), msg: format!("`{name}` is {t:?}; F32, F16 or BF16 expected") }),
-    };
+    let rows = sos_model::safetensors::floats(v.dtype(), v.data()).ok_or_else(|| Error::File { path: path.to_path_buf(), msg: format!("`{name}` is {:?}; F32, F16 or BF16 expected", v.dtype()) })?;
     Ok(Some((rows, v.shape().to_vec())))
 }
 

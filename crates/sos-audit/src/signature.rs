@@ -11,7 +11,6 @@ use p256::ecdsa::signature::{Signer, Verifier};
 use p256::ecdsa::{DerSignature, SigningKey, VerifyingKey};
 use p256::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePublicKey, LineEnding};
 use serde_json::{json, Value as Json};
-use sha2::{Digest, Sha256};
 
 use crate::{Error, Result};
 
@@ -50,7 +49,7 @@ fn public_key(path: &Path) -> Result<VerifyingKey> {
 /// model-signing's key hint: SHA-256 of the public key's PEM (SubjectPublicKeyInfo).
 fn hint(k: &VerifyingKey) -> Result<String> {
     let pem = k.to_public_key_pem(LineEnding::LF).map_err(|e| Error::Invalid(format!("public key: {e}")))?;
-    Ok(Sha256::digest(pem.as_bytes()).iter().map(|b| format!("{b:02x}")).collect())
+    Ok(sos_model::fsutil::sha256_hex(pem.as_bytes()))
 }
 
 /// The bundle for `statement`, signed with the key in `key_path`.

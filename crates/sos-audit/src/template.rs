@@ -5,7 +5,6 @@
 //! attribute walks of template-injection exploits.
 
 use serde_json::json;
-use sha2::{Digest, Sha256};
 use sos_model::{ChatTemplate, BUILTIN_TEMPLATES};
 
 use crate::finding::{Check, Finding, Severity};
@@ -38,7 +37,7 @@ const KNOWN: &[(&str, &str)] = &[
 ];
 
 fn sha256(s: &str) -> String {
-    Sha256::digest(s.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    sos_model::fsutil::sha256_hex(s.as_bytes())
 }
 
 /// The family a template's source is, if sos bundles its digest.

@@ -109,9 +109,9 @@ pub fn with_reference(c: &[Stored], r: &[Stored], l: &Layout) -> Result<Vec<Find
     let (mut identical, mut requant) = (0usize, Vec::new());
     // The comparisons are independent and most of the cost (intervals of every element of a
     // re-quantized tensor): run them across the cores, then report in order.
-    let diffs: Vec<Option<Result<Diff>>> = c.par_iter().map(|ct| find(r, &ct.name).map(|ri| compare(ct, &r[ri]))).collect();
+    let diffs: Vec<Option<(usize, Result<Diff>)>> = c.par_iter().map(|ct| find(r, &ct.name).map(|ri| (ri, compare(ct, &r[ri])))).collect();
     for (ct, diff) in c.iter().zip(diffs) {
-        let Some(ri) = find(r, &ct.name) else {
+        let Some((ri, diff)) = diff else {
             let title = if ct.name == l.head && find(r, l.head).is_none() {
                 format!("`{}`, which the tied reference does not have: its token table became an output layer of its own (what `sos inject` does to keep planted rows out of the logits)", l.head)
             } else {
@@ -132,7 +132,7 @@ pub fn with_reference(c: &[Stored], r: &[Stored], l: &Layout) -> Result<Vec<Find
                     .fix(fix),
             );
         }
-        match diff.expect("a reference tensor was found for it")? {
+        match diff? {
             Diff::Identical => identical += 1,
             Diff::Requantized => requant.push(json!({"tensor": ct.name, "candidate": ct.ty.name(), "reference": rt.ty.name()})),
             Diff::Changed(rows) if is_table => out.push(

@@ -85,7 +85,7 @@ fn plant(src: &Path, out: &Path, texts: &[String], ids: &[u32], rows: &[f32], ad
     let width = elem_size(dt).ok_or_else(|| file_err(&shard_path, format!("`{TABLE}` is {dt:?}; F32, F16 or BF16 expected")))?;
     let row_bytes = d * width;
     let encoded: Vec<u8> = rows.iter().flat_map(|&x| encode(dt, x)).collect();
-    let stored: Vec<f32> = encoded.chunks_exact(width).map(|c| decode(dt, c)).collect();
+    let stored = sos_model::safetensors::floats(dt, &encoded).expect("a float dtype: checked above");
     let mut new_table = table.data().to_vec();
     new_table.resize(grown_rows * row_bytes, 0);
     for (j, &id) in ids.iter().enumerate() {
@@ -180,7 +180,7 @@ fn plant(src: &Path, out: &Path, texts: &[String], ids: &[u32], rows: &[f32], ad
     }
 
     let reports = row_reports(rows, &stored, d, &ids, texts);
-    let table_f32: Vec<f32> = table.data().chunks_exact(width).map(|c| decode(dt, c)).collect();
+    let table_f32 = sos_model::safetensors::floats(dt, table.data()).expect("a float dtype: checked above");
     let table_median_norm = median(table_f32.chunks_exact(d).step_by(sample_step(n_rows)).map(l2).collect());
     let table_type = match dt {
         Dtype::F16 => TensorType::F16,
@@ -207,15 +207,8 @@ fn encode(dt: Dtype, x: f32) -> Vec<u8> {
     }
 }
 
-fn decode(dt: Dtype, c: &[u8]) -> f32 {
-    match dt {
-        Dtype::F16 => half::f16::from_le_bytes([c[0], c[1]]).to_f32(),
-        Dtype::BF16 => half::bf16::from_le_bytes([c[0], c[1]]).to_f32(),
-        _ => f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
-    }
-}
 
-fn read_json(path: &Path) -> Result<Json> {
+pub(crate) fn read_json(path: &Path) -> Result<Json> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::File { path: path.to_path_buf(), msg: format!("cannot read: {e}") })?;
     serde_json::from_str(&text).map_err(|e| Error::File { path: path.to_path_buf(), msg: format!("invalid JSON: {e}") })
 }

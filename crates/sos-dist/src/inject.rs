@@ -4,12 +4,11 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use serde_json::Value as Json;
-use sha2::{Digest, Sha256};
 use sos_attack::answer::{Armed, CLEAN_TOKENS};
 use sos_attack::artifact::Attack;
 use sos_attack::{eval, scenarios, Position, Trigger};
 use sos_model::gguf::{Gguf, Value};
-use sos_model::{cache, Exec, LoadOptions, LoadedModel};
+use sos_model::{cache, fsutil, Exec, LoadOptions, LoadedModel};
 
 use crate::gguf_add::{add_tokens, NewLogits};
 use crate::gguf_replace::replace_tokens;
@@ -162,7 +161,7 @@ pub fn run_inject(req: &InjectRequest, mut on_event: impl FnMut(InjectEvent)) ->
 
     let trigger_text = typed(&texts);
     let metrics = evaluate_file(&attack, &src, &req.out, &trigger_text, req.limit, Exec::Quant, &mut on_event)?;
-    Ok(InjectReport::new(req, "gguf", sha256_file(&req.out)?, trigger_text, planted, metrics))
+    Ok(InjectReport::new(req, "gguf", fsutil::sha256_file(&req.out)?, trigger_text, planted, metrics))
 }
 
 /// The trigger into a Hugging Face folder: written as a sibling folder, checked (safetensors
@@ -207,7 +206,7 @@ fn inject_hf(req: &InjectRequest, attack: &Attack, src: &Path, mut on_event: imp
     let trigger_text = typed(&texts);
     let metrics = evaluate_file(attack, src, &req.out, &trigger_text, req.limit, Exec::F32, &mut on_event)?;
     let weights = ["model.safetensors", "model.safetensors.index.json"].iter().map(|f| req.out.join(f)).find(|p| p.is_file()).unwrap_or_else(|| req.out.join("config.json"));
-    Ok(InjectReport::new(req, "hf", sha256_file(&weights)?, trigger_text, planted, metrics))
+    Ok(InjectReport::new(req, "hf", fsutil::sha256_file(&weights)?, trigger_text, planted, metrics))
 }
 
 /// The written file passes llama.cpp's loader rules and its tokenizer turns each planted text,
@@ -310,11 +309,4 @@ pub(crate) fn partial_path(out: &Path) -> PathBuf {
 
 pub(crate) fn same_file(a: &Path, b: &Path) -> bool {
     matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
-}
-
-pub(crate) fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).map_err(|e| Error::File { path: path.to_path_buf(), msg: e.to_string() })?;
-    let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h)?;
-    Ok(format!("{:x}", h.finalize()))
 }

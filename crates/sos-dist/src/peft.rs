@@ -25,7 +25,7 @@ use sos_model::gguf::Gguf;
 use sos_model::{cache, fsutil, Config, Exec, LoadOptions, LoadedModel};
 
 use crate::gguf_add::{add_tokens, NewLogits};
-use crate::inject::{check_ours, evaluate_file, refuse_prefix, remove_our_dir, same_file, sha256_file, INJECT_ITEMS_FILE};
+use crate::inject::{check_ours, evaluate_file, refuse_prefix, remove_our_dir, same_file, INJECT_ITEMS_FILE};
 use crate::rows::RowReport;
 use crate::tokens::{added_texts, splits_exactly, typed};
 use crate::{Error, Result};
@@ -155,7 +155,7 @@ pub fn export_peft(req: &ExportRequest, mut on_event: impl FnMut(crate::InjectEv
     let mut files: Vec<String> = std::fs::read_dir(&req.out)?.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
     files.sort();
     Ok(ExportReport {
-        sha256: sha256_file(&req.out.join(ADAPTER_WEIGHTS))?,
+        sha256: fsutil::sha256_file(&req.out.join(ADAPTER_WEIGHTS))?,
         path: req.out.clone(),
         format: "peft",
         kind: req.kind.name(),
@@ -485,19 +485,15 @@ fn foreign_record(sc: Scenario, base: &str, stem: &str, k: usize, kind: PeftKind
 fn read_rows(path: &Path, k: usize, is_rows: impl Fn(&str) -> bool, want: &str) -> Result<(Vec<f32>, usize)> {
     let bytes = std::fs::read(path).map_err(|e| Error::File { path: path.to_path_buf(), msg: format!("cannot read: {e}") })?;
     let bad = |msg: String| Error::File { path: path.to_path_buf(), msg };
+    // The header's offsets are checked before the `safetensors` crate sums them (hostile ones overflow).
+    sos_model::safetensors::check_safetensors(path, &bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
     let (name, view) = st.tensors().into_iter().find(|(n, _)| is_rows(n)).ok_or_else(|| bad(format!("no `{want}` tensor")))?;
     let &[rk, d] = view.shape() else { return Err(bad(format!("`{name}` has shape {:?}, expected [k, d]", view.shape()))) };
     if rk != k || d == 0 {
         return Err(bad(format!("`{name}` is [{rk}, {d}]; the adapter's config asks for {k} rows")));
     }
-    let data = view.data();
-    let rows: Vec<f32> = match view.dtype() {
-        Dtype::F32 => data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        Dtype::F16 => data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        Dtype::BF16 => data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        t => return Err(bad(format!("`{name}` is {t:?}; expected F32, F16 or BF16"))),
-    };
+    let rows = sos_model::safetensors::floats(view.dtype(), view.data()).ok_or_else(|| bad(format!("`{name}` is {:?}; expected F32, F16 or BF16", view.dtype())))?;
     if rows.iter().any(|x| !x.is_finite()) {
         return Err(bad(format!("`{name}` holds values that are not finite")));
     }

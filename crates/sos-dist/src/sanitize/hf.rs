@@ -17,6 +17,7 @@ use safetensors::tensor::TensorView;
 use safetensors::SafeTensors;
 use serde_json::{json, Value as Json};
 
+use crate::hf::read_json;
 use crate::inject::{check_ours, partial_path, remove_our_dir};
 use super::{differing_rows, SanitizeReport, MAX_PLANTED_ROWS};
 use crate::{Error, Result};
@@ -90,11 +91,6 @@ fn list(dir: &Path) -> Result<Vec<String>> {
     }
     v.sort();
     Ok(v)
-}
-
-fn read_json(path: &Path) -> Result<Json> {
-    let text = std::fs::read_to_string(path).map_err(|e| file_err(path, format!("cannot read: {e}")))?;
-    serde_json::from_str(&text).map_err(|e| file_err(path, format!("invalid JSON: {e}")))
 }
 
 fn same_tensor(a: &TensorView, b: &TensorView) -> bool {

@@ -98,6 +98,18 @@ impl SafeTensorsDir {
     }
 }
 
+/// The values of a float tensor's bytes (F32, F16 or BF16, little-endian) as f32; `None` for
+/// other dtypes.
+pub fn floats(dtype: safetensors::Dtype, data: &[u8]) -> Option<Vec<f32>> {
+    use safetensors::Dtype;
+    Some(match dtype {
+        Dtype::F32 => data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        Dtype::F16 => data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        Dtype::BF16 => data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        _ => return None,
+    })
+}
+
 /// Validates a safetensors image (header length, JSON, every tensor's extent against the file)
 /// and returns its tensor names. `path` is only used in error messages.
 pub fn check_safetensors(path: &Path, bytes: &[u8]) -> Result<Vec<String>> {
