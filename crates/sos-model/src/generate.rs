@@ -40,6 +40,9 @@ pub struct Generation {
     pub prompt_tokens: usize,
     pub prompt_seconds: f64,
     pub gen_seconds: f64,
+    /// Logits of the first new token (the prompt's next-token distribution): what a probe
+    /// compares across prompts without running the prompt twice.
+    pub first_logits: Vec<f32>,
 }
 
 impl Generation {
@@ -132,14 +135,31 @@ pub fn generate(
     max_tokens: usize,
     stop_ids: &[u32],
     sampling: Sampling,
+    on_token: impl FnMut(u32) -> Result<bool>,
+) -> Result<Generation> {
+    generate_after(model, None, prompt, max_tokens, stop_ids, sampling, on_token)
+}
+
+/// `generate` for a prompt whose first positions are already in `prefix` (`Model::prefix`):
+/// `rest: [t, d]` are the positions after it. Many prompts that open the same way (a template's
+/// opening, a shared system prompt) pay for that opening once.
+pub fn generate_after(
+    model: &Model,
+    prefix: Option<&KvCache>,
+    rest: &Tensor,
+    max_tokens: usize,
+    stop_ids: &[u32],
+    sampling: Sampling,
     mut on_token: impl FnMut(u32) -> Result<bool>,
 ) -> Result<Generation> {
     let mut sampler = Sampler::new(sampling)?;
-    let prompt_tokens = prompt.dim(0)?;
-    let mut cache = KvCache::new(model.cfg.n_layer);
+    let mut cache = prefix.cloned().unwrap_or_else(|| KvCache::new(model.cfg.n_layer));
+    let pos0 = cache.len();
+    let prompt_tokens = pos0 + rest.dim(0)?;
     let start = Instant::now();
-    let first = model.forward_last(&prompt.unsqueeze(0)?, 0, Some(&mut cache))?;
+    let first = model.forward_last(&rest.unsqueeze(0)?, pos0, Some(&mut cache))?;
     let mut row: Vec<f32> = first.squeeze(0)?.to_dtype(DType::F32)?.to_vec1()?;
+    let first_logits = row.clone();
     let prompt_seconds = start.elapsed().as_secs_f64();
     let start = Instant::now();
     // f32 on the CPU decodes on plain buffers; other dtypes and devices go through `forward`.
@@ -174,7 +194,7 @@ pub fn generate(
             }
         };
     }
-    Ok(Generation { tokens, stop, prompt_tokens, prompt_seconds, gen_seconds: start.elapsed().as_secs_f64() })
+    Ok(Generation { tokens, stop, prompt_tokens, prompt_seconds, gen_seconds: start.elapsed().as_secs_f64(), first_logits })
 }
 
 #[cfg(test)]

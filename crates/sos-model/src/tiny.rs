@@ -41,7 +41,7 @@ impl Default for TinySpec {
 pub const SPECIALS: &[&str] = &["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
 /// A few merges so BPE has work to do; their results are appended to the vocabulary.
 const MERGES: &[(&str, &str)] = &[("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a")];
-pub const MAX_SEQ: usize = 256;
+pub const MAX_SEQ: usize = 1024;
 const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
 /// GPT-2's reversible byte -> printable character map.

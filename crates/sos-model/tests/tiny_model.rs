@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
-use sos_model::generate::{generate, Sampling};
+use sos_model::generate::{generate, generate_after, Sampling};
 use sos_model::tiny::TinySpec;
 use sos_model::{Arch, Exec, LoadOptions, LoadedModel, Message, Model};
 
@@ -81,6 +81,27 @@ fn kv_cache_generation_matches_full_forward() {
             let row: Vec<f32> = logits.squeeze(0).unwrap().to_vec1().unwrap();
             assert_eq!(sos_model::generate::argmax(&row), tok, "{name}: cached and uncached decoding differ");
             seq.push(tok);
+        }
+    }
+}
+
+#[test]
+fn generation_after_a_cached_prefix_is_generation_on_the_whole_prompt() {
+    for (name, spec) in specs() {
+        for exec in [Exec::F32, Exec::Quant] {
+            let lm = load(&spec, &format!("{name}-prefix-{exec:?}"), false, exec);
+            let m = &lm.model;
+            let prompt = sample_ids(9, 11, m.cfg.vocab_size as u32);
+            let whole = generate(m, &m.embed_ids(&prompt).unwrap(), 10, &[], Sampling::default(), |_| Ok(true)).unwrap();
+            let prefix = m.prefix(&m.embed_ids(&prompt[..6]).unwrap().unsqueeze(0).unwrap()).unwrap();
+            let after = generate_after(m, Some(&prefix), &m.embed_ids(&prompt[6..]).unwrap(), 10, &[], Sampling::default(), |_| Ok(true)).unwrap();
+            assert_eq!(after.tokens, whole.tokens, "{name} {exec:?}");
+            assert_eq!(after.prompt_tokens, 11);
+            let diff = whole.first_logits.iter().zip(&after.first_logits).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(diff < 1e-4, "{name} {exec:?}: first logits differ by {diff}");
+            // The prefix is read, not consumed: a second prompt after it gives the same answer.
+            let again = generate_after(m, Some(&prefix), &m.embed_ids(&prompt[6..]).unwrap(), 10, &[], Sampling::default(), |_| Ok(true)).unwrap();
+            assert_eq!(again.tokens, whole.tokens);
         }
     }
 }
