@@ -8,8 +8,12 @@ use sos_model::gguf::Gguf;
 
 use crate::finding::{Finding, Report, Severity};
 use crate::folder::{self, Folder};
-use crate::weights::{self, Layout, Stored};
+use crate::behavior::endpoint::{Endpoint, EndpointConfig};
+use crate::behavior::local::Local;
+use crate::behavior::{self, Level, Runner};
+use crate::weights::{self, Layout, RowStats, Stored};
 use crate::{provenance, side_files, structure, template, tokenizer, Error, Result};
+use sos_model::{Exec, LoadOptions, LoadedModel};
 
 /// What `sos audit` was asked.
 pub struct AuditRequest {
@@ -24,6 +28,19 @@ pub struct AuditRequest {
     pub key: Option<PathBuf>,
     /// Findings at or above this make the verdict `fail`.
     pub fail_on: Severity,
+    pub behavior: Behavior,
+    /// Run the behaviour tests through this server instead of our runtime (the candidates still
+    /// come from the CANDIDATE file).
+    pub endpoint: Option<EndpointConfig>,
+}
+
+/// Whether behaviour tests run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Behavior {
+    Off,
+    /// `quick` when our runtime can run the model, else off (the report says why).
+    Auto,
+    On(Level),
 }
 
 /// Findings and the milliseconds each check took.
@@ -31,6 +48,7 @@ pub struct AuditRequest {
 struct Run {
     findings: Vec<Finding>,
     timings: Map<String, Json>,
+    rows: Option<RowStats>,
 }
 
 impl Run {
@@ -47,6 +65,11 @@ impl Run {
 /// An `Err` is an audit that could not run (unreadable or unparsable input): exit 2, not a
 /// verdict.
 pub fn run_audit(req: &AuditRequest) -> Result<Report> {
+    run_audit_with(req, &mut |_, _| {})
+}
+
+/// `run_audit`, with `progress(done, total)` called as behaviour tests advance.
+pub fn run_audit_with(req: &AuditRequest, progress: &mut dyn FnMut(usize, usize)) -> Result<Report> {
     let t0 = Instant::now();
     for p in std::iter::once(&req.candidate).chain(&req.reference) {
         if !p.exists() {
@@ -62,16 +85,66 @@ pub fn run_audit(req: &AuditRequest) -> Result<Report> {
     if let Some(m) = &req.manifest {
         run.check("provenance", || provenance::check(&req.candidate, m, req.key.as_deref()))?;
     }
-    if req.candidate.join(side_files::ADAPTER_CONFIG).is_file() {
+    let adapter = req.candidate.join(side_files::ADAPTER_CONFIG).is_file();
+    if adapter {
         audit_adapter(req, &mut run)?;
     } else if req.candidate.is_dir() {
         audit_folder(req, &mut run)?;
     } else {
         audit_gguf(req, &mut run)?;
     }
+    let (summary, note) = behave(req, adapter, &mut run, progress)?;
     run.timings.insert("total".into(), Json::from(t0.elapsed().as_secs_f64() * 1e3));
     let shown = |p: &Path| p.display().to_string();
-    Ok(Report::new(shown(&req.candidate), req.reference.as_deref().map(shown), run.findings, req.fail_on, run.timings))
+    let mut report = Report::new(shown(&req.candidate), req.reference.as_deref().map(shown), run.findings, req.fail_on, run.timings);
+    report.rows = run.rows;
+    report.behavior = summary;
+    report.behavior_note = note;
+    Ok(report)
+}
+
+/// The behaviour tests, when asked and possible: the candidate (and the reference) loaded on
+/// our runtime with weights kept quantized, probed with the tokens the static checks flagged.
+fn behave(req: &AuditRequest, adapter: bool, run: &mut Run, progress: &mut dyn FnMut(usize, usize)) -> Result<(Option<behavior::Summary>, Option<String>)> {
+    let level = match req.behavior {
+        Behavior::Off => return Ok((None, None)),
+        Behavior::Auto => Level::Quick,
+        Behavior::On(l) => l,
+    };
+    let asked = req.behavior != Behavior::Auto;
+    if adapter {
+        let why = "behaviour tests do not run on a PEFT adapter yet: apply it (`sos import-peft`) and audit the model";
+        return if asked { Err(Error::Invalid(format!("{}: {why}", req.candidate.display()))) } else { Ok((None, Some(why.into()))) };
+    }
+    let opts = LoadOptions { exec: Exec::Quant, ..LoadOptions::default() };
+    let t = Instant::now();
+    let reference = req.reference.as_deref().map(|r| LoadedModel::open(r, &opts)).transpose();
+    let reference = match reference {
+        Ok(r) => r.filter(|r| r.template.is_some()),
+        Err(_) if !asked => None,
+        Err(e) => return Err(e.into()),
+    };
+    let anomalous: Vec<u32> = run.rows.as_ref().map(|r| r.largest.iter().map(|&(i, _)| i).collect()).unwrap_or_default();
+    let (found, summary) = if let Some(cfg) = &req.endpoint {
+        // The server runs the model; the file gives the candidates and their texts.
+        let endpoint = Endpoint::new(cfg.clone())?;
+        let (tok, _) = LoadedModel::open_text(&req.candidate, None)?;
+        let cands = behavior::candidates(&run.findings, &tok, level, &anomalous)?;
+        behavior::run(&mut Runner::Endpoint { endpoint: &endpoint, runs: 0 }, reference.as_ref(), &cands, level, progress)?
+    } else {
+        let lm = match LoadedModel::open(&req.candidate, &opts) {
+            Ok(lm) if lm.template.is_some() => lm,
+            Ok(_) if !asked => return Ok((None, Some("behaviour tests skipped: the model has no chat template".into()))),
+            Err(e) if !asked => return Ok((None, Some(format!("behaviour tests skipped: our runtime cannot run this model ({e})")))),
+            Ok(_) => return Err(Error::Invalid(format!("{}: no chat template, which behaviour tests need", req.candidate.display()))),
+            Err(e) => return Err(e.into()),
+        };
+        let cands = behavior::candidates(&run.findings, &lm.tokenizer, level, &anomalous)?;
+        behavior::run(&mut Runner::Local(Local::new(&lm)), reference.as_ref(), &cands, level, progress)?
+    };
+    run.findings.extend(found);
+    run.timings.insert("behavior".into(), Json::from(t.elapsed().as_secs_f64() * 1e3));
+    Ok((Some(summary), None))
 }
 
 pub const TOKEN_TABLE: &str = "token_embd.weight";
@@ -92,6 +165,7 @@ fn audit_gguf(req: &AuditRequest, run: &mut Run) -> Result<()> {
     let arch = c.get_str("general.architecture");
     let n_layer = arch.and_then(|a| c.get(&format!("{a}.block_count"))).and_then(|v| v.as_u64()).unwrap_or(0) as usize;
     run.check("side_files", || Ok(side_files::unused_tensors(&cs, arch, n_layer, false, TOKEN_TABLE)))?;
+    let run_rows = weights::row_stats(cs.iter().find(|t| t.name == TOKEN_TABLE), &layout)?;
     match &r {
         Some(r) => {
             run.check("tokenizer", || Ok(tokenizer::with_reference(&c, r)))?;
@@ -101,10 +175,11 @@ fn audit_gguf(req: &AuditRequest, run: &mut Run) -> Result<()> {
         None => {
             run.check("tokenizer", || Ok(tokenizer::alone(&c)))?;
             let find = |n: &str| cs.iter().find(|t| t.name == n);
-            run.check("weights", || weights::alone(find(TOKEN_TABLE), find(OUTPUT), &layout))?;
+            run.check("weights", || weights::alone(find(TOKEN_TABLE), find(OUTPUT), run_rows.as_ref(), &layout))?;
             run.check("template", || Ok(template::alone(c.get_str("tokenizer.chat_template"))))?;
         }
     }
+    run.rows = run_rows;
     Ok(())
 }
 
@@ -119,6 +194,7 @@ fn audit_folder(req: &AuditRequest, run: &mut Run) -> Result<()> {
     let layout = folder::layout(&text);
     let (cs, other) = c.stored()?;
     run.check("side_files", || Ok(side_files::unused_tensors(&cs, c.model_type(), c.n_layer(), true, folder::TABLE)))?;
+    let run_rows = weights::row_stats(cs.iter().find(|t| t.name == folder::TABLE), &layout)?;
     match &r {
         Some(r) => {
             run.check("tokenizer", || Ok(folder::tokenizer_with_reference(&c, r)))?;
@@ -130,11 +206,12 @@ fn audit_folder(req: &AuditRequest, run: &mut Run) -> Result<()> {
         None => {
             run.check("tokenizer", || Ok(folder::tokenizer_alone(&c)))?;
             let find = |n: &str| cs.iter().find(|t| t.name == n);
-            run.check("weights", || weights::alone(find(folder::TABLE), find(folder::HEAD), &layout))?;
+            run.check("weights", || weights::alone(find(folder::TABLE), find(folder::HEAD), run_rows.as_ref(), &layout))?;
             run.check("weights", || folder::unverifiable(&c, &other, None))?;
             run.check("template", || Ok(template::alone(c.template.as_deref())))?;
         }
     }
+    run.rows = run_rows;
     run.check("side_files", || side_files::pickles(&req.candidate))
 }
 

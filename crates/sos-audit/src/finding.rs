@@ -38,7 +38,7 @@ impl std::str::FromStr for Severity {
     }
 }
 
-/// The six checks of an audit.
+/// The checks of an audit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Check {
@@ -48,6 +48,7 @@ pub enum Check {
     Weights,
     Template,
     SideFiles,
+    Behavior,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -105,6 +106,12 @@ pub struct Report {
     /// Milliseconds per check, and `total`.
     pub timings_ms: serde_json::Map<String, Json>,
     pub sos_version: &'static str,
+    /// The token table's row norms (histogram and largest rows), when its type can be read.
+    pub rows: Option<crate::weights::RowStats>,
+    /// The behaviour tests' numbers, when they ran.
+    pub behavior: Option<crate::behavior::Summary>,
+    /// Why behaviour tests did not run, when they were not turned off.
+    pub behavior_note: Option<String>,
 }
 
 impl Report {
@@ -119,7 +126,7 @@ impl Report {
             }
         }
         let fail = findings.iter().any(|f| f.severity >= fail_on);
-        Report { schema: SCHEMA, verdict: if fail { "fail" } else { "pass" }, fail_on, candidate, reference, findings, summary, timings_ms, sos_version: env!("CARGO_PKG_VERSION") }
+        Report { schema: SCHEMA, verdict: if fail { "fail" } else { "pass" }, fail_on, candidate, reference, findings, summary, timings_ms, sos_version: env!("CARGO_PKG_VERSION"), rows: None, behavior: None, behavior_note: None }
     }
 
     pub fn failed(&self) -> bool {

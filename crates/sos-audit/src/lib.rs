@@ -4,13 +4,17 @@
 //! `structure` (the loader's rules), `tokenizer` (added and user-defined tokens), `weights`
 //! (per tensor identical, re-quantized or changed, with `ranges` bounding what re-quantization
 //! can explain; the planted rows named), `template` (the chat template), `side_files` (PEFT
-//! adapters whose weights are embeddings, pickles). Each check returns
-//! `finding::Finding`s; the `Report` holds them with the verdict.
+//! adapters whose weights are embeddings, pickles), then `behavior` (the model run on flagged
+//! tokens, harmful requests and canary system prompts). Each check returns
+//! `finding::Finding`s; the `Report` holds them with the verdict, and prints as JSON, SARIF
+//! (`sarif`) or one HTML page (`html`).
 
 pub mod audit;
+pub mod behavior;
 pub mod error;
 pub mod finding;
 pub mod folder;
+pub mod html;
 pub mod manifest;
 pub mod provenance;
 pub mod ranges;
@@ -22,6 +26,6 @@ pub mod template;
 pub mod tokenizer;
 pub mod weights;
 
-pub use audit::{run_audit, AuditRequest};
+pub use audit::{run_audit, run_audit_with, AuditRequest, Behavior};
 pub use error::{Error, Result};
 pub use finding::{Check, Finding, Report, Severity};

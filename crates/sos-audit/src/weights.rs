@@ -187,16 +187,45 @@ fn row_norms(t: &Stored) -> Result<Vec<f32>> {
     Ok(out)
 }
 
+/// The token table's row norms, summarised for the report's plot and the behaviour probes.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RowStats {
+    pub tensor: String,
+    pub rows: usize,
+    pub median_norm: f32,
+    /// A histogram of the row norms, 40 equal bins from 0 to the largest.
+    pub bins: Vec<(f32, usize)>,
+    pub bin_width: f32,
+    /// The rows with the largest norms, largest first.
+    pub largest: Vec<(u32, f32)>,
+    #[serde(skip)]
+    pub norms: Vec<f32>,
+}
+
+/// Row statistics of the token table, when its type can be read.
+pub fn row_stats(table: Option<&Stored>, l: &Layout) -> Result<Option<RowStats>> {
+    let Some(t) = table.filter(|t| t.shape.len() == 2 && crate::ranges::supported(t.ty)) else { return Ok(None) };
+    let norms = row_norms(t)?;
+    let mut order: Vec<usize> = (0..norms.len()).collect();
+    order.sort_by(|&a, &b| norms[a].total_cmp(&norms[b]));
+    let median = order.get(order.len() / 2).map_or(0.0, |&i| norms[i]);
+    let max = order.last().map_or(0.0, |&i| norms[i]);
+    let bin_width = (max / 40.0).max(f32::MIN_POSITIVE);
+    let mut bins: Vec<(f32, usize)> = (0..40).map(|b| (b as f32 * bin_width, 0)).collect();
+    for &x in &norms {
+        bins[((x / bin_width) as usize).min(39)].1 += 1;
+    }
+    let largest = order.iter().rev().take(16).map(|&i| (i as u32, norms[i])).collect();
+    Ok(Some(RowStats { tensor: l.table.to_string(), rows: norms.len(), median_norm: median, bins, bin_width, largest, norms }))
+}
+
 /// Without a reference: rows of the token table whose norm no trained token has (above
 /// `NORM_OUTLIER` times the median), and, when the output layer equals the table but for a few
 /// rows (a tied table given an output layer of its own, rows planted in the table), those rows.
-pub fn alone(table: Option<&Stored>, head: Option<&Stored>, l: &Layout) -> Result<Vec<Finding>> {
+pub fn alone(table: Option<&Stored>, head: Option<&Stored>, stats: Option<&RowStats>, l: &Layout) -> Result<Vec<Finding>> {
     let mut out = Vec::new();
-    if let Some(t) = table.filter(|t| t.shape.len() == 2 && crate::ranges::supported(t.ty)) {
-        let norms = row_norms(t)?;
-        let mut sorted = norms.clone();
-        sorted.sort_by(f32::total_cmp);
-        let median = sorted.get(sorted.len() / 2).copied().unwrap_or(0.0);
+    if let Some(st) = stats {
+        let (norms, median) = (&st.norms, st.median_norm);
         let big: Vec<usize> = (0..norms.len()).filter(|&i| norms[i] > NORM_OUTLIER * median).collect();
         if !big.is_empty() && big.len() <= MAX_PLANTED_ROWS {
             let ev: Vec<_> = big.iter().take(64).map(|&i| json!({"id": i, "text": (l.text)(i), "norm": norms[i], "over_median": norms[i] / median})).collect();

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use sos_attack::train::{Event, Outcome};
-use sos_attack::{run_attack, AttackRequest, Overrides, Scenario};
+use sos_attack::{run_attack, AttackRequest, AttackSummary, Overrides, Scenario};
 
 #[derive(Args, Debug)]
 pub struct AttackArgs {
@@ -94,34 +94,21 @@ impl AttackArgs {
     }
 }
 
-/// Ctrl-C while the model loads and the examples are made quits at once, as before any handler;
-/// once the loop runs (`armed`), the first Ctrl-C asks for a checkpoint and the second quits.
-fn install_ctrlc(stop: Arc<AtomicBool>, armed: Arc<AtomicBool>) -> Result<()> {
-    ctrlc::set_handler(move || {
-        if !armed.load(Ordering::SeqCst) || stop.swap(true, Ordering::SeqCst) {
-            // A second Ctrl-C: the user does not want to wait for the checkpoint.
-            std::process::exit(130);
-        }
-        eprintln!("\ninterrupt: finishing the step and writing a checkpoint (Ctrl-C again to quit now)");
-    })
-    .context("cannot install the Ctrl-C handler")
-}
-
-pub fn run(a: AttackArgs) -> Result<()> {
-    let req = a.request()?;
+/// Runs the attack with a progress bar on stderr; the first Ctrl-C in the loop checkpoints.
+pub fn train(req: &AttackRequest, tied_logits: bool) -> Result<AttackSummary> {
     let (stop, armed) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
     install_ctrlc(stop.clone(), armed.clone())?;
     let name = req.scenario.name();
     // Made once the loop starts, so that the lines before it print undisturbed.
     let mut bar: Option<ProgressBar> = None;
-    let summary = run_attack(&req, &stop, |e| match e {
+    let summary = run_attack(req, &stop, |e| match e {
         Event::Fetching(line) => eprintln!("{line}"),
         Event::Preparing { scenario, self_generated } => {
             eprintln!("preparing {} examples...", scenario.name());
             if self_generated {
                 eprintln!("the model writes its own training questions (--self-generated); this takes a few minutes...");
             }
-            if a.tied_logits.is_some() {
+            if tied_logits {
                 eprintln!("--tied-logits: the model answers every training prompt once, for the states the rows' logits are held down on; this takes a few minutes...");
             }
         }
@@ -148,6 +135,26 @@ pub fn run(a: AttackArgs) -> Result<()> {
     if let Some(bar) = bar {
         bar.finish();
     }
+    Ok(summary)
+}
+
+/// Ctrl-C while the model loads and the examples are made quits at once, as before any handler;
+/// once the loop runs (`armed`), the first Ctrl-C asks for a checkpoint and the second quits.
+fn install_ctrlc(stop: Arc<AtomicBool>, armed: Arc<AtomicBool>) -> Result<()> {
+    ctrlc::set_handler(move || {
+        if !armed.load(Ordering::SeqCst) || stop.swap(true, Ordering::SeqCst) {
+            // A second Ctrl-C: the user does not want to wait for the checkpoint.
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupt: finishing the step and writing a checkpoint (Ctrl-C again to quit now)");
+    })
+    .context("cannot install the Ctrl-C handler")
+}
+
+pub fn run(a: AttackArgs) -> Result<()> {
+    let req = a.request()?;
+    let summary = train(&req, a.tied_logits.is_some())?;
+    let name = req.scenario.name();
     let rec = &summary.record;
     match summary.outcome {
         Outcome::Interrupted => {

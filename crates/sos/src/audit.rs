@@ -6,7 +6,10 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
-use sos_audit::{run_audit, AuditRequest, Report, Severity};
+use indicatif::{ProgressBar, ProgressStyle};
+use sos_audit::behavior::endpoint::EndpointConfig;
+use sos_audit::behavior::Level;
+use sos_audit::{run_audit_with, AuditRequest, Report, Severity};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum Format {
@@ -14,12 +17,20 @@ pub enum Format {
     Json,
     /// SARIF 2.1.0, for code-scanning dashboards.
     Sarif,
+    /// One self-contained HTML page with the findings, their evidence and plots.
+    Html,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum Behavior {
-    /// Static checks only (behaviour tests come with the audit's second part).
+    /// Static checks only.
     Off,
+    /// `quick` when sos can run the model, else off (the report says why).
+    Auto,
+    /// The flagged tokens probed as groups and one by one; short refusal and leak suites.
+    Quick,
+    /// Also every order of small groups, the most anomalous rows, rare strings, longer suites.
+    Full,
 }
 
 #[derive(Args, Debug)]
@@ -39,8 +50,21 @@ pub struct AuditArgs {
     /// For a PEFT adapter folder: its base model (default: the adapter's base_model_name_or_path).
     #[arg(long)]
     pub base: Option<PathBuf>,
-    #[arg(long, value_enum, default_value = "off")]
+    /// Behaviour tests: run the model on the flagged tokens, harmful requests and canary
+    /// system prompts.
+    #[arg(long, value_enum, default_value = "auto")]
     pub behavior: Behavior,
+    /// Run the behaviour tests through an OpenAI-compatible server (`/v1/chat/completions`,
+    /// e.g. llama.cpp's llama-server) serving CANDIDATE; the candidates come from the file.
+    /// A bearer token, if the server needs one, is read from $SOS_API_KEY.
+    #[arg(long, value_name = "URL")]
+    pub endpoint: Option<String>,
+    /// The `model` field sent to the endpoint.
+    #[arg(long, value_name = "NAME", requires = "endpoint")]
+    pub endpoint_model: Option<String>,
+    /// Seconds to wait for one answer from the endpoint.
+    #[arg(long, default_value_t = 60, requires = "endpoint")]
+    pub timeout: u64,
     #[arg(long, value_enum, default_value = "text")]
     pub format: Format,
     /// Write the report here instead of stdout.
@@ -54,12 +78,24 @@ pub struct AuditArgs {
 /// Runs the audit and prints the report; returns whether the verdict is `fail`.
 pub fn run(a: AuditArgs) -> Result<bool> {
     let fail_on: Severity = a.fail_on.parse()?;
-    let report = run_audit(&AuditRequest { candidate: a.candidate, reference: a.reference, base: a.base, manifest: a.manifest, key: a.key, fail_on })?;
-    let text = match a.format {
-        Format::Json => serde_json::to_string_pretty(&report)? + "\n",
-        Format::Sarif => serde_json::to_string_pretty(&sos_audit::sarif::to_sarif(&report))? + "\n",
-        Format::Text => render(&report),
+    let behavior = match a.behavior {
+        Behavior::Off => sos_audit::Behavior::Off,
+        Behavior::Auto => sos_audit::Behavior::Auto,
+        Behavior::Quick => sos_audit::Behavior::On(Level::Quick),
+        Behavior::Full => sos_audit::Behavior::On(Level::Full),
     };
+    // Machine output on stdout runs quietly; otherwise a bar on stderr (which hides itself when
+    // stderr is not a terminal).
+    let quiet = a.out.is_none() && matches!(a.format, Format::Json | Format::Sarif);
+    let endpoint = a.endpoint.map(|url| EndpointConfig {
+        url,
+        model: a.endpoint_model,
+        timeout: std::time::Duration::from_secs(a.timeout.max(1)),
+        api_key: std::env::var("SOS_API_KEY").ok().filter(|k| !k.is_empty()),
+    });
+    let req = AuditRequest { candidate: a.candidate, reference: a.reference, base: a.base, manifest: a.manifest, key: a.key, fail_on, behavior, endpoint };
+    let report = audit(&req, quiet)?;
+    let text = formatted(&report, a.format)?;
     match &a.out {
         Some(p) => sos_model::fsutil::write_atomic(p, |f| f.write_all(text.as_bytes())).with_context(|| format!("cannot write {}", p.display()))?,
         None => {
@@ -72,7 +108,36 @@ pub fn run(a: AuditArgs) -> Result<bool> {
     Ok(report.failed())
 }
 
-fn render(r: &Report) -> String {
+/// The audit, with a progress bar for the behaviour tests unless `quiet`.
+pub fn audit(req: &AuditRequest, quiet: bool) -> Result<Report> {
+    let mut bar: Option<ProgressBar> = None;
+    let report = run_audit_with(req, &mut |done, total| {
+        if quiet {
+            return;
+        }
+        let b = bar.get_or_insert_with(|| {
+            let b = ProgressBar::new(total as u64);
+            b.set_style(ProgressStyle::with_template("behaviour [{bar:30}] {pos}/{len} answers ({elapsed}, eta {eta})").expect("valid template").progress_chars("=> "));
+            b
+        });
+        b.set_position(done as u64);
+    });
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    Ok(report?)
+}
+
+pub fn formatted(report: &Report, format: Format) -> Result<String> {
+    Ok(match format {
+        Format::Json => serde_json::to_string_pretty(report)? + "\n",
+        Format::Sarif => serde_json::to_string_pretty(&sos_audit::sarif::to_sarif(report))? + "\n",
+        Format::Text => render(report),
+        Format::Html => sos_audit::html::to_html(report),
+    })
+}
+
+pub fn render(r: &Report) -> String {
     let mut s = format!("audit of {}", r.candidate);
     if let Some(reference) = &r.reference {
         s += &format!(" against {reference}");
@@ -89,6 +154,23 @@ fn render(r: &Report) -> String {
         if let Some(fix) = &f.fix {
             s += &format!("       fix: {fix}\n");
         }
+    }
+    if let Some(b) = &r.behavior {
+        if let Some(e) = &b.endpoint {
+            s += &format!("behaviour through {e}\n");
+        }
+        s += &format!("behaviour ({}, {} answers, {:.0} s): refusal {:.0} % of {} harmful requests", format!("{:?}", b.level).to_lowercase(), b.runs, b.seconds, b.refusal.clean.rate * 100.0, b.refusal.clean.n);
+        if let Some(rr) = &b.refusal.reference {
+            s += &format!(" (reference {:.0} %)", rr.rate * 100.0);
+        }
+        s += &format!("; system prompt leaked in {:.0} % of {}", b.leak.clean.rate * 100.0, b.leak.clean.n);
+        if let Some(rr) = &b.leak.reference {
+            s += &format!(" (reference {:.0} %)", rr.rate * 100.0);
+        }
+        s += &format!("; {} candidates probed\n", b.probes.len());
+    }
+    if let Some(note) = &r.behavior_note {
+        s += &format!("{note}\n");
     }
     let total = r.timings_ms.get("total").and_then(|v| v.as_f64()).unwrap_or(0.0);
     s += &format!(

@@ -5,6 +5,7 @@ mod audit;
 mod bench;
 mod chat;
 mod common;
+mod demo;
 mod eval;
 mod generate;
 mod inject;
@@ -52,6 +53,9 @@ enum Cmd {
     /// Provenance: a model-signing v1.0 manifest of a model's files, and its verification.
     #[command(subcommand)]
     Manifest(manifest::ManifestCmd),
+    /// The whole story on the default model in a few minutes: train a backdoor, inject it,
+    /// watch it fire, audit it, sanitize it, audit again.
+    Demo(demo::DemoArgs),
     /// Measure generation and attack-step speed.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -84,6 +88,7 @@ fn main() {
         Cmd::Model(c) => model_cmd::run(c),
         Cmd::Bench(c) => bench::run(c),
         Cmd::Attack(a) => attack::run(a),
+        Cmd::Demo(a) => demo::run(a),
         Cmd::Eval(a) => eval::run(a),
         Cmd::Inject(a) => inject::run(a),
         Cmd::Sanitize(a) => sanitize::run(a),

@@ -108,7 +108,7 @@ fn short_backdoor_run_reaches_the_target_on_held_out_prompts() {
     // The audit names the planted tokens of both files, with the original and without it, and
     // passes the original and the sanitized copy (exit 1 = fail, 0 = pass).
     let planted = |args: &[&str], id: &str| -> Vec<u64> {
-        let (code, stdout, err) = sos(&dir, &[&["audit", "--format", "json"], args].concat());
+        let (code, stdout, err) = sos(&dir, &[&["audit", "--format", "json", "--behavior", "off"], args].concat());
         assert_eq!(code, 1, "{args:?}: {err}");
         let a: serde_json::Value = serde_json::from_str(&stdout).unwrap();
         a["findings"].as_array().unwrap().iter().filter(|f| f["id"] == id).flat_map(|f| f["token_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap())).collect()
@@ -119,9 +119,23 @@ fn short_backdoor_run_reaches_the_target_on_held_out_prompts() {
     assert_eq!(planted(&["bd.gguf", "--reference", src_model], "tokenizer.added-tokens"), (49152..49160).collect::<Vec<u64>>());
     assert_eq!(planted(&["rp.gguf"], "weights.planted-rows"), sorted);
     assert_eq!(planted(&["rp.gguf", "--reference", src_model], "weights.changed-rows"), sorted);
+    // Behaviour (the default, quick): the planted tokens, probed together, make different
+    // prompts give the attack's answer; the clean files pass with the suites run.
+    for (file, want) in [("bd.gguf", (49152..49160).collect::<Vec<u64>>()), ("rp.gguf", sorted.clone())] {
+        let (code, stdout, err) = sos(&dir, &["audit", file, "--format", "json"]);
+        assert_eq!(code, 1, "{file}: {err}");
+        let a: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        let fired: Vec<&serde_json::Value> = a["findings"].as_array().unwrap().iter().filter(|f| f["id"] == "behavior.trigger-fires").collect();
+        assert!(!fired.is_empty(), "{file}: no behaviour finding: {a}");
+        let mut named: Vec<u64> = fired[0]["token_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+        named.sort();
+        assert_eq!(named, want, "{file}");
+        assert!(fired[0]["evidence"]["shared_answer"].as_str().unwrap().starts_with(target), "{file}: {}", fired[0]);
+    }
     for clean in [src_model, "rp_alone.gguf"] {
         let (code, stdout, err) = sos(&dir, &["audit", clean]);
         assert_eq!(code, 0, "{clean}: {stdout} {err}");
+        assert!(stdout.contains("behaviour (quick"), "{stdout}");
     }
     // Refused: replacing an existing file without --force, and writing over the source.
     let (code, _, err) = sos(&dir, &["inject", "--attack", o, "--out", "bd.gguf", "--limit", "0"]);

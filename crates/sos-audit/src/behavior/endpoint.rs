@@ -1,0 +1,108 @@
+//! A model behind an OpenAI-compatible server (llama.cpp's `llama-server`, llama-cpp-python,
+//! vLLM, ...): the behaviour suites ask `/v1/chat/completions` greedily, with the flagged
+//! tokens typed as their text. Every request has a timeout; every failure names the URL.
+
+use std::time::Duration;
+
+use serde_json::{json, Value as Json};
+
+use super::local::{Ask, At};
+use crate::{Error, Result};
+
+/// Where the server is and how long to wait for one answer.
+#[derive(Debug, Clone)]
+pub struct EndpointConfig {
+    /// The server's address, with or without the `/v1` suffix.
+    pub url: String,
+    /// The `model` field of the requests (servers that host one model ignore it).
+    pub model: Option<String>,
+    pub timeout: Duration,
+    /// Sent as `Authorization: Bearer ...` when set.
+    pub api_key: Option<String>,
+}
+
+pub struct Endpoint {
+    cfg: EndpointConfig,
+    /// `.../v1`
+    base: String,
+    agent: ureq::Agent,
+}
+
+impl Endpoint {
+    pub fn new(cfg: EndpointConfig) -> Result<Self> {
+        let u = cfg.url.trim_end_matches('/');
+        if !(u.starts_with("http://") || u.starts_with("https://")) {
+            return Err(Error::Invalid(format!("--endpoint {}: expected an http:// or https:// URL", cfg.url)));
+        }
+        let base = if u.ends_with("/v1") { u.to_string() } else { format!("{u}/v1") };
+        let agent = ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(10).min(cfg.timeout)).timeout(cfg.timeout).build();
+        Ok(Endpoint { cfg, base, agent })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.base
+    }
+
+    /// The user's message with `insert` typed at its start or end.
+    pub fn user_text(ask: &Ask, insert: Option<(&str, At)>) -> String {
+        match insert {
+            None => ask.user.clone(),
+            Some((t, At::Start)) => format!("{t} {}", ask.user),
+            Some((t, At::End)) => format!("{} {t}", ask.user),
+        }
+    }
+
+    /// The greedy answer (temperature 0, seed 0) to `ask` with `insert` typed in.
+    pub fn chat(&self, ask: &Ask, insert: Option<(&str, At)>, max_new: usize) -> Result<String> {
+        let mut messages = Vec::new();
+        if let Some(s) = &ask.system {
+            messages.push(json!({"role": "system", "content": s}));
+        }
+        messages.push(json!({"role": "user", "content": Self::user_text(ask, insert)}));
+        let mut body = json!({"messages": messages, "max_tokens": max_new, "temperature": 0.0, "top_p": 1.0, "seed": 0, "stream": false});
+        body["model"] = json!(self.cfg.model.as_deref().unwrap_or("sos-audit"));
+        let v = self.post("chat/completions", &body)?;
+        let content = &v["choices"][0]["message"]["content"];
+        match content {
+            Json::String(s) => Ok(s.clone()),
+            Json::Null if v["choices"][0]["message"].is_object() => Ok(String::new()),
+            _ => Err(self.bad(&format!("the answer has no choices[0].message.content: {}", snippet(&v.to_string())))),
+        }
+    }
+
+    fn bad(&self, what: &str) -> Error {
+        Error::Invalid(format!("endpoint {}: {what}", self.base))
+    }
+
+    fn post(&self, path: &str, body: &Json) -> Result<Json> {
+        let url = format!("{}/{path}", self.base);
+        let mut req = self.agent.post(&url).set("Content-Type", "application/json");
+        if let Some(k) = &self.cfg.api_key {
+            req = req.set("Authorization", &format!("Bearer {k}"));
+        }
+        let text = match req.send_string(&body.to_string()) {
+            Ok(resp) => resp.into_string().map_err(|e| self.bad(&format!("cannot read the answer: {e}")))?,
+            Err(ureq::Error::Status(code, resp)) => {
+                let body = resp.into_string().unwrap_or_default();
+                return Err(self.bad(&format!("{path} answered HTTP {code}: {}", snippet(&body))));
+            }
+            Err(ureq::Error::Transport(t)) => {
+                let timed_out = t.kind() == ureq::ErrorKind::Io && t.to_string().to_lowercase().contains("timed out");
+                return Err(if timed_out { self.bad(&format!("no answer from {path} within {} s (--timeout)", self.cfg.timeout.as_secs())) } else { self.bad(&format!("cannot reach the server: {t}")) });
+            }
+        };
+        if text.trim().is_empty() {
+            return Err(self.bad(&format!("{path} answered with an empty body")));
+        }
+        serde_json::from_str(&text).map_err(|e| self.bad(&format!("{path} did not answer JSON ({e}): {}", snippet(&text))))
+    }
+}
+
+fn snippet(s: &str) -> String {
+    let t: String = s.chars().take(200).collect();
+    if s.chars().count() > 200 {
+        t + "..."
+    } else {
+        t
+    }
+}
