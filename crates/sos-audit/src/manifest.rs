@@ -89,14 +89,17 @@ fn path_key(p: &Path) -> Vec<String> {
     p.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect()
 }
 
+/// Told `(bytes hashed, bytes to hash)` as hashing advances, from any of the hashing threads.
+pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Sync);
+
 /// SHA-256 of the whole file at `path`, read in 1 MiB chunks (what `sos bench hash` measures).
 pub fn sha256_file(path: &Path) -> Result<[u8; 32]> {
     let size = std::fs::metadata(path).map_err(|e| io_err(path, e))?.len();
-    hash_range(path, 0, size)
+    hash_range(path, 0, size, &|_| {})
 }
 
-/// SHA-256 of bytes `start..end` of `path`, read in chunks.
-fn hash_range(path: &Path, start: u64, end: u64) -> Result<[u8; 32]> {
+/// SHA-256 of bytes `start..end` of `path`, read in chunks; `read(n)` after each.
+fn hash_range(path: &Path, start: u64, end: u64, read: &dyn Fn(u64)) -> Result<[u8; 32]> {
     let mut f = std::fs::File::open(path).map_err(|e| io_err(path, e))?;
     std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(start)).map_err(|e| io_err(path, e))?;
     let mut h = Sha256::new();
@@ -107,18 +110,19 @@ fn hash_range(path: &Path, start: u64, end: u64) -> Result<[u8; 32]> {
         f.read_exact(&mut buf[..n]).map_err(|e| io_err(path, e))?;
         h.update(&buf[..n]);
         left -= n as u64;
+        read(n as u64);
     }
     Ok(h.finalize().into())
 }
 
 /// Hashes the model at `root` into resources, in model-signing's order, using every core.
-pub fn hash_model(root: &Path, ser: Serialization, ignore: &[String]) -> Result<Vec<Resource>> {
-    hash_files(root, &list(root, ignore)?, ser)
+pub fn hash_model(root: &Path, ser: Serialization, ignore: &[String], progress: Progress) -> Result<Vec<Resource>> {
+    hash_files(root, &list(root, ignore)?, ser, progress)
 }
 
 /// Hashes `files` (relative to `root`, as `list` gives them) into resources, in model-signing's
 /// order.
-fn hash_files(root: &Path, files: &[PathBuf], ser: Serialization) -> Result<Vec<Resource>> {
+fn hash_files(root: &Path, files: &[PathBuf], ser: Serialization, progress: Progress) -> Result<Vec<Resource>> {
     let mut files = files.to_vec();
     files.sort_by_key(|p| path_key(p));
     // (file, start, end, name, algorithm) jobs.
@@ -139,6 +143,9 @@ fn hash_files(root: &Path, files: &[PathBuf], ser: Serialization) -> Result<Vec<
             }
         }
     }
+    let total: u64 = jobs.iter().map(|j| j.2 - j.1).sum();
+    let done = std::sync::atomic::AtomicU64::new(0);
+    let read = |n: u64| progress(done.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n, total);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(jobs.len().max(1));
     let next = std::sync::atomic::AtomicUsize::new(0);
     let mut digests: Vec<Option<Result<[u8; 32]>>> = (0..jobs.len()).map(|_| None).collect();
@@ -148,7 +155,7 @@ fn hash_files(root: &Path, files: &[PathBuf], ser: Serialization) -> Result<Vec<
             s.spawn(|| loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let Some((path, start, end, _, _)) = jobs.get(i) else { break };
-                **slots[i].lock().expect("no panics while held") = Some(hash_range(path, *start, *end));
+                **slots[i].lock().expect("no panics while held") = Some(hash_range(path, *start, *end, &read));
             });
         }
     });
@@ -205,6 +212,11 @@ fn tensor_digests(root: &Path, files: &[String]) -> Result<Json> {
 /// The in-toto statement for the model at `root`. `written` is where the statement will be
 /// written: inside the model folder it is ignored, as model-signing ignores its signature file.
 pub fn create(root: &Path, ser: Serialization, source: Option<&str>, written: Option<&Path>) -> Result<Json> {
+    create_with(root, ser, source, written, &|_, _| {})
+}
+
+/// `create`, telling `progress` how far the file hashes are.
+pub fn create_with(root: &Path, ser: Serialization, source: Option<&str>, written: Option<&Path>, progress: Progress) -> Result<Json> {
     let mut ignore: Vec<String> = GIT_PATHS.iter().map(|s| s.to_string()).collect();
     let inside = |w: &Path| -> Option<String> {
         let (r, w) = (root.canonicalize().ok()?, w.parent()?.canonicalize().ok()?.join(w.file_name()?));
@@ -219,7 +231,7 @@ pub fn create(root: &Path, ser: Serialization, source: Option<&str>, written: Op
     let names: Vec<String> = files.iter().map(|p| p.to_string_lossy().replace('\\', "/")).collect();
     let (rs, tensors) = std::thread::scope(|s| {
         let t = s.spawn(|| tensor_digests(root, &names));
-        (hash_files(root, &files, ser), t.join().expect("tensor digests do not panic"))
+        (hash_files(root, &files, ser, progress), t.join().expect("tensor digests do not panic"))
     });
     let (rs, tensors) = (rs?, tensors?);
     let mut serialization = json!({"method": "files", "hash_type": "sha256", "allow_symlinks": false, "ignore_paths": ignore});
@@ -270,6 +282,11 @@ fn bad(path: &Path, msg: impl Into<String>) -> Error {
 /// writes it, or a signed bundle (`sos manifest sign`, `model_signing sign key`), whose
 /// signature must verify with `key` first. The model is hashed as the statement says.
 pub fn verify(root: &Path, manifest_path: &Path, key: Option<&Path>) -> Result<Verification> {
+    verify_with(root, manifest_path, key, &|_, _| {})
+}
+
+/// `verify`, telling `progress` how far the hashes are.
+pub fn verify_with(root: &Path, manifest_path: &Path, key: Option<&Path>, progress: Progress) -> Result<Verification> {
     let text = std::fs::read_to_string(manifest_path).map_err(|e| io_err(manifest_path, e))?;
     let doc: Json = serde_json::from_str(&text).map_err(|e| bad(manifest_path, format!("invalid JSON: {e}")))?;
     let st = match (crate::signature::is_bundle(&doc), key) {
@@ -307,7 +324,7 @@ pub fn verify(root: &Path, manifest_path: &Path, key: Option<&Path>) -> Result<V
         h.update(&raw);
     }
     v.subject_mismatch = st["subject"][0]["digest"]["sha256"].as_str() != Some(hex(&h.finalize()).as_str());
-    let actual = hash_model(root, method, &ignore)?;
+    let actual = hash_model(root, method, &ignore, progress)?;
     let actual: BTreeMap<String, String> = actual.into_iter().map(|r| (r.name, hex(&r.digest))).collect();
     for (name, d) in &listed {
         match actual.get(name) {

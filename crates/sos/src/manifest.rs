@@ -6,7 +6,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Subcommand, ValueEnum};
-use sos_audit::manifest::{create, verify, Serialization};
+use indicatif::{ProgressBar, ProgressStyle};
+use sos_audit::manifest::{create_with, verify_with, Serialization};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum Hash {
@@ -63,7 +64,8 @@ pub enum ManifestCmd {
 pub fn run(c: ManifestCmd) -> Result<bool> {
     match c {
         ManifestCmd::Create { path, out, source, hash: Hash::Sha256, shard_size } => {
-            let st = create(&path, serialization(shard_size)?, source.as_deref(), Some(&out))?;
+            let ser = serialization(shard_size)?;
+            let st = with_bar(|p| create_with(&path, ser, source.as_deref(), Some(&out), p))?;
             let text = serde_json::to_string_pretty(&st)? + "\n";
             sos_model::fsutil::write_atomic(&out, |f| f.write_all(text.as_bytes())).with_context(|| format!("cannot write {}", out.display()))?;
             let n = st["predicate"]["resources"].as_array().map_or(0, Vec::len);
@@ -71,7 +73,8 @@ pub fn run(c: ManifestCmd) -> Result<bool> {
             Ok(false)
         }
         ManifestCmd::Sign { path, key, out, source, shard_size } => {
-            let st = create(&path, serialization(shard_size)?, source.as_deref(), Some(&out))?;
+            let ser = serialization(shard_size)?;
+            let st = with_bar(|p| create_with(&path, ser, source.as_deref(), Some(&out), p))?;
             let bundle = sos_audit::signature::sign(&st, &key)?;
             let text = serde_json::to_string(&bundle)?;
             sos_model::fsutil::write_atomic(&out, |f| f.write_all(text.as_bytes())).with_context(|| format!("cannot write {}", out.display()))?;
@@ -79,7 +82,7 @@ pub fn run(c: ManifestCmd) -> Result<bool> {
             Ok(false)
         }
         ManifestCmd::Verify { path, manifest, key, json } => {
-            let v = verify(&path, &manifest, key.as_deref())?;
+            let v = with_bar(|p| verify_with(&path, &manifest, key.as_deref(), p))?;
             if json {
                 println!("{}", serde_json::json!({"verified": v.ok(), "changed": v.changed, "missing": v.missing, "unlisted": v.unlisted, "changed_tensors": v.changed_tensors, "added_tensors": v.added_tensors, "subject_mismatch": v.subject_mismatch}));
             } else {
@@ -97,6 +100,24 @@ pub fn run(c: ManifestCmd) -> Result<bool> {
             Ok(!v.ok())
         }
     }
+}
+
+/// Runs `f` with a byte progress bar on stderr (hidden when stderr is not a terminal, and
+/// drawn only once hashing takes a while).
+fn with_bar<T>(f: impl FnOnce(sos_audit::manifest::Progress) -> Result<T, sos_audit::Error>) -> Result<T> {
+    let bar = ProgressBar::hidden();
+    bar.set_style(ProgressStyle::with_template("hashing [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec}, eta {eta})").expect("valid template").progress_chars("=> "));
+    let start = std::time::Instant::now();
+    let shown = std::sync::atomic::AtomicBool::new(false);
+    let r = f(&|done, total| {
+        if !shown.load(std::sync::atomic::Ordering::Relaxed) && start.elapsed() > std::time::Duration::from_millis(500) && !shown.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+        }
+        bar.set_length(total);
+        bar.set_position(done);
+    });
+    bar.finish_and_clear();
+    Ok(r?)
 }
 
 fn serialization(shard_size: Option<u64>) -> Result<Serialization> {
