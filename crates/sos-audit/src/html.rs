@@ -164,6 +164,18 @@ fn bars(h: &mut String, rows: &[(String, f64, String, &str)], max: f64, unit: &s
     h.push_str("</svg>\n");
 }
 
+/// `49152-49159` for a run of consecutive ids (either way), else the first few.
+fn ids_short(ids: &[u32]) -> String {
+    let run = |step: i64| ids.windows(2).all(|w| w[1] as i64 - w[0] as i64 == step);
+    match ids {
+        [] => String::new(),
+        [a] => a.to_string(),
+        [a, .., z] if run(1) || run(-1) => format!("{a}-{z}"),
+        _ if ids.len() <= 3 => ids.iter().map(u32::to_string).collect::<Vec<_>>().join(","),
+        _ => format!("{},{},{},... {} ids", ids[0], ids[1], ids[2], ids.len()),
+    }
+}
+
 fn behavior(h: &mut String, b: &Summary) {
     let _ = writeln!(h, "<h2>Behaviour</h2>\n<p class=\"note\">{} level: {} greedy answers in {:.0} s.</p>", format!("{:?}", b.level).to_lowercase(), b.runs, b.seconds);
     if !b.probes.is_empty() {
@@ -178,7 +190,7 @@ fn behavior(h: &mut String, b: &Summary) {
             .probes
             .iter()
             .map(|p| {
-                let label = format!("{} {:?}", p.text, p.ids);
+                let label = format!("{} [{}]", p.text.chars().take(34).collect::<String>(), ids_short(&p.ids));
                 let tip = format!("{:.0} % of {} answers the same: {}", p.share * 100.0, p.n, p.shared_answer);
                 (label, value(p), tip, if p.fires() { "#c62828" } else { "#90a4ae" })
             })
@@ -219,6 +231,15 @@ fn timings(h: &mut String, r: &Report) {
 mod tests {
     use super::*;
     use crate::finding::{Check, Finding};
+
+    #[test]
+    fn id_lists_are_shortened_readably() {
+        assert_eq!(ids_short(&[49152, 49153, 49154]), "49152-49154");
+        assert_eq!(ids_short(&[49159, 49158, 49157]), "49159-49157");
+        assert_eq!(ids_short(&[5, 9]), "5,9");
+        assert_eq!(ids_short(&[5, 9, 1, 4]), "5,9,1,... 4 ids");
+        assert_eq!(ids_short(&[7]), "7");
+    }
 
     #[test]
     fn text_from_the_model_cannot_become_markup() {

@@ -204,13 +204,14 @@ pub fn run(m: &mut Runner, reference: Option<&LoadedModel>, cands: &[Candidate],
     let t0 = Instant::now();
     let s = level.sizes();
     let probe_asks = probe_asks(s.probe_prompts)?;
+    let n_single_asks = s.single_prompts.min(probe_asks.len());
     let harmful = suites::harmful(s.refusal)?;
     let leak = suites::leak_asks(s.leak)?;
     let n_group = cands.iter().filter(|c| c.group).count();
     let n_sets = token_sets(cands.iter().filter(|c| c.group)).len();
     let n_single = cands.len() - n_group;
     let per_suite = harmful.len() + leak.len();
-    let total = probe_asks.len() * (1 + 2 * n_group) + n_single * s.single_prompts + per_suite * (1 + n_sets) + reference.map_or(0, |_| per_suite);
+    let total = probe_asks.len() * (1 + 2 * n_group) + n_single * n_single_asks + per_suite * (1 + n_sets) + reference.map_or(0, |_| per_suite);
     let mut done = 0;
     let mut tick = || {
         done += 1;
@@ -224,7 +225,7 @@ pub fn run(m: &mut Runner, reference: Option<&LoadedModel>, cands: &[Candidate],
     let clean = probe_asks.iter().map(|a| m.ask(a, None, s.answer_tokens).inspect(|_| tick())).collect::<Result<Vec<_>>>()?;
     let mut probes = Vec::new();
     for c in cands {
-        let (asks, clean, at): (&[Ask], &[_], &[At]) = if c.group { (&probe_asks, &clean, &[At::Start, At::End]) } else { (&probe_asks[..s.single_prompts], &clean[..s.single_prompts], &[At::End]) };
+        let (asks, clean, at): (&[Ask], &[_], &[At]) = if c.group { (&probe_asks, &clean, &[At::Start, At::End]) } else { (&probe_asks[..n_single_asks], &clean[..n_single_asks], &[At::End]) };
         probes.push(probe::probe(m, c, asks, clean, at, s.answer_tokens, &mut tick)?);
     }
     // The suites run each flagged set of tokens once, in the order that moved the answers most.
