@@ -6,7 +6,8 @@ use std::time::Instant;
 use serde_json::{Map, Value as Json};
 use sos_model::gguf::Gguf;
 
-use crate::finding::{Finding, Report, Severity};
+use crate::finding::{Finding, Severity};
+use crate::report::Report;
 use crate::folder::{self, Folder};
 use crate::behavior::endpoint::{Endpoint, EndpointConfig};
 use crate::behavior::local::Local;

@@ -1,12 +1,8 @@
-//! What an audit reports: findings, each from one check with a severity, and the verdict.
-//! The JSON shape is documented in the README ("Audit report") and kept stable: fields are only
-//! ever added.
+//! What an audit finds: findings, each from one check with a severity (`report.rs` holds them
+//! with the verdict).
 
 use serde::Serialize;
 use serde_json::Value as Json;
-
-/// The report's schema version.
-pub const SCHEMA: u32 = 1;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -81,55 +77,5 @@ impl Finding {
     pub fn fix(mut self, f: impl Into<String>) -> Self {
         self.fix = Some(f.into());
         self
-    }
-}
-
-/// Findings per severity.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Summary {
-    pub high: usize,
-    pub medium: usize,
-    pub low: usize,
-}
-
-/// The audit's result: what `--format json` prints.
-#[derive(Debug, Clone, Serialize)]
-pub struct Report {
-    pub schema: u32,
-    /// `pass` or `fail`: whether any finding is at or above `fail_on`.
-    pub verdict: &'static str,
-    pub fail_on: Severity,
-    pub candidate: String,
-    pub reference: Option<String>,
-    pub findings: Vec<Finding>,
-    pub summary: Summary,
-    /// Milliseconds per check, and `total`.
-    pub timings_ms: serde_json::Map<String, Json>,
-    pub sos_version: &'static str,
-    /// The token table's row norms (histogram and largest rows), when its type can be read.
-    pub rows: Option<crate::weights::RowStats>,
-    /// The behaviour tests' numbers, when they ran.
-    pub behavior: Option<crate::behavior::Summary>,
-    /// Why behaviour tests did not run, when they were not turned off.
-    pub behavior_note: Option<String>,
-}
-
-impl Report {
-    pub fn new(candidate: String, reference: Option<String>, mut findings: Vec<Finding>, fail_on: Severity, timings_ms: serde_json::Map<String, Json>) -> Self {
-        findings.sort_by_key(|f| std::cmp::Reverse(f.severity));
-        let mut summary = Summary::default();
-        for f in &findings {
-            match f.severity {
-                Severity::High => summary.high += 1,
-                Severity::Medium => summary.medium += 1,
-                Severity::Low => summary.low += 1,
-            }
-        }
-        let fail = findings.iter().any(|f| f.severity >= fail_on);
-        Report { schema: SCHEMA, verdict: if fail { "fail" } else { "pass" }, fail_on, candidate, reference, findings, summary, timings_ms, sos_version: env!("CARGO_PKG_VERSION"), rows: None, behavior: None, behavior_note: None }
-    }
-
-    pub fn failed(&self) -> bool {
-        self.verdict == "fail"
     }
 }

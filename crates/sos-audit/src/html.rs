@@ -5,7 +5,8 @@
 use std::fmt::Write;
 
 use crate::behavior::Summary;
-use crate::finding::{Report, Severity};
+use crate::finding::Severity;
+use crate::report::Report;
 use crate::weights::RowStats;
 
 pub fn escape(s: &str) -> String {

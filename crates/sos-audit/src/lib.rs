@@ -18,6 +18,7 @@ pub mod html;
 pub mod manifest;
 pub mod provenance;
 pub mod ranges;
+pub mod report;
 pub mod sarif;
 pub mod side_files;
 pub mod signature;
@@ -28,4 +29,5 @@ pub mod weights;
 
 pub use audit::{run_audit, run_audit_with, AuditRequest, Behavior};
 pub use error::{Error, Result};
-pub use finding::{Check, Finding, Report, Severity};
+pub use finding::{Check, Finding, Severity};
+pub use report::Report;

@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Value as Json};
 
-use crate::finding::{Report, Severity};
+use crate::finding::Severity;
+use crate::report::Report;
 
 const INFO_URI: &str = "https://example.invalid/sos";
 
