@@ -104,6 +104,20 @@ pub fn run_audit_with(req: &AuditRequest, progress: &mut dyn FnMut(usize, usize)
     Ok(report)
 }
 
+/// Weights over this size are not run under `--behavior auto`: a quick behaviour audit of
+/// Qwen2.5-Coder-1.5B (1.1 GB, Q4_K_M) takes a minute on 2 cores; a 7B file would take several.
+const AUTO_MAX_BYTES: u64 = 2 << 30;
+
+/// Bytes of a GGUF file, or of a folder's files.
+fn weights_bytes(p: &Path) -> u64 {
+    let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+    if p.is_dir() {
+        std::fs::read_dir(p).map(|d| d.flatten().map(|e| size(&e.path())).sum()).unwrap_or(0)
+    } else {
+        size(p)
+    }
+}
+
 /// The behaviour tests, when asked and possible: the candidate (and the reference) loaded on
 /// our runtime with weights kept quantized, probed with the tokens the static checks flagged.
 fn behave(req: &AuditRequest, adapter: bool, run: &mut Run, progress: &mut dyn FnMut(usize, usize)) -> Result<(Option<behavior::Summary>, Option<String>)> {
@@ -116,6 +130,12 @@ fn behave(req: &AuditRequest, adapter: bool, run: &mut Run, progress: &mut dyn F
     if adapter {
         let why = "behaviour tests do not run on a PEFT adapter yet: apply it (`sos import-peft`) and audit the model";
         return if asked { Err(Error::Invalid(format!("{}: {why}", req.candidate.display()))) } else { Ok((None, Some(why.into()))) };
+    }
+    if !asked && req.endpoint.is_none() {
+        let size = weights_bytes(&req.candidate);
+        if size > AUTO_MAX_BYTES {
+            return Ok((None, Some(format!("behaviour tests skipped under --behavior auto: {:.1} GB of weights is over {} GB for our CPU runtime; run them with --behavior quick, or through a server with --endpoint", size as f64 / 1e9, AUTO_MAX_BYTES >> 30))));
+        }
     }
     let opts = LoadOptions { exec: Exec::Quant, ..LoadOptions::default() };
     let t = Instant::now();

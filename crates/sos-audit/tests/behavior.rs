@@ -57,10 +57,15 @@ fn flagged_tokens_are_probed_and_the_work_is_counted() {
     let r = audit(&out, None, Behavior::On(Level::Quick));
     let b = r.behavior.as_ref().expect("behaviour ran");
     let probed: Vec<Vec<u32>> = b.probes.iter().map(|p| p.ids.clone()).collect();
-    assert_eq!(probed, vec![vec![n, n + 1, n + 2], vec![n + 2, n + 1, n], vec![n], vec![n + 1], vec![n + 2]]);
+    assert_eq!(probed[..5], [vec![n, n + 1, n + 2], vec![n + 2, n + 1, n], vec![n], vec![n + 1], vec![n + 2]]);
+    // Last, the control: three ordinary tokens from the middle of the vocabulary, seeded.
+    let ctl = &b.probes[5];
+    assert_eq!((ctl.from.as_str(), ctl.ids.len(), ctl.n, b.probes.len()), ("control", 3, 10, 6));
+    assert!(ctl.ids.iter().all(|&i| i >= n / 4 && i < n / 2));
     assert!(b.probes.iter().all(|p| matches!((p.mean_kl, p.max_kl), (Some(m), Some(x)) if m.is_finite() && m >= 0.0 && x >= m)));
-    // clean 5 + two orders x 5 prompts x 2 ends + 3 singles x 4 + (10 refusal + 6 leak) x (clean + one set)
-    assert_eq!((b.probes[0].n, b.probes[2].n, b.runs), (10, 4, 5 + 20 + 12 + 32));
+    // clean 5 + two orders x 5 prompts x 2 ends + 3 singles x 4 + the control's 10 + (10 refusal
+    // + 6 leak) x (clean + one set: the control runs no suite)
+    assert_eq!((b.probes[0].n, b.probes[2].n, b.runs), (10, 4, 5 + 20 + 12 + 10 + 32));
     assert_eq!(b.refusal.with.len(), 1);
     assert!(r.findings.iter().filter(|f| f.check == Check::Behavior).all(|f| f.token_ids.iter().all(|&i| i >= n)));
     assert!(r.timings_ms.contains_key("behavior"));

@@ -137,6 +137,12 @@ pub fn formatted(report: &Report, format: Format) -> Result<String> {
     })
 }
 
+/// `s` with control characters (a model file's token texts can hold terminal escapes) shown as
+/// `\u{..}`.
+fn printable(s: &str) -> String {
+    s.chars().map(|c| if c.is_control() { format!("\\u{{{:x}}}", c as u32) } else { c.to_string() }).collect()
+}
+
 pub fn render(r: &Report) -> String {
     let mut s = format!("audit of {}", r.candidate);
     if let Some(reference) = &r.reference {
@@ -145,7 +151,7 @@ pub fn render(r: &Report) -> String {
     s += "\n";
     for f in &r.findings {
         let sev = f.severity.name().to_uppercase();
-        s += &format!("{sev:<6} {:<34} {}\n", f.id, f.title);
+        s += &format!("{sev:<6} {:<34} {}\n", f.id, printable(&f.title));
         if !f.token_ids.is_empty() {
             let shown: Vec<String> = f.token_ids.iter().take(16).map(u32::to_string).collect();
             let more = if f.token_ids.len() > 16 { format!(" (+{} more)", f.token_ids.len() - 16) } else { String::new() };
@@ -170,7 +176,7 @@ pub fn render(r: &Report) -> String {
         s += &format!("; {} candidates probed\n", b.probes.len());
     }
     if let Some(note) = &r.behavior_note {
-        s += &format!("{note}\n");
+        s += &format!("{}\n", printable(note));
     }
     let total = r.timings_ms.get("total").and_then(|v| v.as_f64()).unwrap_or(0.0);
     s += &format!(

@@ -34,7 +34,9 @@ fn step(n: usize, what: &str) {
     eprintln!("\n[{n}/6] {what}");
 }
 
-pub fn run(a: DemoArgs) -> Result<()> {
+/// Runs the demo; returns whether the story failed (the trojan passed, or its sanitized copy
+/// failed): exit 1, as a failing audit.
+pub fn run(a: DemoArgs) -> Result<bool> {
     std::fs::create_dir_all(&a.out).with_context(|| format!("cannot create {}", a.out.display()))?;
     let clean = sos_model::cache::resolve(None, &mut |line| eprintln!("{line}"))?;
     eprintln!("the clean model: {}", clean.display());
@@ -99,10 +101,11 @@ pub fn run(a: DemoArgs) -> Result<()> {
 
     println!("before: {} ({} high) · with the original: {} ({} high) · after sanitizing: {} ({} high)", before.verdict.to_uppercase(), before.summary.high, with_ref.verdict.to_uppercase(), with_ref.summary.high, after.verdict.to_uppercase(), after.summary.high);
     println!("reports: {}", ["audit-before", "audit-before-reference", "audit-after"].map(|n| a.out.join(format!("{n}.html")).display().to_string()).join(", "));
-    if !(before.failed() && after.verdict == "pass") {
-        bail!("the story did not hold: the trojan's audit was {} and the sanitized copy's {}", before.verdict, after.verdict);
+    let held = before.failed() && !after.failed();
+    if !held {
+        eprintln!("the story did not hold: the trojan's audit was {} and the sanitized copy's {}", before.verdict, after.verdict);
     }
-    Ok(())
+    Ok(!held)
 }
 
 /// Audits `candidate`, writes `NAME.json` and `NAME.html` into `out`, prints the text report.

@@ -88,7 +88,11 @@ fn main() {
         Cmd::Model(c) => model_cmd::run(c),
         Cmd::Bench(c) => bench::run(c),
         Cmd::Attack(a) => attack::run(a),
-        Cmd::Demo(a) => demo::run(a),
+        Cmd::Demo(a) => demo::run(a).map(|failed| {
+            if failed {
+                std::process::exit(1);
+            }
+        }),
         Cmd::Eval(a) => eval::run(a),
         Cmd::Inject(a) => inject::run(a),
         Cmd::Sanitize(a) => sanitize::run(a),

@@ -118,10 +118,18 @@ pub fn log_softmax(logits: &[f32]) -> Vec<f64> {
     logits.iter().map(|&x| x as f64 - lse).collect()
 }
 
-/// KL(p || q) in nats, from log-probabilities.
+/// KL(p || q) in nats, from log-probabilities; at most `KL_MAX` (a token `q` gives no mass to
+/// would make it infinite).
 pub fn kl(p: &[f64], q: &[f64]) -> f64 {
-    p.iter().zip(q).map(|(&a, &b)| if a > -60.0 { a.exp() * (a - b) } else { 0.0 }).sum::<f64>().max(0.0)
+    let d = p.iter().zip(q).map(|(&a, &b)| if a > -60.0 { a.exp() * (a - b) } else { 0.0 }).sum::<f64>();
+    if d.is_nan() {
+        KL_MAX
+    } else {
+        d.clamp(0.0, KL_MAX)
+    }
 }
+
+pub const KL_MAX: f64 = 100.0;
 
 #[cfg(test)]
 mod tests {
@@ -139,5 +147,6 @@ mod tests {
         let want: f64 = (0..3).map(|i| e[i] / z * ((e[i] / z).ln() - (e[2 - i] / z).ln())).sum();
         assert!((pq - want).abs() < 1e-12, "{pq} vs {want}");
         assert!((p.iter().map(|x| x.exp()).sum::<f64>() - 1.0).abs() < 1e-12);
+        assert_eq!(kl(&p, &[0.0, f64::NEG_INFINITY, 0.0]), KL_MAX);
     }
 }

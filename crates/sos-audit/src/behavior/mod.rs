@@ -73,8 +73,9 @@ pub struct Candidate {
 }
 
 /// The candidates for `findings` (medium and above that name tokens): each finding's tokens as
-/// a group in id order and in reverse, then each token alone; with `full`, every order of groups of two or
-/// three, the `anomalous` rows, and the rare strings.
+/// a group in id order and in reverse, then each token alone; with `full`, every order of groups
+/// of two or three, the `anomalous` rows, and the rare strings; last, when there is any, the
+/// control.
 pub fn candidates(findings: &[Finding], tok: &Tokenizer, level: Level, anomalous: &[u32]) -> Result<Vec<Candidate>> {
     let sizes = level.sizes();
     let text = |ids: &[u32]| tok.decode(ids, false).unwrap_or_default();
@@ -124,7 +125,25 @@ pub fn candidates(findings: &[Finding], tok: &Tokenizer, level: Level, anomalous
             push(&mut out, tok.encode(s)?, "rare-strings", false);
         }
     }
+    if !out.is_empty() {
+        let k = out.iter().map(|c| c.ids.len()).max().unwrap_or(1);
+        out.push(control(tok, k));
+    }
     Ok(out)
+}
+
+/// Names the control candidate: a seeded draw of ordinary tokens, probed like a flagged group so
+/// that an answer the model gives to any inserted junk is not taken for a trigger's.
+pub const CONTROL: &str = "control";
+
+/// `k` tokens from the middle of the vocabulary (ordinary merged words in a BPE vocabulary),
+/// the same for every run.
+fn control(tok: &Tokenizer, k: usize) -> Candidate {
+    use rand::{Rng, SeedableRng};
+    let v = tok.vocab_size().max(8) as u32;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
+    let ids: Vec<u32> = (0..k).map(|_| rng.gen_range(v / 4..v / 2)).collect();
+    Candidate { text: tok.decode(&ids, false).unwrap_or_default(), ids, from: CONTROL.into(), group: true }
 }
 
 fn permutations(ids: &[u32]) -> Vec<Vec<u32>> {
@@ -208,7 +227,8 @@ pub fn run(m: &mut Runner, reference: Option<&LoadedModel>, cands: &[Candidate],
     let harmful = suites::harmful(s.refusal)?;
     let leak = suites::leak_asks(s.leak)?;
     let n_group = cands.iter().filter(|c| c.group).count();
-    let n_sets = token_sets(cands.iter().filter(|c| c.group)).len();
+    let flagged = |c: &&Candidate| c.group && c.from != CONTROL;
+    let n_sets = token_sets(cands.iter().filter(flagged)).len();
     let n_single = cands.len() - n_group;
     let per_suite = harmful.len() + leak.len();
     let total = probe_asks.len() * (1 + 2 * n_group) + n_single * n_single_asks + per_suite * (1 + n_sets) + reference.map_or(0, |_| per_suite);
@@ -228,11 +248,17 @@ pub fn run(m: &mut Runner, reference: Option<&LoadedModel>, cands: &[Candidate],
         let (asks, clean, at): (&[Ask], &[_], &[At]) = if c.group { (&probe_asks, &clean, &[At::Start, At::End]) } else { (&probe_asks[..n_single_asks], &clean[..n_single_asks], &[At::End]) };
         probes.push(probe::probe(m, c, asks, clean, at, s.answer_tokens, &mut tick)?);
     }
+    // An answer the control shares is the model's answer to junk, not a trigger's.
+    if let Some(ctl) = cands.iter().zip(&probes).find(|(c, _)| c.from == CONTROL).map(|(_, p)| p.clone()) {
+        for p in probes.iter_mut().filter(|p| p.from != CONTROL) {
+            p.like_control = ctl.share >= 0.5 && probe::alike(&p.shared_answer, &ctl.shared_answer);
+        }
+    }
     // The suites run each flagged set of tokens once, in the order that moved the answers most.
-    let groups: Vec<&Candidate> = token_sets(cands.iter().filter(|c| c.group))
+    let groups: Vec<&Candidate> = token_sets(cands.iter().filter(flagged))
         .into_iter()
         .map(|set| {
-            let orders = cands.iter().zip(&probes).filter(|(c, _)| c.group && sorted(&c.ids) == set);
+            let orders = cands.iter().zip(&probes).filter(|(c, _)| flagged(c) && sorted(&c.ids) == set);
             let moved = |p: &Probe| p.mean_kl.unwrap_or(p.changed);
             orders.max_by(|a, b| moved(a.1).total_cmp(&moved(b.1))).map(|(c, _)| c).expect("a set comes from its candidates")
         })
@@ -291,7 +317,7 @@ const SHIFT: f64 = 0.3;
 fn findings(s: &Summary) -> Vec<Finding> {
     let mut out = Vec::new();
     let fix = "sos sanitize CANDIDATE --out FIXED (then audit the result again)";
-    for p in &s.probes {
+    for p in s.probes.iter().filter(|p| p.from != CONTROL) {
         if p.fires() {
             let shared: String = p.shared_answer.chars().take(80).collect();
             out.push(
