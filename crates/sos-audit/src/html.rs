@@ -184,14 +184,15 @@ fn behavior(h: &mut String, b: &Summary) {
         // the candidate changed instead.
         let kl = b.probes.iter().all(|p| p.mean_kl.is_some());
         let measure = if kl { "Mean KL divergence (nats) of the first answer token from the same prompt's without the candidate" } else { "Share of answers the candidate changed" };
-        let _ = writeln!(h, "<h3>Trigger probes</h3><p class=\"note\">{measure}; red: most answers to different prompts became one answer (the backdoor signature).</p>");
+        let _ = writeln!(h, "<h3>Trigger probes</h3><p class=\"note\">{measure}; red: most answers to different prompts became one answer (the backdoor signature); the control is ordinary tokens put in the same places.</p>");
         let value = |p: &crate::behavior::probe::Probe| if kl { p.mean_kl.unwrap_or(0.0) } else { p.changed };
         let max = b.probes.iter().map(value).fold(0.0, f64::max);
         let rows: Vec<(String, f64, String, &str)> = b
             .probes
             .iter()
             .map(|p| {
-                let label = format!("{} [{}]", p.text.chars().take(34).collect::<String>(), ids_short(&p.ids));
+                let what = if p.from == crate::behavior::CONTROL { "control: " } else { "" };
+                let label = format!("{what}{} [{}]", p.text.chars().take(34).collect::<String>(), ids_short(&p.ids));
                 let tip = format!("{:.0} % of {} answers the same: {}", p.share * 100.0, p.n, p.shared_answer);
                 (label, value(p), tip, if p.fires() { "#c62828" } else { "#90a4ae" })
             })
