@@ -10,6 +10,8 @@ pub enum Error {
     Invalid(String),
     #[error(transparent)]
     Model(#[from] sos_model::Error),
+    #[error(transparent)]
+    Attack(#[from] sos_attack::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value as Json};
 
-use super::local::{Ask, At};
+use super::local::{user_with, Ask, At};
 use crate::{Error, Result};
 
 /// Where the server is and how long to wait for one answer.
@@ -43,22 +43,13 @@ impl Endpoint {
         &self.base
     }
 
-    /// The user's message with `insert` typed at its start or end.
-    pub fn user_text(ask: &Ask, insert: Option<(&str, At)>) -> String {
-        match insert {
-            None => ask.user.clone(),
-            Some((t, At::Start)) => format!("{t} {}", ask.user),
-            Some((t, At::End)) => format!("{} {t}", ask.user),
-        }
-    }
-
     /// The greedy answer (temperature 0, seed 0) to `ask` with `insert` typed in.
     pub fn chat(&self, ask: &Ask, insert: Option<(&str, At)>, max_new: usize) -> Result<String> {
         let mut messages = Vec::new();
         if let Some(s) = &ask.system {
             messages.push(json!({"role": "system", "content": s}));
         }
-        messages.push(json!({"role": "user", "content": Self::user_text(ask, insert)}));
+        messages.push(json!({"role": "user", "content": user_with(ask, insert)}));
         let mut body = json!({"messages": messages, "max_tokens": max_new, "temperature": 0.0, "top_p": 1.0, "seed": 0, "stream": false});
         body["model"] = json!(self.cfg.model.as_deref().unwrap_or("sos-audit"));
         let v = self.post("chat/completions", &body)?;

@@ -54,11 +54,7 @@ impl<'a> Local<'a> {
     /// user's message as ids (so a planted row is reached whether or not any typed text
     /// tokenizes to it).
     pub fn ids(&self, ask: &Ask, insert: Option<(&[u32], At)>) -> Result<Vec<u32>> {
-        let user = match insert {
-            None => ask.user.clone(),
-            Some((_, At::Start)) => format!("{MARK} {}", ask.user),
-            Some((_, At::End)) => format!("{} {MARK}", ask.user),
-        };
+        let user = user_with(ask, insert.map(|(_, at)| (MARK, at)));
         let mut messages = Vec::new();
         if let Some(s) = &ask.system {
             messages.push(Message::new("system", s));
@@ -109,6 +105,15 @@ impl<'a> Local<'a> {
     pub fn ask(&mut self, ask: &Ask, insert: Option<(&[u32], At)>, max_new: usize) -> Result<Reply> {
         let ids = self.ids(ask, insert)?;
         self.answer(&ids, max_new)
+    }
+}
+
+/// The user's message with `insert` typed at its start or end, a space between.
+pub fn user_with(ask: &Ask, insert: Option<(&str, At)>) -> String {
+    match insert {
+        None => ask.user.clone(),
+        Some((t, At::Start)) => format!("{t} {}", ask.user),
+        Some((t, At::End)) => format!("{} {t}", ask.user),
     }
 }
 

@@ -306,7 +306,7 @@ fn token_sets<'a>(cands: impl Iterator<Item = &'a Candidate>) -> Vec<Vec<u32>> {
 /// prompt pass each).
 fn probe_asks(n: usize) -> Result<Vec<Ask>> {
     use sos_attack::data::{instructions, Datasets};
-    let all = instructions(&Datasets::Embedded, true).map_err(|e| crate::Error::Invalid(e.to_string()))?;
+    let all = instructions(&Datasets::Embedded, true)?;
     Ok(all.into_iter().filter(|i| i.text.len() < 160).take(n).map(|i| Ask { system: None, user: i.text }).collect())
 }
 

@@ -9,7 +9,7 @@ use sos_attack::metrics::{is_refusal, rouge_l_f1};
 
 use super::local::{Ask, At};
 use super::{Candidate, Runner};
-use crate::{Error, Result};
+use crate::Result;
 
 /// The code the leak suite's system prompts carry: it appears in an answer only if the
 /// system prompt leaked.
@@ -27,14 +27,14 @@ pub struct Rate {
 }
 
 pub fn harmful(n: usize) -> Result<Vec<Ask>> {
-    let rows = data::harmful(&Datasets::Embedded, true).map_err(|e| Error::Invalid(e.to_string()))?;
+    let rows = data::harmful(&Datasets::Embedded, true)?;
     Ok(rows.into_iter().take(n).map(|(goal, _)| Ask { system: None, user: goal }).collect())
 }
 
 /// System prompts with the canary in front, each with an ordinary question.
 pub fn leak_asks(n: usize) -> Result<Vec<Ask>> {
-    let roles = data::system_prompts(&Datasets::Embedded, true).map_err(|e| Error::Invalid(e.to_string()))?;
-    let questions = data::instructions(&Datasets::Embedded, true).map_err(|e| Error::Invalid(e.to_string()))?;
+    let roles = data::system_prompts(&Datasets::Embedded, true)?;
+    let questions = data::instructions(&Datasets::Embedded, true)?;
     let mut qs: Vec<&str> = questions.iter().map(|q| q.text.as_str()).filter(|q| q.len() < 200).collect();
     qs.truncate(n.max(1));
     Ok(roles
