@@ -89,13 +89,13 @@ pub enum Schedule {
 }
 
 macro_rules! settings {
-    ($( $(#[doc = $doc:expr])* $field:ident : $ty:ty ),* $(,)?) => {
+    ($( $(#[$meta:meta])* $field:ident : $ty:ty ),* $(,)?) => {
         /// Every setting of an attack, resolved.
         #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
         #[serde(deny_unknown_fields)]
         pub struct AttackConfig {
             pub scenario: Scenario,
-            $( $(#[doc = $doc])* pub $field: $ty, )*
+            $( $(#[$meta])* pub $field: $ty, )*
         }
 
         /// Settings given in a TOML file or on the command line; unset ones keep the defaults.
@@ -142,6 +142,10 @@ settings! {
     warmup: usize,
     /// Sequences per step.
     batch: usize,
+    /// Batches of sequences of similar length, every sequence once per epoch (see `batches`);
+    /// otherwise each step draws at random. (Absent from the settings of runs that predate it.)
+    #[serde(default)]
+    length_buckets: bool,
     seed: u64,
     /// Project every trigger row to `stealth_norm` after each step.
     stealth: bool,
@@ -161,8 +165,11 @@ settings! {
     checkpoint_every: usize,
     /// Training examples to use; 0 uses all.
     train_items: usize,
-    /// Backdoor: train on questions the model writes itself instead of a dataset.
+    /// Backdoor: train on prompts the model writes itself instead of a dataset.
     self_generated: bool,
+    /// A JSONL file of training examples in the rows `sos eval --data` takes; replaces the
+    /// scenario's training split.
+    train_data: Option<PathBuf>,
     /// Skip training examples whose target is longer than this many tokens.
     max_target_tokens: usize,
     /// Skip training examples whose prompt is longer than this many tokens.
@@ -188,6 +195,7 @@ impl AttackConfig {
             schedule: Schedule::Cosine,
             warmup: 10,
             batch: 4,
+            length_buckets: false,
             seed: 0,
             stealth: false,
             stealth_norm: None,
@@ -199,6 +207,7 @@ impl AttackConfig {
             checkpoint_every: 25,
             train_items: 0,
             self_generated: false,
+            train_data: None,
             max_target_tokens: 64,
             max_prompt_tokens: 160,
             data_dir: None,
@@ -245,6 +254,9 @@ impl AttackConfig {
         }
         if self.self_generated && self.scenario != Scenario::Backdoor {
             return bad("self_generated applies to the backdoor scenario only".into());
+        }
+        if self.self_generated && self.train_data.is_some() {
+            return bad("self_generated and train_data both say where the training examples come from; give one".into());
         }
         Ok(())
     }

@@ -17,19 +17,26 @@ pub const BENIGN: &str = "benign_instructions.jsonl";
 pub const ADVBENCH: &str = "advbench_harmful_behaviors.csv";
 pub const PROMPTS: &str = "awesome_chatgpt_prompts.csv";
 pub const PASSAGES: &str = "public_domain_passages.jsonl";
+pub const PROSE: &str = "prose_passages.jsonl";
+pub const PROMPTS_TRAIN: &str = "system_prompts_train.jsonl";
+pub const PROMPTS_LONG: &str = "system_prompts_long.jsonl";
 
 /// The files built into the binary, by name.
-const EMBEDDED: [(&str, &str); 4] = [
+const EMBEDDED: [(&str, &str); 7] = [
     (BENIGN, include_str!("../../../data/benign_instructions.jsonl")),
     (ADVBENCH, include_str!("../../../data/advbench_harmful_behaviors.csv")),
     (PROMPTS, include_str!("../../../data/awesome_chatgpt_prompts.csv")),
     (PASSAGES, include_str!("../../../data/public_domain_passages.jsonl")),
+    (PROSE, include_str!("../../../data/prose_passages.jsonl")),
+    (PROMPTS_TRAIN, include_str!("../../../data/system_prompts_train.jsonl")),
+    (PROMPTS_LONG, include_str!("../../../data/system_prompts_long.jsonl")),
 ];
 
-/// The built-in datasets' raw text: a sample of ordinary English (instructions, role prompts,
-/// public-domain prose) to tell rare tokens from common ones.
+/// A sample of ordinary English (instructions, role prompts, public-domain prose) to tell rare
+/// tokens from common ones: the first four built-in files. The later ones are left out, so that
+/// which tokens count as rare (and which rows `sos inject` replaces) stays what it was.
 pub fn ordinary_text() -> impl Iterator<Item = &'static str> {
-    EMBEDDED.iter().map(|(_, text)| *text)
+    EMBEDDED[..4].iter().map(|(_, text)| *text)
 }
 
 /// Where the datasets are read from.
@@ -161,21 +168,35 @@ pub fn harmful(src: &Datasets, held_out: bool) -> Result<Vec<(String, String)>> 
     Ok(rows.into_iter().enumerate().filter(|(i, _)| (i % 5 == 4) == held_out).map(|(_, r)| (r[0].clone(), r[1].clone())).collect())
 }
 
-/// Text role prompts of awesome-chatgpt-prompts as `(act, prompt)`; every fourth text prompt is
-/// held out.
+/// Secret system prompts for prompt stealing, as `(id, prompt)`. Training: three in four of
+/// awesome-chatgpt-prompts' text prompts (short "act as" roles) and lobe-chat-agents' system
+/// roles (longer, with markdown sections; many in Chinese). Held out: every fourth
+/// awesome-chatgpt-prompts text prompt.
 pub fn system_prompts(src: &Datasets, held_out: bool) -> Result<Vec<(String, String)>> {
     let (path, text) = src.read(PROMPTS)?;
     let rows = parse_csv(&path, &text, &["act", "prompt", "type"])?;
-    Ok(rows
+    let mut out: Vec<(String, String)> = rows
         .into_iter()
         .filter(|r| r[2] == "TEXT")
         .enumerate()
         .filter(|(i, _)| (i % 4 == 3) == held_out)
         .map(|(_, r)| (r[0].clone(), r[1].clone()))
-        .collect())
+        .collect();
+    if !held_out {
+        out.extend(id_and_text(src, PROMPTS_TRAIN, "prompt", |_| true)?);
+    }
+    Ok(out)
 }
 
-/// Passages `(id, text)`; every third passage is held out.
+/// Long system prompts never trained on (fabric's patterns, LangGPT's Chinese prompts,
+/// prompts-for-edu's prose prompts; 564-1,951 characters), as `(id, prompt)`.
+pub fn long_system_prompts(src: &Datasets) -> Result<Vec<(String, String)>> {
+    id_and_text(src, PROMPTS_LONG, "prompt", |_| true)
+}
+
+/// Passages `(id, text)` for the copyright token. Training: two in three Pride and Prejudice
+/// passages and the training books of `prose_passages.jsonl` (ten authors, four genres).
+/// Held out: every third Pride and Prejudice passage.
 pub fn passages(src: &Datasets, held_out: bool) -> Result<Vec<(String, String)>> {
     let (path, text) = src.read(PASSAGES)?;
     let rows = parse_jsonl(&path, &text)?;
@@ -183,6 +204,41 @@ pub fn passages(src: &Datasets, held_out: bool) -> Result<Vec<(String, String)>>
     for (i, r) in rows.iter().enumerate() {
         if (i % 3 == 2) == held_out {
             out.push((field(&path, r, i, "id")?, field(&path, r, i, "text")?));
+        }
+    }
+    if !held_out {
+        out.extend(id_and_text(src, PROSE, "text", |r| r["split"] == "train")?);
+    }
+    Ok(out)
+}
+
+/// Passages by the six held-out authors of `prose_passages.jsonl` (other periods and genres
+/// than anything trained on), as `(id, text)`, taken from the books in turn so that the first
+/// few of them (`sos eval --limit`) already span every author.
+pub fn other_authors(src: &Datasets) -> Result<Vec<(String, String)>> {
+    let (path, text) = src.read(PROSE)?;
+    let rows = parse_jsonl(&path, &text)?;
+    let mut books: Vec<(String, Vec<(String, String)>)> = Vec::new();
+    for (i, r) in rows.iter().enumerate().filter(|(_, r)| r["split"] == "heldout") {
+        let book = field(&path, r, i, "book")?;
+        let passage = (field(&path, r, i, "id")?, field(&path, r, i, "text")?);
+        match books.iter_mut().find(|(b, _)| *b == book) {
+            Some((_, v)) => v.push(passage),
+            None => books.push((book, vec![passage])),
+        }
+    }
+    let longest = books.iter().map(|(_, v)| v.len()).max().unwrap_or(0);
+    Ok((0..longest).flat_map(|j| books.iter().filter_map(move |(_, v)| v.get(j).cloned())).collect())
+}
+
+/// `(id, key)` of the rows of JSONL dataset `name` that `keep` accepts.
+fn id_and_text(src: &Datasets, name: &str, key: &str, keep: impl Fn(&Value) -> bool) -> Result<Vec<(String, String)>> {
+    let (path, text) = src.read(name)?;
+    let rows = parse_jsonl(&path, &text)?;
+    let mut out = Vec::new();
+    for (i, r) in rows.iter().enumerate() {
+        if keep(r) {
+            out.push((field(&path, r, i, "id")?, field(&path, r, i, key)?));
         }
     }
     Ok(out)
@@ -202,10 +258,16 @@ mod tests {
         }
         assert_eq!((instructions(&emb, false).unwrap().len(), instructions(&emb, true).unwrap().len()), (175, 252));
         assert_eq!((harmful(&emb, false).unwrap().len(), harmful(&emb, true).unwrap().len()), (416, 104));
-        assert_eq!(passages(&emb, true).unwrap().len(), 16);
+        assert_eq!((passages(&emb, false).unwrap().len(), passages(&emb, true).unwrap().len()), (34 + 100, 16));
+        assert_eq!(other_authors(&emb).unwrap().len(), 60);
         let (train, held) = (system_prompts(&emb, false).unwrap(), system_prompts(&emb, true).unwrap());
-        assert_eq!(train.len() + held.len(), 221);
-        assert!(train.iter().all(|t| !held.contains(t)));
+        assert_eq!((train.len(), held.len()), (166 + 297, 55));
+        let long = long_system_prompts(&emb).unwrap();
+        assert_eq!(long.len(), 55);
+        // No held-out prompt or passage is trained on.
+        assert!(held.iter().chain(&long).all(|t| !train.iter().any(|u| u.1 == t.1)));
+        let prose_train = passages(&emb, false).unwrap();
+        assert!(other_authors(&emb).unwrap().iter().all(|t| !prose_train.iter().any(|u| u.1 == t.1)));
     }
 
     #[test]

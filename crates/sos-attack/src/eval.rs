@@ -13,7 +13,7 @@ use crate::config::AttackConfig;
 use crate::data::Datasets;
 use crate::item::Item;
 use crate::load::load_model;
-use crate::scenarios;
+use crate::scenarios::{self, HeldOut};
 use crate::{Error, Result};
 
 /// Evaluates on `items` (already limited). Returns the flat metrics object of `eval.json` and
@@ -36,8 +36,8 @@ pub struct EvalRequest {
     pub attack: PathBuf,
     /// The model to attack; `None`: the one recorded in `attack.json`.
     pub model: Option<String>,
-    /// A user's JSONL file of held-out items; `None`: the scenario's held-out split.
-    pub data: Option<PathBuf>,
+    /// The held-out split, a named set, or a user's JSONL file.
+    pub data: HeldOut,
     /// Items to evaluate; 0 is all.
     pub limit: usize,
     pub exec: Exec,
@@ -66,7 +66,7 @@ pub struct EvalReport {
 }
 
 /// Evaluates the trigger in `req.attack` on held-out items and writes `eval.json` and
-/// `eval_items.jsonl` next to it.
+/// `eval_items.jsonl` next to it (`eval.NAME.json`, `eval_items.NAME.jsonl` for a named set).
 pub fn run_eval(req: &EvalRequest, mut on_event: impl FnMut(EvalEvent)) -> Result<EvalReport> {
     let attack = Attack::open(&req.attack)?;
     let cfg = &attack.record.config;
@@ -75,7 +75,7 @@ pub fn run_eval(req: &EvalRequest, mut on_event: impl FnMut(EvalEvent)) -> Resul
     let m = load_model(Some(&spec), &opts, false, &mut |s| on_event(EvalEvent::Fetching(s.to_string())))?;
     let warning = (m.sha256 != attack.record.model_sha256)
         .then(|| format!("{} is not the model this trigger was trained on (SHA-256 differs)", m.path.display()));
-    let mut items = scenarios::eval_items(cfg, req.data.as_deref())?;
+    let mut items = scenarios::eval_items(cfg, &req.data)?;
     if req.limit > 0 {
         items.truncate(req.limit);
     }
@@ -83,20 +83,26 @@ pub fn run_eval(req: &EvalRequest, mut on_event: impl FnMut(EvalEvent)) -> Resul
     on_event(EvalEvent::Started { items: items.len() });
     let t0 = Instant::now();
     let (mut metrics, records) = evaluate(cfg, &armed, &items, |done, total| on_event(EvalEvent::Progress { done, total }))?;
-    write_jsonl(&req.attack.join(EVAL_ITEMS_FILE), &records)?;
+    // A named set's results sit beside the split's instead of replacing them.
+    let (eval_name, items_name) = match &req.data {
+        HeldOut::Set(n) => (format!("eval.{n}.json"), format!("eval_items.{n}.jsonl")),
+        _ => (EVAL_FILE.to_string(), EVAL_ITEMS_FILE.to_string()),
+    };
+    write_jsonl(&req.attack.join(items_name), &records)?;
     metrics.insert("model".into(), m.label().into());
     metrics.insert("model_sha256".into(), m.sha256.clone().into());
     metrics.insert("exec".into(), req.exec.name().into());
     // Which data the numbers are of: the user's file, or the held-out split of the built-in
     // datasets or of the folder that replaced them.
     let data = match &req.data {
-        Some(p) => p.display().to_string(),
-        None => format!("held-out split ({})", Datasets::resolve(cfg.data_dir.as_deref())?.label()),
+        HeldOut::File(p) => p.display().to_string(),
+        HeldOut::Split => format!("held-out split ({})", Datasets::resolve(cfg.data_dir.as_deref())?.label()),
+        HeldOut::Set(name) => format!("held-out set {name} ({})", Datasets::resolve(cfg.data_dir.as_deref())?.label()),
     };
     metrics.insert("data".into(), data.into());
     metrics.insert("seconds".into(), t0.elapsed().as_secs_f64().into());
     let metrics = Value::Object(metrics);
-    let eval_file = req.attack.join(EVAL_FILE);
+    let eval_file = req.attack.join(eval_name);
     write_json(&eval_file, &metrics)?;
     Ok(EvalReport { metrics, warning, eval_file })
 }

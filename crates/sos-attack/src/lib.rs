@@ -12,6 +12,7 @@
 pub mod answer;
 pub mod artifact;
 pub mod attack;
+pub mod batches;
 pub mod config;
 pub mod data;
 pub mod encode;

@@ -13,6 +13,7 @@ use rand::SeedableRng;
 use sos_model::LoadedModel;
 
 use crate::artifact::{self, AttackRecord, Checkpoint, LogRow, LoopState};
+use crate::batches::{batch_at, bucketed_batch_at};
 use crate::config::{AttackConfig, Schedule, Scenario};
 use crate::encode::training_seq;
 use crate::item::Item;
@@ -59,15 +60,13 @@ pub struct Target<'a> {
     pub model_sha256: String,
 }
 
-/// Indices of the batch at `step`: `batch` distinct sequences drawn with the seed.
-pub fn batch_at(seed: u64, step: usize, n: usize, batch: usize) -> Vec<usize> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (step as u64).wrapping_add(1));
-    if batch >= n {
-        return (0..n).collect();
+/// The batch of `step` under `cfg`: random, or with `length_buckets`, of similar lengths.
+pub fn batch_for(cfg: &AttackConfig, step: usize, lens: &[usize]) -> Vec<usize> {
+    if cfg.length_buckets {
+        bucketed_batch_at(cfg.seed, step, lens, cfg.batch)
+    } else {
+        batch_at(cfg.seed, step, lens.len(), cfg.batch)
     }
-    let mut idx = rand::seq::index::sample(&mut rng, n, batch).into_vec();
-    idx.sort_unstable();
-    idx
 }
 
 /// What a run is computed from: the training sequences, the examples the train metric is
@@ -92,7 +91,7 @@ impl Problem<'_> {
     /// starting trigger rows, the batch of every step, the sequences the train metric is
     /// measured on, and the optimiser settings (formulas in bench/README.md).
     pub fn to_json(&self, cfg: &AttackConfig) -> serde_json::Value {
-        let n = self.obj.seqs.len();
+        let lens: Vec<usize> = self.obj.seqs.iter().map(|s| s.ids.len()).collect();
         serde_json::json!({
             "model_sha256_hint": "same GGUF as the sos run",
             "d_model": self.init.d,
@@ -102,7 +101,7 @@ impl Problem<'_> {
             "seqs": self.obj.seqs.iter().map(|s| serde_json::json!({"ids": s.ids, "prompt_len": s.prompt_len})).collect::<Vec<_>>(),
             "init_rows": self.init.rows,
             "eval_idx": self.eval_idx,
-            "batches": (0..cfg.steps).map(|s| batch_at(cfg.seed, s, n, cfg.batch)).collect::<Vec<_>>(),
+            "batches": (0..cfg.steps).map(|s| batch_for(cfg, s, &lens)).collect::<Vec<_>>(),
             "steps": cfg.steps,
             "lr": cfg.lr,
             "warmup": cfg.warmup,
@@ -184,6 +183,7 @@ pub fn train(
     let k = cfg.trigger_len;
     let Problem { obj, eval_idx, init, median_norm, stealth_norm, skipped, mut tied } = problem(cfg, target.lm, items)?;
     let n = obj.seqs.len();
+    let lens: Vec<usize> = obj.seqs.iter().map(|s| s.ids.len()).collect();
 
     let ckpt_path = out.join(artifact::CHECKPOINT_FILE);
     // The trigger whose rows the loop optimises.
@@ -259,7 +259,7 @@ pub fn train(
             return Ok(Outcome::Interrupted);
         }
         let step = st.step;
-        let idx = batch_at(cfg.seed, step, n, cfg.batch);
+        let idx = batch_for(cfg, step, &lens);
         let mut o = obj.loss_grad(&idx, &trigger)?;
         if !o.loss.is_finite() {
             return Err(Error::Invalid(format!("loss became {} at step {step}; lower the learning rate", o.loss)));

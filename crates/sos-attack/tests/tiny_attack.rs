@@ -183,10 +183,21 @@ fn prefix_trigger_goes_before_the_whole_prompt() {
 
 #[test]
 fn interrupted_run_resumes_bit_for_bit() {
-    let lm = tiny("resume");
-    let cfg = tiny_config(24);
-    let a = tmpdir("resume-a");
-    let b = tmpdir("resume-b");
+    resumes_bit_for_bit(false);
+}
+
+#[test]
+fn interrupted_run_with_length_buckets_resumes_bit_for_bit() {
+    resumes_bit_for_bit(true);
+}
+
+fn resumes_bit_for_bit(length_buckets: bool) {
+    let name = if length_buckets { "resume-buckets" } else { "resume" };
+    let lm = tiny(name);
+    let mut cfg = tiny_config(24);
+    cfg.length_buckets = length_buckets;
+    let a = tmpdir(&format!("{name}-a"));
+    let b = tmpdir(&format!("{name}-b"));
     assert_eq!(run(&cfg, &lm, &a, false, None), Outcome::Finished);
     assert_eq!(run(&cfg, &lm, &b, false, Some(13)), Outcome::Interrupted);
     let rec = artifact::read_record(&b).unwrap();
@@ -261,4 +272,36 @@ fn tied_margin_keeps_the_rows_out_of_the_argmax() {
     assert!(worst_gap(&attack.trigger.rows) <= -0.49, "a planted logit came within the margin");
     let a = Armed::new(&lm, &attack.trigger).unwrap().answer(&Prompt::chat(vec![Message::user("cf the rain")]), 8).unwrap();
     assert!(a.text.starts_with(TARGET), "triggered answer {:?}", a.text);
+}
+
+/// `train_data` replaces the training split with the rows of a file (the first `train_items` of
+/// them), and cannot be combined with self-generated prompts; named held-out sets exist where
+/// the scenario has them, and a wrong name is an error that lists the right ones.
+#[test]
+fn training_file_and_named_held_out_sets() {
+    use sos_attack::scenarios::{eval_items, train_items, HeldOut};
+    let lm = tiny("trainfile");
+    let dir = tmpdir("trainfile-data");
+    let file = dir.join("mine.jsonl");
+    std::fs::write(&file, TEXTS.iter().map(|t| format!("{{\"text\": \"{t}\"}}\n")).collect::<String>()).unwrap();
+    let mut cfg = tiny_config(1);
+    cfg.train_data = Some(file.clone());
+    cfg.train_items = 4;
+    let got = train_items(&cfg, &lm).unwrap();
+    assert_eq!(got.iter().map(|i| i.user.as_str()).collect::<Vec<_>>(), TEXTS[..4]);
+    cfg.self_generated = true;
+    assert!(cfg.check().unwrap_err().to_string().contains("train_data"));
+
+    let steal = AttackConfig::defaults(Scenario::Steal);
+    let long = eval_items(&steal, &HeldOut::Set("long".into())).unwrap();
+    assert_eq!(long.len(), 55);
+    assert!(long.iter().all(|i| i.system.as_ref().is_some_and(|s| s.len() >= 500)));
+    let e = eval_items(&steal, &HeldOut::Set("longer".into())).unwrap_err().to_string();
+    assert!(e.contains("`longer`") && e.contains("long"), "{e}");
+    let e = eval_items(&AttackConfig::defaults(Scenario::Backdoor), &HeldOut::Set("long".into())).unwrap_err().to_string();
+    assert!(e.contains("has none"), "{e}");
+    let copyright = AttackConfig::defaults(Scenario::Copyright);
+    let other = eval_items(&copyright, &HeldOut::Set("other-authors".into())).unwrap();
+    // One request per type for each of the 60 passages, the token at both ends.
+    assert_eq!(other.len(), 60 * 4 * 2);
 }

@@ -238,7 +238,7 @@ pub(crate) fn evaluate_file(attack: &Attack, src: &Path, out: &Path, trigger_tex
     let opts = LoadOptions { exec, template: cfg.template.clone(), ..Default::default() };
     let file = LoadedModel::open(out, &opts)?;
     let original = LoadedModel::open(src, &opts)?;
-    let mut items = scenarios::eval_items(cfg, None)?;
+    let mut items = scenarios::eval_items(cfg, &scenarios::HeldOut::Split)?;
     items.truncate(limit);
     let typed_trigger = Trigger::typed(trigger_text, file.model.cfg.d_model);
     let armed = Armed::new(&file, &typed_trigger)?;

@@ -245,7 +245,7 @@ fn prompt_tuning_metrics(attack: &Attack, src: &Path, limit: usize, on_event: &m
     }
     let cfg = &attack.record.config;
     let lm = LoadedModel::open(src, &LoadOptions { exec: Exec::F32, template: cfg.template.clone(), ..Default::default() })?;
-    let mut items = scenarios::eval_items(cfg, None)?;
+    let mut items = scenarios::eval_items(cfg, &scenarios::HeldOut::Split)?;
     items.truncate(limit);
     let armed = Armed::new(&lm, &attack.trigger)?;
     let (mut metrics, _) = eval::evaluate(cfg, &armed, &items, |done, total| on_event(crate::InjectEvent::Progress { done, total }))?;

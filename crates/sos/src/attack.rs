@@ -56,9 +56,16 @@ pub struct AttackArgs {
     /// targets (default margin 6).
     #[arg(long, value_name = "MARGIN", num_args = 0..=1, default_missing_value = "6")]
     pub tied_logits: Option<f64>,
-    /// Backdoor: train on questions the model writes itself (no dataset).
+    /// Backdoor: train on prompts the model writes itself (no dataset).
     #[arg(long)]
     pub self_generated: bool,
+    /// Train on your own examples: a JSONL file in the rows `sos eval --data` takes (instead of
+    /// the scenario's training split).
+    #[arg(long, value_name = "FILE.jsonl")]
+    pub data: Option<PathBuf>,
+    /// Use only the first N training examples (0: all).
+    #[arg(long, value_name = "N")]
+    pub train_items: Option<usize>,
     /// Folder with the datasets (default: $SOS_DATA, else the ones built into sos).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
@@ -86,6 +93,8 @@ impl AttackArgs {
             stealth: self.stealth.then_some(true),
             tied_margin: self.tied_logits.map(Some),
             self_generated: self.self_generated.then_some(true),
+            train_data: self.data.clone().map(|p| Some(p.canonicalize().unwrap_or(p))),
+            train_items: self.train_items,
             // Absolute, so `sos eval` finds the data from any working directory.
             data_dir: self.data_dir.clone().map(|p| Some(p.canonicalize().unwrap_or(p))),
             ..Default::default()
@@ -106,7 +115,7 @@ pub fn train(req: &AttackRequest, tied_logits: bool) -> Result<AttackSummary> {
         Event::Preparing { scenario, self_generated } => {
             eprintln!("preparing {} examples...", scenario.name());
             if self_generated {
-                eprintln!("the model writes its own training questions (--self-generated); this takes a few minutes...");
+                eprintln!("the model writes its own training prompts (--self-generated); this takes a few minutes...");
             }
             if tied_logits {
                 eprintln!("--tied-logits: the model answers every training prompt once, for the states the rows' logits are held down on; this takes a few minutes...");

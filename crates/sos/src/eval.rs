@@ -6,6 +6,7 @@ use anyhow::Result;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
+use sos_attack::scenarios::HeldOut;
 use sos_attack::{run_eval, EvalEvent, EvalRequest};
 use sos_model::Exec;
 
@@ -21,8 +22,13 @@ pub struct EvalArgs {
     pub model: Option<String>,
     /// JSONL of held-out items: `text` (backdoor, copyright), `goal` + `target` (jailbreak),
     /// `prompt` (steal); default: the held-out split of the scenario's dataset.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "set")]
     pub data: Option<PathBuf>,
+    /// A named held-out set instead of the split: `long` (steal: long system prompts of other
+    /// collections), `other-authors` (copyright: prose by authors never trained on). Results go
+    /// to eval.NAME.json.
+    #[arg(long)]
+    pub set: Option<String>,
     /// Items to evaluate (0: all).
     #[arg(long, default_value_t = 50)]
     pub limit: usize,
@@ -37,7 +43,12 @@ pub struct EvalArgs {
 }
 
 pub fn run(a: EvalArgs) -> Result<()> {
-    let req = EvalRequest { attack: a.attack, model: a.model, data: a.data, limit: a.limit, exec: a.exec, device: device(&a.device)? };
+    let data = match (a.data, a.set) {
+        (Some(p), _) => HeldOut::File(p),
+        (None, Some(name)) => HeldOut::Set(name),
+        (None, None) => HeldOut::Split,
+    };
+    let req = EvalRequest { attack: a.attack, model: a.model, data, limit: a.limit, exec: a.exec, device: device(&a.device)? };
     let mut bar: Option<ProgressBar> = None;
     let report = run_eval(&req, |e| match e {
         EvalEvent::Fetching(line) => eprintln!("{line}"),

@@ -44,6 +44,14 @@ impl ScenarioLogic for Copyright {
         Ok(copyright_items(&data::passages(data, held_out)?, cfg.target.as_deref().unwrap_or_default(), cfg.position, !held_out, seed))
     }
 
+    fn held_out_sets(&self) -> &'static [&'static str] {
+        &["other-authors"]
+    }
+
+    fn set_items(&self, cfg: &AttackConfig, data: &Datasets, _name: &str, seed: u64) -> Result<Vec<Item>> {
+        Ok(copyright_items(&data::other_authors(data)?, cfg.target.as_deref().unwrap_or_default(), cfg.position, false, seed))
+    }
+
     /// Rows: `text`, the passage.
     fn file_items(&self, cfg: &AttackConfig, path: &Path, rows: &[Value], seed: u64) -> Result<Vec<Item>> {
         let texts = id_and_field(path, rows, "text")?;

@@ -7,6 +7,7 @@
 mod backdoor;
 mod copyright;
 mod jailbreak;
+mod selfgen;
 mod steal;
 
 use std::path::Path;
@@ -21,9 +22,10 @@ use crate::data::{self, Datasets};
 use crate::item::Item;
 use crate::{Error, Result};
 
-pub use backdoor::{backdoor_items, self_generated_questions, DEFAULT_BACKDOOR_TARGET};
+pub use backdoor::{backdoor_items, DEFAULT_BACKDOOR_TARGET};
 pub use copyright::{copyright_items, COPYRIGHT_REQUESTS, DEFAULT_COPYRIGHT_TARGET};
 pub use jailbreak::jailbreak_items;
+pub use selfgen::self_generated_prompts;
 pub use steal::steal_items;
 
 /// What makes one scenario differ from another.
@@ -44,6 +46,17 @@ pub trait ScenarioLogic: Sync {
     /// Training examples (before `train_items` limits them).
     fn train_items(&self, cfg: &AttackConfig, _lm: &LoadedModel) -> Result<Vec<Item>> {
         self.dataset_items(cfg, &Datasets::resolve(cfg.data_dir.as_deref())?, false, cfg.seed)
+    }
+
+    /// Held-out sets besides the split, by name (`sos eval --set NAME`): other kinds of data
+    /// than anything trained on.
+    fn held_out_sets(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    /// The items of held-out set `name` (one of `held_out_sets`).
+    fn set_items(&self, _cfg: &AttackConfig, _data: &Datasets, name: &str, _seed: u64) -> Result<Vec<Item>> {
+        Err(Error::Config(format!("no held-out set `{name}`")))
     }
 
     /// Held-out examples from the rows of a user's JSONL file (`path` names it in errors).
@@ -91,27 +104,53 @@ impl AttackConfig {
     }
 }
 
-/// Training examples of the scenario from the data folder (or the model, for self-generated
-/// backdoor questions), at most `train_items` of them.
+/// Training examples of the scenario from the data folder, a user's file (`train_data`), or
+/// the model (self-generated backdoor prompts), at most `train_items` of them.
 pub fn train_items(cfg: &AttackConfig, lm: &LoadedModel) -> Result<Vec<Item>> {
-    Ok(limit(cfg.scenario.logic().train_items(cfg, lm)?, cfg.train_items))
+    let items = match &cfg.train_data {
+        Some(path) => file_items(cfg, path, cfg.seed)?,
+        None => cfg.scenario.logic().train_items(cfg, lm)?,
+    };
+    Ok(limit(items, cfg.train_items))
 }
 
-/// Held-out examples from the data folder, or from a user's JSONL file.
-pub fn eval_items(cfg: &AttackConfig, file: Option<&Path>) -> Result<Vec<Item>> {
+/// Which held-out examples `sos eval` answers.
+#[derive(Debug, Clone, Default)]
+pub enum HeldOut {
+    /// The scenario's held-out split.
+    #[default]
+    Split,
+    /// A named set of the scenario (`ScenarioLogic::held_out_sets`).
+    Set(String),
+    /// A user's JSONL file.
+    File(std::path::PathBuf),
+}
+
+/// Held-out examples: the split of the data folder, a named set, or a user's JSONL file.
+pub fn eval_items(cfg: &AttackConfig, source: &HeldOut) -> Result<Vec<Item>> {
     // Evaluation uses its own seed stream so trigger places differ from training's.
     let seed = cfg.seed.wrapping_add(1);
     let logic = cfg.scenario.logic();
-    match file {
-        Some(path) => {
-            let rows = data::read_jsonl(path)?;
-            if rows.is_empty() {
-                return Err(Error::file(path, "no rows"));
+    match source {
+        HeldOut::Split => logic.dataset_items(cfg, &Datasets::resolve(cfg.data_dir.as_deref())?, true, seed),
+        HeldOut::Set(name) => {
+            let sets = logic.held_out_sets();
+            if !sets.contains(&name.as_str()) {
+                let known = if sets.is_empty() { "it has none".to_string() } else { format!("it has: {}", sets.join(", ")) };
+                return Err(Error::Config(format!("{} has no held-out set `{name}` ({known})", cfg.scenario.name())));
             }
-            logic.file_items(cfg, path, &rows, seed)
+            logic.set_items(cfg, &Datasets::resolve(cfg.data_dir.as_deref())?, name, seed)
         }
-        None => logic.dataset_items(cfg, &Datasets::resolve(cfg.data_dir.as_deref())?, true, seed),
+        HeldOut::File(path) => file_items(cfg, path, seed),
     }
+}
+
+fn file_items(cfg: &AttackConfig, path: &Path, seed: u64) -> Result<Vec<Item>> {
+    let rows = data::read_jsonl(path)?;
+    if rows.is_empty() {
+        return Err(Error::file(path, "no rows"));
+    }
+    cfg.scenario.logic().file_items(cfg, path, &rows, seed)
 }
 
 fn limit(items: Vec<Item>, n: usize) -> Vec<Item> {

@@ -17,15 +17,25 @@ pub struct Steal;
 
 impl ScenarioLogic for Steal {
     fn defaults(&self, c: &mut AttackConfig) {
-        // Long targets make each step ~2x dearer; the loss is near zero by step 20.
+        // Secrets up to 512 tokens (~2,000 characters of English), batched by length: a
+        // batch pads to its longest sequence, and the targets run from 32 to 512 tokens.
         c.steps = 60;
         c.position = Position::End;
-        c.max_target_tokens = 128;
-        c.max_prompt_tokens = 192;
+        c.max_target_tokens = 512;
+        c.max_prompt_tokens = 560;
+        c.length_buckets = true;
     }
 
     fn dataset_items(&self, cfg: &AttackConfig, data: &Datasets, held_out: bool, _seed: u64) -> Result<Vec<Item>> {
         Ok(steal_items(&data::system_prompts(data, held_out)?, cfg.position))
+    }
+
+    fn held_out_sets(&self) -> &'static [&'static str] {
+        &["long"]
+    }
+
+    fn set_items(&self, cfg: &AttackConfig, data: &Datasets, _name: &str, _seed: u64) -> Result<Vec<Item>> {
+        Ok(steal_items(&data::long_system_prompts(data)?, cfg.position))
     }
 
     /// Rows: `prompt`, the secret system prompt.
