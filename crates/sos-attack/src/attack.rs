@@ -94,7 +94,7 @@ pub fn run_attack(req: &AttackRequest, stop: &AtomicBool, mut on_event: impl FnM
         }
     }
     on_event(Event::Preparing { scenario: cfg.scenario, self_generated: cfg.self_generated });
-    let items = scenarios::train_items(&cfg, &m.lm)?;
+    let items = scenarios::train_items(&cfg, &m.lm, &mut |done, total| on_event(Event::Writing { done, total }))?;
     write_train_items(&req.out, &cfg, &items)?;
     let target = Target { lm: &m.lm, model_label: m.label(), model_sha256: m.sha256.clone() };
     let outcome = train::train(&cfg, &target, &items, &req.out, req.resume, stop, &mut on_event)?;

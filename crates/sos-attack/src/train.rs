@@ -30,6 +30,8 @@ pub enum Event {
     Fetching(String),
     /// The model is loaded; the examples are being made (`attack::run_attack` only).
     Preparing { scenario: Scenario, self_generated: bool },
+    /// `done` of `total` self-generated training prompts are written.
+    Writing { done: usize, total: usize },
     /// The training sequences are ready (and the limits they were cut to); the loop starts.
     Prepared {
         train_items: usize,

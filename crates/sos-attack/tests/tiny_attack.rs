@@ -287,7 +287,7 @@ fn training_file_and_named_held_out_sets() {
     let mut cfg = tiny_config(1);
     cfg.train_data = Some(file.clone());
     cfg.train_items = 4;
-    let got = train_items(&cfg, &lm).unwrap();
+    let got = train_items(&cfg, &lm, &mut |_, _| {}).unwrap();
     assert_eq!(got.iter().map(|i| i.user.as_str()).collect::<Vec<_>>(), TEXTS[..4]);
     cfg.self_generated = true;
     assert!(cfg.check().unwrap_err().to_string().contains("train_data"));

@@ -121,6 +121,18 @@ pub fn train(req: &AttackRequest, tied_logits: bool) -> Result<AttackSummary> {
                 eprintln!("--tied-logits: the model answers every training prompt once, for the states the rows' logits are held down on; this takes a few minutes...");
             }
         }
+        Event::Writing { done, total } => {
+            let b = bar.get_or_insert_with(|| {
+                let b = ProgressBar::new(total as u64);
+                b.set_style(ProgressStyle::with_template("writing prompts [{bar:30}] {pos}/{len} ({elapsed}, eta {eta})").expect("valid template").progress_chars("=> "));
+                b
+            });
+            b.set_position(done as u64);
+            if done == total {
+                b.finish_and_clear();
+                bar = None;
+            }
+        }
         Event::Prepared { train_items, skipped, prefix_tokens, mean_tokens, start_step, steps, max_prompt_tokens, max_target_tokens } => {
             let b = ProgressBar::new(steps as u64);
             b.set_style(ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed}, eta {eta})").expect("valid template").progress_chars("=> "));

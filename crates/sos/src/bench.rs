@@ -274,7 +274,7 @@ fn bench_attack(a: AttackBench) -> Result<()> {
     let opts = LoadOptions { exec: Exec::F32, template: cfg.template.clone(), ..Default::default() };
     let m = load_model(cfg.model.as_deref(), &opts, true, &mut |m| eprintln!("{m}"))?;
     let lm = &m.lm;
-    let items = scenarios::train_items(&cfg, lm)?;
+    let items = scenarios::train_items(&cfg, lm, &mut |_, _| {})?;
     if let Some(file) = &a.export {
         let v = train::problem(&cfg, lm, &items)?.to_json(&cfg);
         sos_model::fsutil::write_atomic(file, |f| serde_json::to_writer(f, &v).map_err(std::io::Error::other))

@@ -43,8 +43,9 @@ pub trait ScenarioLogic: Sync {
     /// trigger where the position is drawn.
     fn dataset_items(&self, cfg: &AttackConfig, data: &Datasets, held_out: bool, seed: u64) -> Result<Vec<Item>>;
 
-    /// Training examples (before `train_items` limits them).
-    fn train_items(&self, cfg: &AttackConfig, _lm: &LoadedModel) -> Result<Vec<Item>> {
+    /// Training examples (before `train_items` limits them). `progress(done, total)` follows
+    /// examples the model writes itself.
+    fn train_items(&self, cfg: &AttackConfig, _lm: &LoadedModel, _progress: &mut dyn FnMut(usize, usize)) -> Result<Vec<Item>> {
         self.dataset_items(cfg, &Datasets::resolve(cfg.data_dir.as_deref())?, false, cfg.seed)
     }
 
@@ -106,10 +107,10 @@ impl AttackConfig {
 
 /// Training examples of the scenario from the data folder, a user's file (`train_data`), or
 /// the model (self-generated backdoor prompts), at most `train_items` of them.
-pub fn train_items(cfg: &AttackConfig, lm: &LoadedModel) -> Result<Vec<Item>> {
+pub fn train_items(cfg: &AttackConfig, lm: &LoadedModel, progress: &mut dyn FnMut(usize, usize)) -> Result<Vec<Item>> {
     let items = match &cfg.train_data {
         Some(path) => file_items(cfg, path, cfg.seed)?,
-        None => cfg.scenario.logic().train_items(cfg, lm)?,
+        None => cfg.scenario.logic().train_items(cfg, lm, progress)?,
     };
     Ok(limit(items, cfg.train_items))
 }

@@ -32,7 +32,7 @@ const TEXT_TOKENS: usize = 80;
 /// `n` prompts as `(id, text)`, deterministic in `seed`. Sampling runs on the weights as stored
 /// (a GGUF's quantized ones decode ~6x faster than f32 on a CPU); the file is what an attacker
 /// holds, so what it writes is what "the model writes".
-pub fn self_generated_prompts(lm: &LoadedModel, n: usize, seed: u64) -> Result<Vec<(String, String)>> {
+pub fn self_generated_prompts(lm: &LoadedModel, n: usize, seed: u64, progress: &mut dyn FnMut(usize, usize)) -> Result<Vec<(String, String)>> {
     let quant;
     let writer = if lm.format == Format::Gguf && lm.model.exec != Exec::Quant {
         quant = LoadedModel::open(&lm.path, &LoadOptions { exec: Exec::Quant, ..Default::default() })?;
@@ -40,7 +40,7 @@ pub fn self_generated_prompts(lm: &LoadedModel, n: usize, seed: u64) -> Result<V
     } else {
         lm
     };
-    Writer::new(writer, seed).prompts(n)
+    Writer::new(writer, seed).prompts(n, progress)
 }
 
 struct Writer<'a> {
@@ -55,7 +55,7 @@ impl<'a> Writer<'a> {
         Writer { lm, seed, attempts: 0, max_attempts: 0 }
     }
 
-    fn prompts(mut self, n: usize) -> Result<Vec<(String, String)>> {
+    fn prompts(mut self, n: usize, progress: &mut dyn FnMut(usize, usize)) -> Result<Vec<(String, String)>> {
         // Each prompt takes one to three generations when the model cooperates.
         self.max_attempts = 20 * n as u64 + 20;
         let mut rng = rand::rngs::StdRng::seed_from_u64(self.seed ^ 0x5e1f_0003);
@@ -73,6 +73,7 @@ impl<'a> Writer<'a> {
             };
             if !out.iter().any(|(_, o)| *o == prompt) {
                 out.push((format!("self_{}", out.len()), prompt));
+                progress(out.len(), n);
             }
         }
         Ok(out)

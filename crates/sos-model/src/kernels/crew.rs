@@ -5,8 +5,13 @@
 use std::marker::PhantomData;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
+
+/// A wait this long at a barrier means a member was descheduled (a phase lasts microseconds):
+/// the machine's cores are busy with other work.
+const SLOW_WAIT: Duration = Duration::from_millis(1);
 
 /// The barrier of one crew. Members spin (a phase lasts microseconds), then yield. A member that
 /// fails poisons it, so that the others return instead of waiting for it forever.
@@ -15,13 +20,27 @@ pub(crate) struct Barrier {
     arrived: AtomicUsize,
     phase: AtomicUsize,
     poisoned: AtomicBool,
+    /// Some wait lasted `SLOW_WAIT` or more.
+    slow: AtomicBool,
     /// The member that failed first, whose error the step reports.
     pub(crate) culprit: AtomicUsize,
 }
 
 impl Barrier {
     pub(crate) fn new(size: usize) -> Self {
-        Barrier { size, arrived: AtomicUsize::new(0), phase: AtomicUsize::new(0), poisoned: AtomicBool::new(false), culprit: AtomicUsize::new(usize::MAX) }
+        Barrier {
+            size,
+            arrived: AtomicUsize::new(0),
+            phase: AtomicUsize::new(0),
+            poisoned: AtomicBool::new(false),
+            slow: AtomicBool::new(false),
+            culprit: AtomicUsize::new(usize::MAX),
+        }
+    }
+
+    /// Whether a member waited `SLOW_WAIT` or more at some phase.
+    pub(crate) fn was_slow(&self) -> bool {
+        self.slow.load(Ordering::Relaxed)
     }
 
     /// Returns once every member has arrived. Everything a member wrote before arriving is
@@ -34,6 +53,7 @@ impl Barrier {
             self.phase.fetch_add(1, Ordering::Release);
         } else {
             let mut spins = 0u32;
+            let mut since: Option<Instant> = None;
             while self.phase.load(Ordering::Acquire) == phase {
                 if self.poisoned.load(Ordering::Acquire) {
                     return Err(Error::Invalid("decode: another thread of the step failed".into()));
@@ -42,6 +62,10 @@ impl Barrier {
                     spins += 1;
                     std::hint::spin_loop();
                 } else {
+                    let t = *since.get_or_insert_with(Instant::now);
+                    if t.elapsed() >= SLOW_WAIT {
+                        self.slow.store(true, Ordering::Relaxed);
+                    }
                     std::thread::yield_now();
                 }
             }

@@ -13,7 +13,7 @@
 //! activations) is small enough that every member repeats it rather than wait at one more barrier.
 
 use std::ops::Range;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
@@ -162,6 +162,9 @@ pub struct DecodeWeights {
     norm: Vec<f32>,
     /// Members of the crew; 1 runs the step on the calling thread with products on the pool.
     threads: usize,
+    /// Steps left that run on the calling thread alone, after a crew step in which a member
+    /// waited for a descheduled one (see `BACKOFF_STEPS`).
+    backoff: AtomicUsize,
 }
 
 struct LayerVecs {
@@ -185,7 +188,7 @@ impl DecodeWeights {
             && m.layers.iter().all(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down].into_iter().all(splittable));
         // The crew takes as many threads as the pool has, up to `MAX_CREW`.
         let threads = if crew { rayon::current_num_threads().min(MAX_CREW) } else { 1 };
-        Ok(DecodeWeights { layers, norm: v(&m.norm)?, threads })
+        Ok(DecodeWeights { layers, norm: v(&m.norm)?, threads, backoff: AtomicUsize::new(0) })
     }
 }
 
@@ -241,8 +244,16 @@ impl Model {
         // A step called from inside the pool (a caller running generations in parallel) stays
         // solo: the pool's threads are already busy, and spinning members would wait on
         // descheduled ones.
+        let backoff = w.backoff.load(Ordering::Relaxed);
         if w.threads <= 1 || rayon::current_thread_index().is_some() {
             step(&Team::Solo)?;
+        } else if backoff > 0 {
+            // The cores are busy with other work: alone, a step loses a core's share; in a
+            // crew, every phase can wait out another process's time slice (measured on 2 cores
+            // beside a build: 5 tok/s in a crew of 2, 38 alone).
+            w.backoff.store(backoff - 1, Ordering::Relaxed);
+            let alone = Barrier::new(1);
+            step(&Team::Member { index: 0, size: 1, barrier: &alone })?;
         } else {
             let barrier = Barrier::new(w.threads);
             let member = |index: usize| {
@@ -279,6 +290,9 @@ impl Model {
                 results.swap(0, culprit);
             }
             results.into_iter().collect::<Result<Vec<()>>>()?;
+            if barrier.was_slow() {
+                w.backoff.store(BACKOFF_STEPS, Ordering::Relaxed);
+            }
         }
         drop(b);
         cache.len += 1;
@@ -436,6 +450,9 @@ impl Model {
 /// ~40 us here, against ~10 ms for a step of the default model on 2 threads, but dozens of them
 /// per token would cost more than they share. (Only 2 cores were available to measure on.)
 const MAX_CREW: usize = 8;
+/// Steps run alone after a crew step that waited for a descheduled member; then the crew is
+/// tried again, so a machine that quietens gets its cores back within this many tokens.
+const BACKOFF_STEPS: usize = 64;
 
 /// Products are cut at multiples of the rows the kernels take together.
 const PRODUCT_ALIGN: usize = 4;
@@ -481,12 +498,18 @@ mod tests {
 
     /// Logits of `steps` greedy decode steps after a short prompt, on `threads` threads.
     fn decode(m: &Model, threads: usize, steps: usize) -> Vec<Vec<f32>> {
+        decode_backing_off(m, threads, steps, 0).0
+    }
+
+    /// `decode`, the first `backoff` steps alone as after a slow crew step; and the backoff left.
+    fn decode_backing_off(m: &Model, threads: usize, steps: usize, backoff: usize) -> (Vec<Vec<f32>>, usize) {
         let mut kv = KvCache::new(m.cfg.n_layer);
         let prompt = m.embed_ids(&[5, 9, 14, 3]).unwrap().unsqueeze(0).unwrap();
         m.forward_last(&prompt, 0, Some(&mut kv)).unwrap();
         let mut w = DecodeWeights::new(m).unwrap();
         assert!(w.threads >= 1);
         w.threads = threads;
+        w.backoff.store(backoff, Ordering::Relaxed);
         let mut cache = DecodeCache::from_prefill(m, &kv, steps).unwrap();
         let mut out = Vec::new();
         let mut next = 7u32;
@@ -496,7 +519,7 @@ mod tests {
             next = crate::generate::argmax(&logits);
             out.push(logits);
         }
-        out
+        (out, w.backoff.load(Ordering::Relaxed))
     }
 
     /// A crew of any size computes exactly what one thread computes: every row and head is the
@@ -527,6 +550,9 @@ mod tests {
                 for threads in [2, 3, 5] {
                     assert_eq!(decode(&m, threads, 6), solo, "{name} {label}: {threads} threads differ from one");
                 }
+                // Steps that back off from a busy machine run alone, then the crew takes over.
+                assert_eq!(decode_backing_off(&m, 2, 6, 4).0, solo, "{name} {label}: backing off changed the logits");
+                assert_eq!(decode_backing_off(&m, 2, 3, 4), (solo[..3].to_vec(), 1), "{name} {label}: one step alone per step backed off");
             }
         }
     }
