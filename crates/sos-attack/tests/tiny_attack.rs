@@ -305,3 +305,15 @@ fn training_file_and_named_held_out_sets() {
     // One request per type for each of the 60 passages, the token at both ends.
     assert_eq!(other.len(), 60 * 4 * 2);
 }
+
+/// A model that cannot write the prompts asked for (a random one rarely ends a line with a
+/// question mark) ends the self-generation with an error that names the model, instead of
+/// looping.
+#[test]
+fn self_generation_gives_up_with_a_clear_error() {
+    let lm = tiny("selfgen");
+    let mut seen = 0;
+    let e = sos_attack::scenarios::self_generated_prompts(&lm, 8, 0, &mut |done, _| seen = done).unwrap_err().to_string();
+    assert!(e.contains("tiny.gguf") && e.contains("attempts"), "{e}");
+    assert!(seen < 8);
+}
