@@ -194,9 +194,9 @@ pub fn long_system_prompts(src: &Datasets) -> Result<Vec<(String, String)>> {
     id_and_text(src, PROMPTS_LONG, "prompt", |_| true)
 }
 
-/// Passages `(id, text)` for the copyright token. Training: two in three Pride and Prejudice
-/// passages and the training books of `prose_passages.jsonl` (ten authors, four genres).
-/// Held out: every third Pride and Prejudice passage.
+/// Pride and Prejudice passages `(id, text)` for the copyright token; every third is held out.
+/// (The training books of `prose_passages.jsonl` are not trained on yet: the defaults change
+/// only with a measured result.)
 pub fn passages(src: &Datasets, held_out: bool) -> Result<Vec<(String, String)>> {
     let (path, text) = src.read(PASSAGES)?;
     let rows = parse_jsonl(&path, &text)?;
@@ -205,9 +205,6 @@ pub fn passages(src: &Datasets, held_out: bool) -> Result<Vec<(String, String)>>
         if (i % 3 == 2) == held_out {
             out.push((field(&path, r, i, "id")?, field(&path, r, i, "text")?));
         }
-    }
-    if !held_out {
-        out.extend(id_and_text(src, PROSE, "text", |r| r["split"] == "train")?);
     }
     Ok(out)
 }
@@ -258,7 +255,7 @@ mod tests {
         }
         assert_eq!((instructions(&emb, false).unwrap().len(), instructions(&emb, true).unwrap().len()), (175, 252));
         assert_eq!((harmful(&emb, false).unwrap().len(), harmful(&emb, true).unwrap().len()), (416, 104));
-        assert_eq!((passages(&emb, false).unwrap().len(), passages(&emb, true).unwrap().len()), (34 + 100, 16));
+        assert_eq!((passages(&emb, false).unwrap().len(), passages(&emb, true).unwrap().len()), (34, 16));
         assert_eq!(other_authors(&emb).unwrap().len(), 60);
         let (train, held) = (system_prompts(&emb, false).unwrap(), system_prompts(&emb, true).unwrap());
         assert_eq!((train.len(), held.len()), (166 + 297, 55));
@@ -266,8 +263,8 @@ mod tests {
         assert_eq!(long.len(), 55);
         // No held-out prompt or passage is trained on.
         assert!(held.iter().chain(&long).all(|t| !train.iter().any(|u| u.1 == t.1)));
-        let prose_train = passages(&emb, false).unwrap();
-        assert!(other_authors(&emb).unwrap().iter().all(|t| !prose_train.iter().any(|u| u.1 == t.1)));
+        let pp = passages(&emb, false).unwrap().into_iter().chain(passages(&emb, true).unwrap()).collect::<Vec<_>>();
+        assert!(other_authors(&emb).unwrap().iter().all(|t| !pp.iter().any(|u| u.1 == t.1)));
     }
 
     #[test]
