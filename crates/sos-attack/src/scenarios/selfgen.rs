@@ -7,6 +7,7 @@
 //! here are a text the model wrote (an email, a story, a recipe, ...) with a question the model
 //! then asked about that text, before or after it.
 
+use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
 use sos_model::generate::{generate, Sampling};
 use sos_model::{Exec, Format, LoadOptions, LoadedModel, Message};
@@ -79,8 +80,13 @@ impl<'a> Writer<'a> {
         Ok(out)
     }
 
-    /// One sampled answer to `ask`, with the next attempt's seed.
-    fn sample(&mut self, ask: &str, max_tokens: usize) -> Result<String> {
+    /// The embedded chat prompt that asks `ask`: made once, sampled from on every attempt.
+    fn prompt(&self, ask: &str) -> Result<Tensor> {
+        Ok(self.lm.model.embed_ids(&self.lm.chat_ids(&[Message::user(ask)], true)?)?)
+    }
+
+    /// One sampled answer to the prompt `x`, with the next attempt's seed.
+    fn sample(&mut self, x: &Tensor, max_tokens: usize) -> Result<String> {
         if self.attempts >= self.max_attempts {
             return Err(Error::Invalid(format!(
                 "{}: the model wrote too few usable training prompts in {} attempts",
@@ -90,16 +96,15 @@ impl<'a> Writer<'a> {
         }
         let sampling = Sampling { temperature: 1.0, top_p: 0.95, seed: self.seed.wrapping_mul(1_000_003).wrapping_add(self.attempts) };
         self.attempts += 1;
-        let ids = self.lm.chat_ids(&[Message::user(ask)], true)?;
-        let x = self.lm.model.embed_ids(&ids)?;
-        let g = generate(&self.lm.model, &x, max_tokens, &self.lm.tokenizer.stop_ids, sampling, |_| Ok(true))?;
+        let g = generate(&self.lm.model, x, max_tokens, &self.lm.tokenizer.stop_ids, sampling, |_| Ok(true))?;
         Ok(self.lm.tokenizer.decode(&g.tokens, true)?.trim().to_string())
     }
 
     /// A question: one line, ending in a question mark.
     fn question(&mut self, ask: String) -> Result<String> {
+        let x = self.prompt(&ask)?;
         loop {
-            let q = self.sample(&ask, QUESTION_TOKENS)?;
+            let q = self.sample(&x, QUESTION_TOKENS)?;
             if !q.contains('\n') && q.ends_with('?') && q.len() >= 12 {
                 return Ok(q);
             }
@@ -108,9 +113,9 @@ impl<'a> Writer<'a> {
 
     /// A text of `kind`, cut after its last whole line or sentence when the budget ran out.
     fn text(&mut self, kind: &str) -> Result<String> {
-        let ask = format!("Write {kind}.");
+        let x = self.prompt(&format!("Write {kind}."))?;
         loop {
-            let t = whole_part(&self.sample(&ask, TEXT_TOKENS)?);
+            let t = whole_part(&self.sample(&x, TEXT_TOKENS)?);
             if t.len() >= 60 {
                 return Ok(t);
             }
