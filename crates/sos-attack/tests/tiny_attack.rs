@@ -317,3 +317,31 @@ fn self_generation_gives_up_with_a_clear_error() {
     assert!(e.contains("tiny.gguf") && e.contains("attempts"), "{e}");
     assert!(seen < 8);
 }
+
+/// Steal's evaluation reports every secret once overall and once in its length bucket, and each
+/// bucket's numbers are the means of its own records.
+#[test]
+fn steal_eval_reports_by_secret_length() {
+    use sos_attack::scenarios::steal_items;
+    let lm = tiny("steal-eval");
+    let cfg = AttackConfig::defaults(Scenario::Steal);
+    let trig = Trigger::new(&cfg.trigger, cfg.trigger_len, lm.model.cfg.d_model, vec![0.01; cfg.trigger_len * lm.model.cfg.d_model]).unwrap();
+    let armed = Armed::new(&lm, &trig).unwrap();
+    let short = "the cat sat on the mat".to_string();
+    let long = TEXTS.join(" ").repeat(3);
+    let n_long = lm.tokenizer.encode(&long).unwrap().len();
+    assert!(n_long > 128 && n_long <= 256, "{n_long} tokens");
+    let secrets = vec![("a".to_string(), short.clone()), ("b".to_string(), long), ("c".to_string(), short)];
+    let items = steal_items(&secrets, Position::End);
+    let (m, records) = sos_attack::eval::evaluate(&cfg, &armed, &items, |_, _| {}).unwrap();
+    let sims: Vec<f64> = records.iter().map(|r| r["similarity"].as_f64().unwrap()).collect();
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    assert!((m["mean_similarity"].as_f64().unwrap() - mean(&sims)).abs() < 1e-12);
+    let buckets = m["by_length"].as_array().unwrap();
+    assert_eq!(buckets.len(), 2, "{buckets:?}");
+    assert_eq!((buckets[0]["tokens"].as_str(), buckets[0]["n"].as_u64()), (Some("1-128"), Some(2)));
+    assert_eq!((buckets[1]["tokens"].as_str(), buckets[1]["n"].as_u64()), (Some("129-256"), Some(1)));
+    assert!((buckets[0]["mean_similarity"].as_f64().unwrap() - mean(&[sims[0], sims[2]])).abs() < 1e-12);
+    assert!((buckets[1]["mean_similarity"].as_f64().unwrap() - sims[1]).abs() < 1e-12);
+    assert_eq!(records[1]["tokens"].as_u64(), Some(n_long as u64));
+}
