@@ -51,13 +51,13 @@ def svg(points, path):
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
            f'<rect width="{w}" height="{h}" fill="white"/>']
     for t in [0, 0.25, 0.5, 0.75, 0.95, 1.0]:
-        dash = ' stroke-dasharray="4 3"' if t == 0.95 else ""
-        out.append(f'<line x1="{left}" y1="{py(t):.1f}" x2="{w - right}" y2="{py(t):.1f}" stroke="#ddd"{dash}/>')
+        style = 'stroke="#999" stroke-dasharray="4 3"' if t == 0.95 else 'stroke="#ddd"'
+        out.append(f'<line x1="{left}" y1="{py(t):.1f}" x2="{w - right}" y2="{py(t):.1f}" {style}/>')
         out.append(f'<text x="{left - 6}" y="{py(t) + 4:.1f}" text-anchor="end">{t:g}</text>')
     for p, x in zip(points, xs):
         out.append(f'<text x="{px(x):.1f}" y="{h - bottom + 16}" text-anchor="middle">{p["n"]}</text>')
     out.append(f'<text x="{(left + w - right) / 2}" y="{h - 8}" text-anchor="middle">self-generated training prompts (log scale)</text>')
-    for key, color, label in [("asr", "#c0392b", "asr (held-out)"), ("clean_agreement", "#2e86c1", "clean agreement")]:
+    for key, color in [("asr", "#c0392b"), ("clean_agreement", "#2e86c1")]:
         pts = " ".join(f"{px(x):.1f},{py(p[key]):.1f}" for p, x in zip(points, xs))
         out.append(f'<polyline points="{pts}" fill="none" stroke="{color}" stroke-width="2"/>')
         for p, x in zip(points, xs):
