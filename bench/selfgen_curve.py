@@ -62,7 +62,7 @@ def svg(points, path):
         out.append(f'<polyline points="{pts}" fill="none" stroke="{color}" stroke-width="2"/>')
         for p, x in zip(points, xs):
             out.append(f'<circle cx="{px(x):.1f}" cy="{py(p[key]):.1f}" r="3" fill="{color}"/>')
-    ly = top + 8
+    ly = h - bottom - 52  # bottom right: the curves run along the top
     for color, label in [("#c0392b", "asr (held-out)"), ("#2e86c1", "clean agreement"), ("#999", "goal 0.95")]:
         out.append(f'<rect x="{w - right - 130}" y="{ly - 8}" width="10" height="10" fill="{color}"/>')
         out.append(f'<text x="{w - right - 115}" y="{ly + 1}">{label}</text>')
