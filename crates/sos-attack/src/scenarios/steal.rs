@@ -66,7 +66,7 @@ impl ScenarioLogic for Steal {
             records.push(json!({"id": it.id, "system": secret, "tokens": tokens, "answer": a.text, "similarity": s.similarity}));
             progress(i + 1, n);
         }
-        all.into_fields(out);
+        all.write_to(out);
         let by_length: Vec<Value> = LENGTH_BUCKETS
             .iter()
             .zip(&buckets)
@@ -75,7 +75,7 @@ impl ScenarioLogic for Steal {
                 let mut m = Map::new();
                 m.insert("tokens".into(), if hi == usize::MAX { format!("{lo}+") } else { format!("{lo}-{hi}") }.into());
                 m.insert("n".into(), b.n.into());
-                b.into_fields(&mut m);
+                b.write_to(&mut m);
                 Value::Object(m)
             })
             .collect();
@@ -113,7 +113,7 @@ impl Scores {
         self.rouge += s.rouge;
     }
 
-    fn into_fields(&self, out: &mut Map<String, Value>) {
+    fn write_to(&self, out: &mut Map<String, Value>) {
         let n = self.n.max(1) as f64;
         out.insert("exact_match".into(), rate(self.exact, self.n));
         out.insert("mean_similarity".into(), (self.similarity / n).into());
