@@ -97,6 +97,7 @@ pub fn write_tensors(path: &Path, tensors: &[(&str, Vec<usize>, &[f32])], meta: 
         .map(|((name, shape, _), b)| Ok((name.to_string(), TensorView::new(Dtype::F32, shape.clone(), b).map_err(|e| Error::Invalid(e.to_string()))?)))
         .collect::<Result<Vec<_>>>()?;
     let data = safetensors::serialize(views, Some(meta)).map_err(|e| Error::Invalid(format!("safetensors: {e}")))?;
+    let data = sos_model::safetensors::sorted_header(data)?;
     Ok(write_atomic(path, |f| std::io::Write::write_all(f, &data))?)
 }
 

@@ -133,6 +133,7 @@ fn plant(src: &Path, out: &Path, texts: &[String], ids: &[u32], rows: &[f32], ad
     }
     let meta: Option<HashMap<String, String>> = meta.metadata().clone();
     let data = safetensors::serialize(views, meta).map_err(|e| Error::Invalid(format!("safetensors: {e}")))?;
+    let data = sos_model::safetensors::sorted_header(data)?;
     write(&out.join(&shard), &data)?;
 
     // Every other file as it is, then the edited ones over it.

@@ -301,6 +301,7 @@ fn write_rows(path: &Path, tensors: &[(&str, &[f32])], k: usize, d: usize) -> Re
         .collect::<Result<_>>()?;
     let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
     let data = safetensors::serialize(views, Some(meta)).map_err(|e| Error::Invalid(format!("safetensors: {e}")))?;
+    let data = sos_model::safetensors::sorted_header(data)?;
     Ok(fsutil::write_atomic(path, |f| std::io::Write::write_all(f, &data))?)
 }
 

@@ -148,6 +148,25 @@ fn check_safetensors_offsets(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// The bytes of a safetensors file made by `safetensors::serialize`, with the header's keys
+/// sorted. The crate writes the metadata in `HashMap` order, which changes from run to run, so the
+/// same tensors and metadata would give different files (a seeded attack's trigger among them).
+pub fn sorted_header(bytes: Vec<u8>) -> Result<Vec<u8>> {
+    let bad = |msg: &str| Error::Invalid(format!("safetensors bytes to sort: {msg}"));
+    let n = bytes.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes"))).ok_or_else(|| bad("shorter than 8 bytes"))?;
+    let end = usize::try_from(n).ok().and_then(|n| n.checked_add(8)).filter(|&e| e <= bytes.len()).ok_or_else(|| bad("header past the end"))?;
+    // serde_json's maps are ordered by key (the workspace does not enable `preserve_order`).
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..end]).map_err(|e| bad(&e.to_string()))?;
+    let mut h = serde_json::to_vec(&header).map_err(|e| bad(&e.to_string()))?;
+    // The format pads the header with spaces so that the data starts 8-byte aligned.
+    h.resize(h.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + h.len() + bytes.len() - end);
+    out.extend_from_slice(&(h.len() as u64).to_le_bytes());
+    out.extend_from_slice(&h);
+    out.extend_from_slice(&bytes[end..]);
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,5 +190,27 @@ mod tests {
         bytes.extend_from_slice(b"{}");
         let e = check_safetensors(Path::new("len.safetensors"), &bytes).unwrap_err().to_string();
         assert!(e.contains("exceeds the file"), "{e}");
+    }
+
+    #[test]
+    fn sorted_header_gives_the_same_bytes_for_the_same_content() {
+        let data = [1f32, 2., 3., 4.].iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        // Eight metadata keys: two fresh `HashMap`s list them in the same order by chance once in 40,320.
+        let write = || {
+            let meta: HashMap<String, String> = (0..8).map(|i| (format!("key{i}"), format!("value {i}"))).collect();
+            let views = vec![("b", safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2, 2], &data).unwrap())];
+            sorted_header(safetensors::serialize(views, Some(meta)).unwrap()).unwrap()
+        };
+        let (a, b) = (write(), write());
+        assert_eq!(a, b);
+        let n = u64::from_le_bytes(a[..8].try_into().unwrap()) as usize;
+        assert_eq!(n % 8, 0);
+        let header = std::str::from_utf8(&a[8..8 + n]).unwrap();
+        assert!(header.starts_with(r#"{"__metadata__":{"key0":"value 0","key1":"value 1""#), "{header}");
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&a).unwrap();
+        assert_eq!(meta.metadata().as_ref().unwrap().len(), 8);
+        let st = safetensors::SafeTensors::deserialize(&a).unwrap();
+        assert_eq!(st.tensor("b").unwrap().data(), &data[..]);
+        assert!(sorted_header(vec![1, 2, 3]).is_err() && sorted_header(u64::MAX.to_le_bytes().to_vec()).is_err());
     }
 }
