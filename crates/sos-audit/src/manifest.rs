@@ -46,6 +46,16 @@ fn hex(d: &[u8]) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The bytes a hex string spells, if it is one.
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    let b = s.as_bytes();
+    if b.len() % 2 != 0 {
+        return None;
+    }
+    let digit = |c: u8| (c as char).to_digit(16);
+    b.chunks_exact(2).map(|p| Some((digit(p[0])? * 16 + digit(p[1])?) as u8)).collect()
+}
+
 fn io_err(path: &Path, e: std::io::Error) -> Error {
     Error::File { path: path.to_path_buf(), msg: format!("cannot read: {e}") }
 }
@@ -318,10 +328,9 @@ pub fn verify_with(root: &Path, manifest_path: &Path, key: Option<&Path>, progre
     let mut v = Verification::default();
     // The subject digest over the listed digests, in the order listed.
     let mut h = Sha256::new();
-    for r in p["resources"].as_array().expect("checked") {
+    for r in p["resources"].as_array().into_iter().flatten() {
         let d = r["digest"].as_str().unwrap_or("");
-        let raw: Vec<u8> = (0..d.len() / 2).filter_map(|i| u8::from_str_radix(&d[2 * i..2 * i + 2], 16).ok()).collect();
-        h.update(&raw);
+        h.update(unhex(d).ok_or_else(|| bad(manifest_path, format!("digest {d:?} is not hex")))?);
     }
     v.subject_mismatch = st["subject"][0]["digest"]["sha256"].as_str() != Some(hex(&h.finalize()).as_str());
     let actual = hash_model(root, method, &ignore, progress)?;

@@ -69,6 +69,12 @@ fn a_folder_in_model_signing_order_verifies_and_tampering_is_named() {
     forged["predicate"]["resources"][0]["digest"] = "00".repeat(32).into();
     std::fs::write(&path, serde_json::to_string(&forged).unwrap()).unwrap();
     assert!(verify(&m, &path, None).unwrap().subject_mismatch);
+    // A digest that is not hex (a multi-byte character across a byte pair) is refused, naming
+    // the manifest, not a panic.
+    forged["predicate"]["resources"][0]["digest"] = format!("0é{}", "0".repeat(61)).into();
+    std::fs::write(&path, serde_json::to_string(&forged).unwrap()).unwrap();
+    let e = verify(&m, &path, None).unwrap_err().to_string();
+    assert!(e.contains("m.json") && e.contains("hex"), "{e}");
 }
 
 #[test]
