@@ -115,7 +115,15 @@ fn write_folder(out: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()
 /// Streams the tensors to `path` (inside the `.partial` folder, which is what moves into place
 /// atomically), so memory stays at the mapped inputs, not a second copy of the weights.
 fn write_tensors(path: &Path, views: Vec<(String, TensorView)>, meta: Option<HashMap<String, String>>) -> Result<()> {
-    safetensors::serialize_to_file(views, meta, path).map_err(|e| file_err(path, format!("cannot write: {e}")))
+    // The crate writes the metadata in `HashMap` order: with two keys or more, the same input
+    // would give different bytes each run, so the header is sorted then (with one key, the usual
+    // `{"format": "pt"}`, the crate's order is kept: a restored shard stays byte for byte).
+    let sort = meta.as_ref().is_some_and(|m| m.len() > 1);
+    safetensors::serialize_to_file(views, meta, path).map_err(|e| file_err(path, format!("cannot write: {e}")))?;
+    if sort {
+        sos_model::safetensors::sort_header_in_place(path)?;
+    }
+    Ok(())
 }
 
 fn write_json(path: &Path, v: &Json) -> Result<()> {

@@ -155,16 +155,44 @@ pub fn sorted_header(bytes: Vec<u8>) -> Result<Vec<u8>> {
     let bad = |msg: &str| Error::Invalid(format!("safetensors bytes to sort: {msg}"));
     let n = bytes.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes"))).ok_or_else(|| bad("shorter than 8 bytes"))?;
     let end = usize::try_from(n).ok().and_then(|n| n.checked_add(8)).filter(|&e| e <= bytes.len()).ok_or_else(|| bad("header past the end"))?;
-    // serde_json's maps are ordered by key (the workspace does not enable `preserve_order`).
-    let header: serde_json::Value = serde_json::from_slice(&bytes[8..end]).map_err(|e| bad(&e.to_string()))?;
-    let mut h = serde_json::to_vec(&header).map_err(|e| bad(&e.to_string()))?;
-    // The format pads the header with spaces so that the data starts 8-byte aligned.
-    h.resize(h.len().next_multiple_of(8), b' ');
+    let h = sorted(&bytes[8..end]).map_err(|e| bad(&e))?;
     let mut out = Vec::with_capacity(8 + h.len() + bytes.len() - end);
     out.extend_from_slice(&(h.len() as u64).to_le_bytes());
     out.extend_from_slice(&h);
     out.extend_from_slice(&bytes[end..]);
     Ok(out)
+}
+
+/// `sorted_header` for a file `safetensors::serialize_to_file` wrote (streamed, too large to
+/// hold): the header is rewritten in place; sorting keeps its length.
+pub fn sort_header_in_place(path: &Path) -> Result<()> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let bad = |msg: String| Error::Invalid(format!("{}: cannot sort the safetensors header: {msg}", path.display()));
+    let mut f = std::fs::OpenOptions::new().read(true).write(true).open(path).map_err(|e| Error::io(path, e))?;
+    let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n).map_err(|e| Error::io(path, e))?;
+    let n = u64::from_le_bytes(n);
+    if n > len.saturating_sub(8) {
+        return Err(bad(format!("header of {n} bytes in a file of {len}")));
+    }
+    let mut h = vec![0u8; n as usize];
+    f.read_exact(&mut h).map_err(|e| Error::io(path, e))?;
+    let s = sorted(&h).map_err(bad)?;
+    if s.len() != h.len() {
+        return Err(bad(format!("sorted header is {} bytes, not {}", s.len(), h.len())));
+    }
+    f.seek(SeekFrom::Start(8)).and_then(|_| f.write_all(&s)).map_err(|e| Error::io(path, e))
+}
+
+/// A header's JSON with its keys sorted, padded with spaces to 8 bytes as the format does (so
+/// that the data starts aligned).
+fn sorted(header: &[u8]) -> std::result::Result<Vec<u8>, String> {
+    // serde_json's maps are ordered by key (the workspace does not enable `preserve_order`).
+    let v: serde_json::Value = serde_json::from_slice(header).map_err(|e| e.to_string())?;
+    let mut h = serde_json::to_vec(&v).map_err(|e| e.to_string())?;
+    h.resize(h.len().next_multiple_of(8), b' ');
+    Ok(h)
 }
 
 #[cfg(test)]
@@ -212,5 +240,17 @@ mod tests {
         let st = safetensors::SafeTensors::deserialize(&a).unwrap();
         assert_eq!(st.tensor("b").unwrap().data(), &data[..]);
         assert!(sorted_header(vec![1, 2, 3]).is_err() && sorted_header(u64::MAX.to_le_bytes().to_vec()).is_err());
+        // Streamed to a file and sorted in place: the same bytes as sorted in memory.
+        let dir = std::env::temp_dir().join(format!("sos-sorted-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("t.safetensors");
+        let meta: HashMap<String, String> = (0..8).map(|i| (format!("key{i}"), format!("value {i}"))).collect();
+        let views = vec![("b", safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2, 2], &data).unwrap())];
+        safetensors::serialize_to_file(views, Some(meta), &p).unwrap();
+        sort_header_in_place(&p).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), a);
+        std::fs::write(&p, u64::MAX.to_le_bytes()).unwrap();
+        assert!(sort_header_in_place(&p).unwrap_err().to_string().contains("t.safetensors"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
