@@ -13,6 +13,7 @@ use crate::behavior::endpoint::{Endpoint, EndpointConfig};
 use crate::behavior::local::Local;
 use crate::behavior::{self, Level, Runner};
 use crate::weights::{self, Layout, RowStats, Stored};
+use crate::isolation::{self, Isolation};
 use crate::{provenance, side_files, structure, template, tokenizer, Error, Result};
 use sos_model::{Exec, LoadOptions, LoadedModel};
 
@@ -33,6 +34,9 @@ pub struct AuditRequest {
     /// Run the behaviour tests through this server instead of our runtime (the candidates still
     /// come from the CANDIDATE file).
     pub endpoint: Option<EndpointConfig>,
+    /// Without a reference, also search the token table for rows alone as no trained token is
+    /// (`isolation`: exact, all pairs; seconds for SmolLM2, minutes for a 152k-row table).
+    pub deep: bool,
 }
 
 /// Whether behaviour tests run.
@@ -50,6 +54,7 @@ struct Run {
     findings: Vec<Finding>,
     timings: Map<String, Json>,
     rows: Option<RowStats>,
+    isolation: Option<Isolation>,
 }
 
 impl Run {
@@ -60,17 +65,40 @@ impl Run {
         self.timings.insert(name.to_string(), Json::from(ms));
         Ok(())
     }
+
+    /// `--deep`'s search for rows alone in the token table (timed as `isolation`).
+    fn isolated(&mut self, table: Option<&Stored>, l: &Layout, progress: &mut dyn FnMut(Phase, usize, usize)) -> Result<()> {
+        let Some(t) = table.filter(|t| t.shape.len() == 2 && crate::ranges::supported(t.ty)) else { return Ok(()) };
+        let mut found = None;
+        self.check("isolation", || {
+            let iso = isolation::isolated(t, l.ordinary, &mut |d, n| progress(Phase::NearestRows, d, n))?;
+            let f = isolation::finding(&iso, l);
+            found = Some(iso);
+            Ok(f.into_iter().collect())
+        })?;
+        self.isolation = found;
+        Ok(())
+    }
 }
 
 /// Runs every check on the candidate (and its reference): a GGUF file or a Hugging Face folder.
 /// An `Err` is an audit that could not run (unreadable or unparsable input): exit 2, not a
 /// verdict.
 pub fn run_audit(req: &AuditRequest) -> Result<Report> {
-    run_audit_with(req, &mut |_, _| {})
+    run_audit_with(req, &mut |_, _, _| {})
 }
 
-/// `run_audit`, with `progress(done, total)` called as behaviour tests advance.
-pub fn run_audit_with(req: &AuditRequest, progress: &mut dyn FnMut(usize, usize)) -> Result<Report> {
+/// What a long audit is busy with, for `run_audit_with`'s progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// `--deep`'s nearest-row search: block pairs done of all.
+    NearestRows,
+    /// Behaviour tests: answers done of all.
+    Behavior,
+}
+
+/// `run_audit`, with `progress(phase, done, total)` called as the long phases advance.
+pub fn run_audit_with(req: &AuditRequest, progress: &mut dyn FnMut(Phase, usize, usize)) -> Result<Report> {
     let t0 = Instant::now();
     for p in std::iter::once(&req.candidate).chain(&req.reference) {
         if !p.exists() {
@@ -90,15 +118,16 @@ pub fn run_audit_with(req: &AuditRequest, progress: &mut dyn FnMut(usize, usize)
     if adapter {
         audit_adapter(req, &mut run)?;
     } else if req.candidate.is_dir() {
-        audit_folder(req, &mut run)?;
+        audit_folder(req, &mut run, progress)?;
     } else {
-        audit_gguf(req, &mut run)?;
+        audit_gguf(req, &mut run, progress)?;
     }
-    let (summary, note) = behave(req, adapter, &mut run, progress)?;
+    let (summary, note) = behave(req, adapter, &mut run, &mut |d, t| progress(Phase::Behavior, d, t))?;
     run.timings.insert("total".into(), Json::from(t0.elapsed().as_secs_f64() * 1e3));
     let shown = |p: &Path| p.display().to_string();
     let mut report = Report::new(shown(&req.candidate), req.reference.as_deref().map(shown), run.findings, req.fail_on, run.timings);
     report.rows = run.rows;
+    report.isolation = run.isolation;
     report.behavior = summary;
     report.behavior_note = note;
     Ok(report)
@@ -145,7 +174,9 @@ fn behave(req: &AuditRequest, adapter: bool, run: &mut Run, progress: &mut dyn F
         Err(_) if !asked => None,
         Err(e) => return Err(e.into()),
     };
-    let anomalous: Vec<u32> = run.rows.as_ref().map(|r| r.largest.iter().map(|&(i, _)| i).collect()).unwrap_or_default();
+    // The largest rows, then (`--deep`) the loneliest.
+    let mut anomalous: Vec<u32> = run.rows.as_ref().map(|r| r.largest.iter().map(|&(i, _)| i).collect()).unwrap_or_default();
+    anomalous.extend(run.isolation.iter().flat_map(|iso| iso.loneliest.iter().map(|r| r.id)));
     let (found, summary) = if let Some(cfg) = &req.endpoint {
         // The server runs the model; the file gives the candidates and their texts.
         let endpoint = Endpoint::new(cfg.clone())?;
@@ -182,12 +213,13 @@ fn gguf_stored(g: &Gguf) -> Vec<Stored<'_>> {
     g.tensors.iter().map(|t| Stored { name: t.name.clone(), ty: t.ty, shape: t.shape(), bytes: g.tensor_bytes(t) }).collect()
 }
 
-fn audit_gguf(req: &AuditRequest, run: &mut Run) -> Result<()> {
+fn audit_gguf(req: &AuditRequest, run: &mut Run, progress: &mut dyn FnMut(Phase, usize, usize)) -> Result<()> {
     let c = Gguf::open(&req.candidate)?;
     let r = req.reference.as_deref().map(Gguf::open).transpose()?;
     let vocab = tokenizer::Vocab::of(&c);
     let text = |i: usize| vocab.texts.get(i).cloned().unwrap_or_default();
-    let layout = Layout { table: TOKEN_TABLE, head: OUTPUT, text: &text };
+    let ordinary = |i: usize| vocab.ty(i) == tokenizer::NORMAL && vocab.texts.get(i).is_some_and(|t| t.chars().count() > 1);
+    let layout = Layout { table: TOKEN_TABLE, head: OUTPUT, text: &text, ordinary: &ordinary };
     run.check("structure", || Ok(structure::gguf(&c)))?;
     let cs = gguf_stored(&c);
     let arch = c.get_str("general.architecture");
@@ -204,6 +236,9 @@ fn audit_gguf(req: &AuditRequest, run: &mut Run) -> Result<()> {
             run.check("tokenizer", || Ok(tokenizer::alone(&c)))?;
             let find = |n: &str| cs.iter().find(|t| t.name == n);
             run.check("weights", || weights::alone(find(TOKEN_TABLE), find(OUTPUT), run_rows.as_ref(), &layout))?;
+            if req.deep {
+                run.isolated(find(TOKEN_TABLE), &layout, progress)?;
+            }
             run.check("template", || Ok(template::alone(c.get_str("tokenizer.chat_template"))))?;
         }
     }
@@ -211,7 +246,7 @@ fn audit_gguf(req: &AuditRequest, run: &mut Run) -> Result<()> {
     Ok(())
 }
 
-fn audit_folder(req: &AuditRequest, run: &mut Run) -> Result<()> {
+fn audit_folder(req: &AuditRequest, run: &mut Run, progress: &mut dyn FnMut(Phase, usize, usize)) -> Result<()> {
     // Opening checks every safetensors header against its file (what the structure check is for
     // a folder): a folder that fails it cannot be audited.
     let t = Instant::now();
@@ -219,7 +254,8 @@ fn audit_folder(req: &AuditRequest, run: &mut Run) -> Result<()> {
     let r = req.reference.as_deref().map(Folder::open).transpose()?;
     run.timings.insert("structure".into(), Json::from(t.elapsed().as_secs_f64() * 1e3));
     let text = |i: usize| c.text(i);
-    let layout = folder::layout(&text);
+    let ordinary = |i: usize| c.is_ordinary(i);
+    let layout = folder::layout(&text, &ordinary);
     let (cs, other) = c.stored()?;
     run.check("side_files", || Ok(side_files::unused_tensors(&cs, c.model_type(), c.n_layer(), true, folder::TABLE)))?;
     let run_rows = weights::row_stats(cs.iter().find(|t| t.name == folder::TABLE), &layout)?;
@@ -235,6 +271,9 @@ fn audit_folder(req: &AuditRequest, run: &mut Run) -> Result<()> {
             run.check("tokenizer", || Ok(folder::tokenizer_alone(&c)))?;
             let find = |n: &str| cs.iter().find(|t| t.name == n);
             run.check("weights", || weights::alone(find(folder::TABLE), find(folder::HEAD), run_rows.as_ref(), &layout))?;
+            if req.deep {
+                run.isolated(find(folder::TABLE), &layout, progress)?;
+            }
             run.check("weights", || folder::unverifiable(&c, &other, None))?;
             run.check("template", || Ok(template::alone(c.template.as_deref())))?;
         }

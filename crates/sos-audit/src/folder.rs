@@ -60,6 +60,12 @@ impl Folder {
     }
 
     /// The text of token `id` (vocabulary or added).
+    /// A vocabulary token (not an added one) of more than one character.
+    pub fn is_ordinary(&self, id: usize) -> bool {
+        let id = id as u32;
+        !self.added.contains_key(&id) && self.vocab.get(&id).is_some_and(|t| t.chars().count() > 1)
+    }
+
     pub fn text(&self, id: usize) -> String {
         let id = id as u32;
         self.added.get(&id).map(|a| a.0.clone()).or_else(|| self.vocab.get(&id).cloned()).unwrap_or_default()
@@ -86,8 +92,8 @@ impl Folder {
     }
 }
 
-pub fn layout<'a>(text: &'a dyn Fn(usize) -> String) -> Layout<'a> {
-    Layout { table: TABLE, head: HEAD, text }
+pub fn layout<'a>(text: &'a dyn Fn(usize) -> String, ordinary: &'a dyn Fn(usize) -> bool) -> Layout<'a> {
+    Layout { table: TABLE, head: HEAD, text, ordinary }
 }
 
 const SANITIZE: &str = "sos sanitize CANDIDATE --out FIXED [--reference CLEAN]";

@@ -7,6 +7,7 @@ use std::fmt::Write;
 use crate::behavior::Summary;
 use crate::finding::Severity;
 use crate::report::Report;
+use crate::isolation::Isolation;
 use crate::weights::RowStats;
 
 pub fn escape(s: &str) -> String {
@@ -59,6 +60,9 @@ pub fn to_html(r: &Report) -> String {
     if let Some(rows) = &r.rows {
         norms_plot(&mut h, rows, r);
     }
+    if let Some(iso) = &r.isolation {
+        nearest_plot(&mut h, iso);
+    }
     match (&r.behavior, &r.behavior_note) {
         (Some(b), _) => behavior(&mut h, b),
         (None, Some(note)) => {
@@ -106,38 +110,68 @@ fn sev_color(s: Severity) -> &'static str {
 
 /// Histogram of the token table's row norms (log counts), with the rows findings name marked.
 fn norms_plot(h: &mut String, rows: &RowStats, r: &Report) {
-    let (w, ht, left, bottom) = (900.0, 260.0, 50.0, 30.0);
     let _ = writeln!(h, "<h2>Token table row norms</h2>\n<p class=\"note\"><code>{}</code>: {} rows, median norm {:.3}. Bars: how many rows have each norm (log scale). Marks: rows a finding names.</p>", escape(&rows.tensor), rows.rows, rows.median_norm);
-    let _ = write!(h, "<svg width=\"{w}\" height=\"{ht}\" role=\"img\" aria-label=\"row norm histogram\">");
-    let max_norm = rows.bin_width * rows.bins.len() as f32;
-    let max_log = rows.bins.iter().map(|&(_, c)| ((c + 1) as f64).log10()).fold(0.0, f64::max).max(1.0);
-    let (pw, ph) = (w - left - 10.0, ht - bottom - 10.0);
-    let bw = pw / rows.bins.len() as f64;
-    for (i, &(_, c)) in rows.bins.iter().enumerate() {
-        if c == 0 {
-            continue;
+    let counts: Vec<usize> = rows.bins.iter().map(|b| b.1).collect();
+    let mut marks = Vec::new();
+    for f in &r.findings {
+        for &id in &f.token_ids {
+            if let Some(&norm) = rows.norms.get(id as usize) {
+                marks.push((id, norm, format!("token {id}: norm {norm:.3} ({})", f.id), sev_color(f.severity)));
+            }
         }
+    }
+    histogram(h, &counts, rows.bin_width * rows.bins.len() as f32, &[(rows.median_norm, "median")], &marks, "row norm");
+}
+
+/// `--deep`: histogram of each ordinary row's cosine with its nearest other row (log counts),
+/// the threshold, and the rows found alone marked.
+fn nearest_plot(h: &mut String, iso: &Isolation) {
+    let _ = writeln!(
+        h,
+        "<h2>Nearest-row cosines</h2>\n<p class=\"note\">{} ordinary rows. Bars: how many rows have each cosine with their nearest other row (log scale). Lines: the table's 0.1 % quantile ({:.3}) and the threshold ({:.3}); marks: the rows below it, and the loneliest others in grey.</p>",
+        iso.ordinary_rows, iso.tail, iso.threshold
+    );
+    let counts: Vec<usize> = iso.bins.iter().map(|b| b.1).collect();
+    let marks: Vec<_> = iso
+        .loneliest
+        .iter()
+        .chain(&iso.alone)
+        .map(|n| {
+            let alone = n.cosine < iso.threshold;
+            (n.id, n.cosine, format!("token {}: nearest cosine {:.3} (row {})", n.id, n.cosine, n.neighbour), if alone { sev_color(Severity::Medium) } else { "#9e9e9e" })
+        })
+        .collect();
+    histogram(h, &counts, 0.025 * counts.len() as f32, &[(iso.tail, "0.1 %"), (iso.threshold, "threshold")], &marks, "cosine with the nearest other row");
+}
+
+/// One SVG histogram of `counts` (equal bins from 0 to `x_max`, log heights), dashed `lines`,
+/// and `marks` (id, x, tooltip, colour), each id once.
+fn histogram(h: &mut String, counts: &[usize], x_max: f32, lines: &[(f32, &str)], marks: &[(u32, f32, String, &str)], x_label: &str) {
+    let (w, ht, left, bottom) = (900.0, 260.0, 50.0, 30.0);
+    let _ = write!(h, "<svg width=\"{w}\" height=\"{ht}\" role=\"img\" aria-label=\"{} histogram\">", escape(x_label));
+    let max_log = counts.iter().map(|&c| ((c + 1) as f64).log10()).fold(0.0, f64::max).max(1.0);
+    let (pw, ph) = (w - left - 10.0, ht - bottom - 10.0);
+    let bw = pw / counts.len().max(1) as f64;
+    for (i, &c) in counts.iter().enumerate().filter(|&(_, &c)| c > 0) {
         let bh = ((c + 1) as f64).log10() / max_log * ph;
         let _ = write!(h, "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"#90a4ae\"><title>{c} rows</title></rect>", left + i as f64 * bw, 10.0 + ph - bh, (bw - 1.0).max(1.0), bh);
     }
-    let x_of = |norm: f32| left + (norm / max_norm.max(f32::MIN_POSITIVE)) as f64 * pw;
-    let _ = write!(h, "<line x1=\"{:.1}\" x2=\"{:.1}\" y1=\"10\" y2=\"{:.1}\" stroke=\"#333\" stroke-dasharray=\"3 3\"/><text x=\"{:.1}\" y=\"22\">median</text>", x_of(rows.median_norm), x_of(rows.median_norm), 10.0 + ph, x_of(rows.median_norm) + 3.0);
+    let x_of = |x: f32| left + (x.max(0.0) / x_max.max(f32::MIN_POSITIVE)) as f64 * pw;
+    for (k, &(x, label)) in lines.iter().enumerate() {
+        let _ = write!(h, "<line x1=\"{:.1}\" x2=\"{:.1}\" y1=\"10\" y2=\"{:.1}\" stroke=\"#333\" stroke-dasharray=\"3 3\"/><text x=\"{:.1}\" y=\"{}\">{}</text>", x_of(x), x_of(x), 10.0 + ph, x_of(x) + 3.0, 22 + 12 * k, escape(label));
+    }
     let mut marked = std::collections::BTreeSet::new();
-    for f in &r.findings {
-        for &id in &f.token_ids {
-            let Some(&norm) = rows.norms.get(id as usize) else { continue };
-            if marked.insert(id) {
-                let x = x_of(norm);
-                let _ = write!(h, "<circle cx=\"{x:.1}\" cy=\"{:.1}\" r=\"5\" fill=\"{}\" fill-opacity=\"0.8\"><title>token {id}: norm {norm:.3} ({})</title></circle>", 10.0 + ph - 6.0 - (marked.len() % 6) as f64 * 9.0, sev_color(f.severity), escape(&f.id));
-            }
+    for (id, x, tip, color) in marks {
+        if marked.insert(*id) {
+            let _ = write!(h, "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"5\" fill=\"{color}\" fill-opacity=\"0.8\"><title>{}</title></circle>", x_of(*x), 10.0 + ph - 6.0 - (marked.len() % 6) as f64 * 9.0, escape(tip));
         }
     }
     let _ = write!(h, "<line x1=\"{left}\" x2=\"{:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"#333\"/>", left + pw, 10.0 + ph, 10.0 + ph);
     for k in 0..=4 {
-        let v = max_norm * k as f32 / 4.0;
+        let v = x_max * k as f32 / 4.0;
         let _ = write!(h, "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{v:.2}</text>", x_of(v), ht - 12.0);
     }
-    let _ = writeln!(h, "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">row norm</text></svg>", left + pw / 2.0, ht - 0.0);
+    let _ = writeln!(h, "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text></svg>", left + pw / 2.0, ht - 0.0, escape(x_label));
 }
 
 /// Horizontal bars: one label and value per row, the value's bar scaled to `max`.

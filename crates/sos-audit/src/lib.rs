@@ -15,6 +15,7 @@ pub mod error;
 pub mod finding;
 pub mod folder;
 pub mod html;
+pub mod isolation;
 pub mod manifest;
 pub mod provenance;
 pub mod ranges;
@@ -27,7 +28,7 @@ pub mod template;
 pub mod tokenizer;
 pub mod weights;
 
-pub use audit::{run_audit, run_audit_with, AuditRequest, Behavior};
+pub use audit::{run_audit, run_audit_with, AuditRequest, Behavior, Phase};
 pub use error::{Error, Result};
 pub use finding::{Check, Finding, Severity};
 pub use report::Report;

@@ -34,6 +34,8 @@ pub struct Report {
     pub sos_version: &'static str,
     /// The token table's row norms (histogram and largest rows), when its type can be read.
     pub rows: Option<crate::weights::RowStats>,
+    /// `--deep`: each ordinary row's nearest-row cosine (histogram, threshold, loneliest rows).
+    pub isolation: Option<crate::isolation::Isolation>,
     /// The behaviour tests' numbers, when they ran.
     pub behavior: Option<crate::behavior::Summary>,
     /// Why behaviour tests did not run, when they were not turned off.
@@ -52,7 +54,7 @@ impl Report {
             }
         }
         let fail = findings.iter().any(|f| f.severity >= fail_on);
-        Report { schema: SCHEMA, verdict: if fail { "fail" } else { "pass" }, fail_on, candidate, reference, findings, summary, timings_ms, sos_version: env!("CARGO_PKG_VERSION"), rows: None, behavior: None, behavior_note: None }
+        Report { schema: SCHEMA, verdict: if fail { "fail" } else { "pass" }, fail_on, candidate, reference, findings, summary, timings_ms, sos_version: env!("CARGO_PKG_VERSION"), rows: None, isolation: None, behavior: None, behavior_note: None }
     }
 
     pub fn failed(&self) -> bool {

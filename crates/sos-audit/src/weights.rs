@@ -28,24 +28,27 @@ pub struct Stored<'a> {
 
 impl Stored<'_> {
     /// `[rows, width]` (a vector is one row).
-    fn rows(&self) -> (usize, usize) {
+    pub(crate) fn rows(&self) -> (usize, usize) {
         match self.shape.len() {
             0 => (1, 1),
             1 => (1, self.shape[0]),
             n => (self.shape[..n - 1].iter().product(), self.shape[n - 1]),
         }
     }
-    fn row_bytes(&self) -> usize {
+    pub(crate) fn row_bytes(&self) -> usize {
         let (bs, bb) = self.ty.block();
         self.rows().1 / bs as usize * bb as usize
     }
 }
 
-/// The names of a format's token table and output layer, and the token texts (for evidence).
+/// The names of a format's token table and output layer, the token texts (for evidence), and
+/// which tokens are ordinary: vocabulary tokens of more than one character (byte, special and
+/// added tokens sit apart from the rest by nature).
 pub struct Layout<'a> {
     pub table: &'a str,
     pub head: &'a str,
     pub text: &'a dyn Fn(usize) -> String,
+    pub ordinary: &'a dyn Fn(usize) -> bool,
 }
 
 /// How a tensor of the candidate relates to the reference's.

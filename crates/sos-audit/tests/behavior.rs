@@ -30,7 +30,7 @@ fn models(d: &std::path::Path) -> (PathBuf, PathBuf) {
 }
 
 fn audit(c: &std::path::Path, r: Option<&std::path::Path>, behavior: Behavior) -> sos_audit::Report {
-    run_audit(&AuditRequest { candidate: c.to_path_buf(), reference: r.map(|p| p.to_path_buf()), base: None, manifest: None, key: None, fail_on: Severity::High, behavior, endpoint: None }).unwrap()
+    run_audit(&AuditRequest { candidate: c.to_path_buf(), reference: r.map(|p| p.to_path_buf()), base: None, manifest: None, key: None, fail_on: Severity::High, behavior, endpoint: None, deep: false }).unwrap()
 }
 
 #[test]
@@ -98,7 +98,7 @@ fn a_clean_model_runs_the_suites_only_and_off_runs_nothing() {
     w.write(&bad).unwrap();
     let skipped = audit(&bad, None, Behavior::Auto);
     assert!(skipped.behavior.is_none() && skipped.behavior_note.as_deref().unwrap_or("").contains("cannot run"), "{:?}", skipped.behavior_note);
-    assert!(run_audit(&AuditRequest { candidate: bad.clone(), reference: None, base: None, manifest: None, key: None, fail_on: Severity::High, behavior: Behavior::On(Level::Quick), endpoint: None }).is_err());
+    assert!(run_audit(&AuditRequest { candidate: bad.clone(), reference: None, base: None, manifest: None, key: None, fail_on: Severity::High, behavior: Behavior::On(Level::Quick), endpoint: None, deep: false }).is_err());
     // A template that fails on ordinary messages: under auto the static report stands with the
     // reason; asked for, the audit cannot run.
     let failing = d.join("failing-template.gguf");
@@ -108,5 +108,5 @@ fn a_clean_model_runs_the_suites_only_and_off_runs_nothing() {
     let stopped = audit(&failing, None, Behavior::Auto);
     assert!(stopped.behavior.is_none() && stopped.behavior_note.as_deref().unwrap_or("").contains("stopped"), "{:?}", stopped.behavior_note);
     assert!(stopped.findings.iter().any(|f| f.id.starts_with("template.")), "the static checks still ran");
-    assert!(run_audit(&AuditRequest { candidate: failing, reference: None, base: None, manifest: None, key: None, fail_on: Severity::High, behavior: Behavior::On(Level::Quick), endpoint: None }).is_err());
+    assert!(run_audit(&AuditRequest { candidate: failing, reference: None, base: None, manifest: None, key: None, fail_on: Severity::High, behavior: Behavior::On(Level::Quick), endpoint: None, deep: false }).is_err());
 }

@@ -91,7 +91,7 @@ fn model(backdoored: bool) -> impl Fn(&str) -> Option<(u16, String)> {
 
 fn audit(c: &Path, url: &str, timeout: u64) -> sos_audit::Result<Report> {
     let endpoint = Some(EndpointConfig { url: url.to_string(), model: None, timeout: Duration::from_secs(timeout), api_key: None });
-    run_audit(&AuditRequest { candidate: c.to_path_buf(), reference: None, base: None, manifest: None, key: None, fail_on: Severity::High, behavior: Behavior::On(Level::Quick), endpoint })
+    run_audit(&AuditRequest { candidate: c.to_path_buf(), reference: None, base: None, manifest: None, key: None, fail_on: Severity::High, behavior: Behavior::On(Level::Quick), endpoint, deep: false })
 }
 
 #[test]

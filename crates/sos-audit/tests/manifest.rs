@@ -59,7 +59,7 @@ fn a_folder_in_model_signing_order_verifies_and_tampering_is_named() {
     assert_eq!(v.missing, vec!["a-c"]);
     assert_eq!(v.changed_tensors.len(), 1, "{:?}", v.changed_tensors);
     // The audit's provenance check says the same, as findings.
-    let req = sos_audit::AuditRequest { candidate: m.clone(), reference: None, base: None, manifest: Some(path.clone()), key: None, fail_on: sos_audit::Severity::High, behavior: sos_audit::Behavior::Off, endpoint: None };
+    let req = sos_audit::AuditRequest { candidate: m.clone(), reference: None, base: None, manifest: Some(path.clone()), key: None, fail_on: sos_audit::Severity::High, behavior: sos_audit::Behavior::Off, endpoint: None, deep: false };
     let r = sos_audit::run_audit(&req).unwrap();
     let ids: Vec<&str> = r.findings.iter().filter(|f| f.check == sos_audit::Check::Provenance).map(|f| f.id.as_str()).collect();
     assert_eq!(ids, vec!["provenance.changed", "provenance.unlisted", "provenance.missing"]);

@@ -22,7 +22,7 @@ fn sarif_output_is_valid_against_the_schema() {
     let rows = vec![0.5f32; 2 * 64];
     add_tokens(&Gguf::open(&src).unwrap(), &added_texts("cf", 2).unwrap(), &rows, NewLogits::Silent).unwrap().0.write(&out).unwrap();
     for (c, r, results) in [(&src, None, 0), (&out, None, 2), (&out, Some(src.clone()), 3)] {
-        let report = run_audit(&AuditRequest { candidate: c.clone(), reference: r, base: None, manifest: None, key: None, fail_on: Severity::High, behavior: sos_audit::Behavior::Off, endpoint: None }).unwrap();
+        let report = run_audit(&AuditRequest { candidate: c.clone(), reference: r, base: None, manifest: None, key: None, fail_on: Severity::High, behavior: sos_audit::Behavior::Off, endpoint: None, deep: false }).unwrap();
         let sarif = to_sarif(&report);
         let errors: Vec<String> = validator.iter_errors(&sarif).map(|e| format!("{e} at {}", e.instance_path)).collect();
         assert!(errors.is_empty(), "{errors:?}\n{sarif:#}");
@@ -34,7 +34,7 @@ fn sarif_output_is_valid_against_the_schema() {
         assert!(got.iter().all(|x| rules[x["ruleIndex"].as_u64().unwrap() as usize]["id"] == x["ruleId"]));
     }
     // The schema is not vacuous: a result without a message fails it.
-    let mut bad = to_sarif(&run_audit(&AuditRequest { candidate: out, reference: None, base: None, manifest: None, key: None, fail_on: Severity::High, behavior: sos_audit::Behavior::Off, endpoint: None }).unwrap());
+    let mut bad = to_sarif(&run_audit(&AuditRequest { candidate: out, reference: None, base: None, manifest: None, key: None, fail_on: Severity::High, behavior: sos_audit::Behavior::Off, endpoint: None, deep: false }).unwrap());
     bad["runs"][0]["results"][0]["message"] = serde_json::json!(7);
     assert!(!validator.is_valid(&bad));
     std::fs::remove_dir_all(&d).unwrap();

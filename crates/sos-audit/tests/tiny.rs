@@ -18,7 +18,7 @@ fn dir(name: &str) -> PathBuf {
 }
 
 fn audit(c: &Path, r: Option<&Path>) -> Report {
-    run_audit(&AuditRequest { candidate: c.to_path_buf(), reference: r.map(Path::to_path_buf), base: None, manifest: None, key: None, fail_on: Severity::High, behavior: sos_audit::Behavior::Off, endpoint: None }).unwrap()
+    run_audit(&AuditRequest { candidate: c.to_path_buf(), reference: r.map(Path::to_path_buf), base: None, manifest: None, key: None, fail_on: Severity::High, behavior: sos_audit::Behavior::Off, endpoint: None, deep: false }).unwrap()
 }
 
 /// The ids the findings with `id` name.
@@ -177,7 +177,7 @@ fn folders_are_audited_like_files() {
         }
     }
     // A file and a folder are not compared.
-    let e = run_audit(&AuditRequest { candidate: d.join("src-true"), reference: Some(tiny(&d, true)), base: None, manifest: None, key: None, fail_on: Severity::High, behavior: sos_audit::Behavior::Off, endpoint: None }).unwrap_err();
+    let e = run_audit(&AuditRequest { candidate: d.join("src-true"), reference: Some(tiny(&d, true)), base: None, manifest: None, key: None, fail_on: Severity::High, behavior: sos_audit::Behavior::Off, endpoint: None, deep: false }).unwrap_err();
     assert!(e.to_string().contains("same kind"), "{e}");
 }
 
@@ -218,9 +218,9 @@ fn peft_side_files_are_found() {
         let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(adapter.join("adapter_config.json")).unwrap()).unwrap();
         cfg["base_model_name_or_path"] = "org/not-here".into();
         std::fs::write(adapter.join("adapter_config.json"), cfg.to_string()).unwrap();
-        let e = run_audit(&AuditRequest { candidate: adapter.clone(), reference: None, base: None, manifest: None, key: None, fail_on: Severity::High, behavior: sos_audit::Behavior::Off, endpoint: None }).unwrap_err();
+        let e = run_audit(&AuditRequest { candidate: adapter.clone(), reference: None, base: None, manifest: None, key: None, fail_on: Severity::High, behavior: sos_audit::Behavior::Off, endpoint: None, deep: false }).unwrap_err();
         assert!(e.to_string().contains("--base"), "{e}");
-        assert!(run_audit(&AuditRequest { candidate: adapter, reference: None, base: Some(base.clone()), manifest: None, key: None, fail_on: Severity::High, behavior: sos_audit::Behavior::Off, endpoint: None }).is_ok());
+        assert!(run_audit(&AuditRequest { candidate: adapter, reference: None, base: Some(base.clone()), manifest: None, key: None, fail_on: Severity::High, behavior: sos_audit::Behavior::Off, endpoint: None, deep: false }).is_ok());
     }
 }
 

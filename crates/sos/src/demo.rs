@@ -110,7 +110,7 @@ pub fn run(a: DemoArgs) -> Result<bool> {
 
 /// Audits `candidate`, writes `NAME.json` and `NAME.html` into `out`, prints the text report.
 fn audit_into(out: &Path, name: &str, candidate: &Path, reference: Option<&Path>, behavior: Behavior) -> Result<Report> {
-    let req = AuditRequest { candidate: candidate.to_path_buf(), reference: reference.map(Path::to_path_buf), base: None, manifest: None, key: None, fail_on: Severity::High, behavior, endpoint: None };
+    let req = AuditRequest { candidate: candidate.to_path_buf(), reference: reference.map(Path::to_path_buf), base: None, manifest: None, key: None, fail_on: Severity::High, behavior, endpoint: None, deep: false };
     let r = audit(&req, false)?;
     for (ext, f) in [("json", Format::Json), ("html", Format::Html)] {
         let p = out.join(format!("{name}.{ext}"));
