@@ -77,6 +77,11 @@ impl Folder {
         let (mut out, mut other) = (Vec::new(), Vec::new());
         for name in self.st.names() {
             let (dtype, shape, bytes) = self.st.raw(name)?;
+            // The format allows a zero dimension; a model has no use for one, and a table of
+            // 2^40 rows of width 0 would send every per-row pass round an empty loop.
+            if shape.contains(&0) {
+                return Err(Error::File { path: self.path.clone(), msg: format!("tensor `{name}` has a zero dimension ({shape:?})") });
+            }
             let ty = match dtype {
                 Dtype::F32 => TensorType::F32,
                 Dtype::F16 => TensorType::F16,

@@ -125,6 +125,9 @@ fn hash_range(path: &Path, start: u64, end: u64, read: &dyn Fn(u64)) -> Result<[
     Ok(h.finalize().into())
 }
 
+/// Shards one hashing may make at most.
+const MAX_SHARDS: u64 = 1 << 20;
+
 /// Hashes the model at `root` into resources, in model-signing's order, using every core.
 pub fn hash_model(root: &Path, ser: Serialization, ignore: &[String], progress: Progress) -> Result<Vec<Resource>> {
     hash_files(root, &list(root, ignore)?, ser, progress)
@@ -144,6 +147,10 @@ fn hash_files(root: &Path, files: &[PathBuf], ser: Serialization, progress: Prog
         match ser {
             Serialization::Files => jobs.push((full, 0, size, name, "sha256".to_string())),
             Serialization::Shards(s) => {
+                // A manifest sets the shard size; one of 1 byte would make a job per byte.
+                if size / s.max(1) + jobs.len() as u64 > MAX_SHARDS {
+                    return Err(Error::File { path: full, msg: format!("shards of {s} bytes would make over {MAX_SHARDS} pieces of {size} bytes (model-signing's default shard is 1 GB)") });
+                }
                 let mut start = 0;
                 while start < size {
                     let end = (start + s).min(size);
@@ -344,14 +351,22 @@ pub fn verify_with(root: &Path, manifest_path: &Path, key: Option<&Path>, progre
     }
     v.unlisted = actual.keys().filter(|n| !listed.contains_key(*n)).cloned().collect();
     if let Some(tensors) = p["sos"]["tensors"].as_object().filter(|_| !v.changed.is_empty()) {
-        let now = tensor_digests(root, &tensors.keys().cloned().collect::<Vec<_>>())?;
+        // Only files that were hashed and changed: the names are the manifest's, and a path it
+        // made up (absolute, `..`, a FIFO) must not be opened.
+        let file_of = |n: &str| match method {
+            Serialization::Shards(_) => n.rsplitn(3, ':').nth(2).unwrap_or(n).to_string(),
+            Serialization::Files => n.to_string(),
+        };
+        let changed: std::collections::BTreeSet<String> = v.changed.iter().map(|n| file_of(n)).collect();
+        let tensors: BTreeMap<&String, &Json> = tensors.iter().filter(|(f, _)| changed.contains(*f)).collect();
+        let now = tensor_digests(root, &tensors.keys().map(|f| f.to_string()).collect::<Vec<_>>())?;
         for (file, ts) in tensors {
             for (t, d) in ts.as_object().into_iter().flatten() {
-                if now[file][t] != *d {
+                if now[file.as_str()][t] != *d {
                     v.changed_tensors.push(format!("{file}: {t}"));
                 }
             }
-            for t in now[file].as_object().into_iter().flatten().map(|(t, _)| t).filter(|t| ts.get(*t).is_none()) {
+            for t in now[file.as_str()].as_object().into_iter().flatten().map(|(t, _)| t).filter(|t| ts.get(*t).is_none()) {
                 v.added_tensors.push(format!("{file}: {t}"));
             }
         }

@@ -32,12 +32,14 @@ impl Stored<'_> {
         match self.shape.len() {
             0 => (1, 1),
             1 => (1, self.shape[0]),
-            n => (self.shape[..n - 1].iter().product(), self.shape[n - 1]),
+            // Saturating: a hostile shape must not wrap to a small product (the tensor's bytes
+            // were checked against the true one when the file was opened).
+            n => (self.shape[..n - 1].iter().fold(1usize, |a, &b| a.saturating_mul(b)), self.shape[n - 1]),
         }
     }
     pub(crate) fn row_bytes(&self) -> usize {
         let (bs, bb) = self.ty.block();
-        self.rows().1 / bs as usize * bb as usize
+        (self.rows().1 / bs as usize).saturating_mul(bb as usize)
     }
 }
 

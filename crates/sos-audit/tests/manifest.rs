@@ -64,6 +64,13 @@ fn a_folder_in_model_signing_order_verifies_and_tampering_is_named() {
     let ids: Vec<&str> = r.findings.iter().filter(|f| f.check == sos_audit::Check::Provenance).map(|f| f.id.as_str()).collect();
     assert_eq!(ids, vec!["provenance.changed", "provenance.unlisted", "provenance.missing"]);
     assert_eq!(r.verdict, "fail");
+    // Tensor digests listed for a file the manifest does not hash (here a path out of the
+    // model, to a file that is not a GGUF) are not opened.
+    std::fs::write(d.join("outside.gguf"), b"not a gguf").unwrap();
+    let mut outside = st.clone();
+    outside["predicate"]["sos"]["tensors"]["../outside.gguf"] = serde_json::json!({"t": "00"});
+    std::fs::write(&path, serde_json::to_string(&outside).unwrap()).unwrap();
+    assert_eq!(verify(&m, &path, None).unwrap().changed, vec!["model.safetensors"]);
     // A resource edited in the manifest itself no longer matches the subject digest.
     let mut forged = st.clone();
     forged["predicate"]["resources"][0]["digest"] = "00".repeat(32).into();
@@ -99,6 +106,12 @@ fn shards_and_single_files() {
     std::fs::write(&path, serde_json::to_string(&st).unwrap()).unwrap();
     assert!(verify(&f, &path, None).unwrap().ok());
     assert_eq!(st["subject"][0]["digest"]["sha256"].as_str().unwrap().len(), 64);
+    // 1-byte shards (a manifest sets the size) would make a job per byte: refused, naming the
+    // file.
+    let big = d.join("big.bin");
+    std::fs::write(&big, vec![0u8; (1 << 20) + 1]).unwrap();
+    let e = create(&big, Serialization::Shards(1), None, None).unwrap_err().to_string();
+    assert!(e.contains("big.bin") && e.contains("pieces"), "{e}");
     // Not a statement: refused, naming the file.
     std::fs::write(&path, "{\"_type\": \"other\"}").unwrap();
     let e = verify(&f, &path, None).unwrap_err().to_string();

@@ -240,3 +240,29 @@ fn tensors_the_architecture_does_not_use_are_found() {
     assert!(ids(&r).contains(&"side_files.extra-embedding") && ids(&r).contains(&"side_files.unused-tensor"), "{:?}", ids(&r));
     assert_eq!(r.verdict, "fail");
 }
+
+/// A folder whose token table has a zero dimension (the safetensors format allows one): an
+/// error naming the folder and the tensor, for the model and for an adapter based on it, never
+/// a panic or a loop over 2^40 empty rows.
+#[test]
+fn zero_dimension_tables_are_errors() {
+    use safetensors::tensor::TensorView;
+    let d = dir("zero-dim");
+    let src = d.join("m");
+    TinySpec { tied: true, ..Default::default() }.write_hf(&src).unwrap();
+    let p = src.join("model.safetensors");
+    let clean = std::fs::read(&p).unwrap();
+    let ad = d.join("adapter");
+    std::fs::create_dir_all(&ad).unwrap();
+    std::fs::write(ad.join("adapter_config.json"), r#"{"peft_type":"LORA"}"#).unwrap();
+    for shape in [vec![3, 0], vec![0, 1usize << 62], vec![1usize << 40, 0]] {
+        let st = safetensors::SafeTensors::deserialize(&clean).unwrap();
+        let mut views: Vec<(String, TensorView)> = st.tensors().into_iter().filter(|(n, _)| n != "model.embed_tokens.weight").collect();
+        views.push(("model.embed_tokens.weight".into(), TensorView::new(safetensors::Dtype::F32, shape.clone(), &[]).unwrap()));
+        std::fs::write(&p, safetensors::serialize(views, None).unwrap()).unwrap();
+        for (c, base) in [(&src, None), (&ad, Some(src.clone()))] {
+            let e = run_audit(&AuditRequest { candidate: c.clone(), reference: None, base, manifest: None, key: None, fail_on: Severity::High, behavior: sos_audit::Behavior::Off, endpoint: None, deep: true }).unwrap_err().to_string();
+            assert!(e.contains("zero dimension") && e.contains("embed_tokens") && e.contains(&*src.to_string_lossy()), "{shape:?}: {e}");
+        }
+    }
+}

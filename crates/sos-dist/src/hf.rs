@@ -61,6 +61,7 @@ fn plant(src: &Path, out: &Path, texts: &[String], ids: &[u32], rows: &[f32], ad
     };
     let shard_path = src.join(&shard);
     let bytes = std::fs::read(&shard_path).map_err(|e| file_err(&shard_path, format!("cannot read: {e}")))?;
+    sos_model::safetensors::check_safetensors(&shard_path, &bytes)?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| file_err(&shard_path, format!("invalid safetensors file: {e}")))?;
     let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| file_err(&shard_path, format!("invalid safetensors header: {e}")))?;
     let table = st.tensor(TABLE).map_err(|e| file_err(&shard_path, format!("`{TABLE}`: {e}")))?;

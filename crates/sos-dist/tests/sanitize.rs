@@ -97,6 +97,22 @@ fn sanitizing_a_clean_file_changes_nothing() {
     }
 }
 
+/// More token types than tokens (a hostile header): an error naming the file, not a panic.
+#[test]
+fn token_types_that_do_not_match_the_tokens_are_an_error() {
+    let d = dir("types");
+    let p = d.join("t.gguf");
+    let mut w = sos_model::gguf::Writer::new();
+    w.meta("tokenizer.ggml.model", Value::Str("gpt2".into()))
+        .meta("tokenizer.ggml.tokens", Value::Array(vec![Value::Str("a".into())]))
+        .meta("tokenizer.ggml.token_type", Value::Array(vec![Value::I32(4), Value::I32(4)]));
+    w.tensor_f32("token_embd.weight", &[1, 4], &[0.0; 4]);
+    w.write(&p).unwrap();
+    let e = sanitize_alone(&p, &d.join("out.gguf"), true).unwrap_err().to_string();
+    assert!(e.contains("t.gguf") && e.contains("2 token types for 1 tokens"), "{e}");
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
 /// Every plain file of a folder, by name.
 fn files(d: &std::path::Path) -> Vec<(String, Vec<u8>)> {
     let mut v: Vec<_> = std::fs::read_dir(d).unwrap().map(|e| e.unwrap()).map(|e| (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap())).collect();

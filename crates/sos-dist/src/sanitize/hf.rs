@@ -56,6 +56,8 @@ impl Shard {
         // SAFETY: read-only map of a file this process only reads; a concurrent writer would be
         // the user replacing their own input mid-run.
         let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| file_err(&path, format!("cannot map: {e}")))?;
+        // Our own checks first: offsets near 2^64 overflow inside the crate's.
+        sos_model::safetensors::check_safetensors(&path, &map)?;
         SafeTensors::deserialize(&map).map_err(|e| file_err(&path, format!("invalid safetensors file: {e}")))?;
         Ok(Shard { name: name.to_string(), map })
     }
@@ -277,6 +279,9 @@ pub(crate) fn sanitize_folder_alone(candidate: &Path, out: &Path) -> Result<Sani
         }
     };
     let table_shard = shard_of(TABLE).ok_or_else(|| file_err(candidate, format!("no `{TABLE}`")))?;
+    if table_shard.contains(['/', '\\']) || table_shard.starts_with('.') {
+        return Err(file_err(&candidate.join(INDEX), format!("shard name `{table_shard}` must be a plain file name")));
+    }
     if let Some(h) = shard_of(HEAD).filter(|h| index.is_some() && *h != table_shard) {
         return Err(Error::Invalid(format!("{}: `{HEAD}` is in `{h}`, the table in `{table_shard}`; sanitizing such a folder without a reference is not supported yet", candidate.display())));
     }

@@ -126,6 +126,9 @@ pub fn sanitize_alone(candidate: &Path, out: &Path, force: bool) -> Result<Sanit
     let toks = c.get("tokenizer.ggml.tokens").and_then(Value::as_array).ok_or_else(|| bad("no vocabulary (tokenizer.ggml.tokens)".into()))?;
     let types: Vec<i64> = c.get("tokenizer.ggml.token_type").and_then(Value::as_array).map(|a| a.iter().map(|v| v.as_i64().unwrap_or(1)).collect()).unwrap_or_default();
     let n = toks.len();
+    if !types.is_empty() && types.len() != n {
+        return Err(bad(format!("{} token types for {n} tokens", types.len())));
+    }
     let tail = types.iter().rev().take_while(|&&t| t == 4).count();
     let keep = n - tail;
     let mut rep = SanitizeReport { path: out.to_path_buf(), ..Default::default() };

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use super::types::{TensorInfo, TensorType, Value, DEFAULT_ALIGNMENT, MAGIC, MAX_ARRAY_DEPTH, MAX_DIMS};
+use super::types::{TensorInfo, TensorType, Value, DEFAULT_ALIGNMENT, MAGIC, MAX_ARRAY_DEPTH, MAX_DIMS, MAX_META_ITEMS};
 use crate::bail_format;
 use crate::bytes::SharedBytes;
 use crate::error::{Error, Result};
@@ -42,6 +42,8 @@ struct Cursor<'a> {
     buf: &'a [u8],
     pos: usize,
     path: &'a Path,
+    /// Metadata array items read so far (bounded by `MAX_META_ITEMS`).
+    items: usize,
 }
 
 impl<'a> Cursor<'a> {
@@ -122,7 +124,11 @@ impl<'a> Cursor<'a> {
                     t => bail_format!(self.path, "metadata `{key}`: unknown array element type {t}"),
                 };
                 let n = self.count(&format!("metadata `{key}` array length"), min)?;
-                let mut items = Vec::with_capacity(n);
+                self.items = self.items.saturating_add(n);
+                if self.items > MAX_META_ITEMS {
+                    bail_format!(self.path, "metadata `{key}`: arrays of over {MAX_META_ITEMS} items in all (a real vocabulary has about a million)");
+                }
+                let mut items = Vec::with_capacity(n.min(1 << 16));
                 for _ in 0..n {
                     items.push(self.value(elem_ty, key, depth + 1)?);
                 }
@@ -153,7 +159,7 @@ impl Gguf {
     }
 
     fn parse(path: &Path, data: SharedBytes) -> Result<Self> {
-        let mut c = Cursor { buf: &data, pos: 0, path };
+        let mut c = Cursor { buf: &data, pos: 0, path, items: 0 };
         let magic = c.take(4, "magic").map_err(|_| {
             Error::format(path, format!("not a GGUF file: only {} bytes", data.len()))
         })?;

@@ -75,6 +75,17 @@ fn hostile_headers_are_errors() {
     b.extend_from_slice(&10u32.to_le_bytes());
     b.extend_from_slice(&(1u64 << 50).to_le_bytes());
     assert!(err_of(&b, "arr.gguf").contains("`k`"));
+    // An array of 2^24 u8s that are all there: each would be held as a 32-byte value (512 MB
+    // from a 16 MB file); refused by the item budget.
+    let mut b = header(0, 1);
+    b.extend_from_slice(&1u64.to_le_bytes());
+    b.push(b'k');
+    b.extend_from_slice(&9u32.to_le_bytes());
+    b.extend_from_slice(&0u32.to_le_bytes());
+    b.extend_from_slice(&(1u64 << 24).to_le_bytes());
+    b.resize(b.len() + (1 << 24), 0);
+    let e = err_of(&b, "items.gguf");
+    assert!(e.contains("items in all") && e.contains("items.gguf"), "{e}");
 }
 
 #[test]

@@ -5,6 +5,10 @@ pub(super) const DEFAULT_ALIGNMENT: u64 = 32;
 /// Arrays inside arrays are legal but no real file nests deeper than one level; the cap keeps a
 /// hostile file from recursing the parser off the stack.
 pub(super) const MAX_ARRAY_DEPTH: usize = 4;
+/// Metadata array items in all, at most: each is held as a 32-byte `Value`, so a file of small
+/// items would otherwise cost 32 times its size (the largest vocabularies, 262k tokens, hold
+/// about a million items across their arrays).
+pub(super) const MAX_META_ITEMS: usize = 1 << 23;
 pub(super) const MAX_DIMS: usize = 4;
 
 /// A metadata value.
