@@ -39,10 +39,12 @@ impl Folder {
     pub fn open(path: &Path) -> Result<Self> {
         let st = SafeTensorsDir::open(path)?;
         let tokenizer = read_json(&path.join("tokenizer.json"))?;
-        let vocab = tokenizer["model"]["vocab"].as_object().map(|m| m.iter().filter_map(|(t, i)| Some((i.as_u64()? as u32, t.clone()))).collect()).unwrap_or_default();
+        // Ids past u32 are no token's (they would wrap onto real ones).
+        let id = |v: &Json| v.as_u64().and_then(|i| u32::try_from(i).ok());
+        let vocab = tokenizer["model"]["vocab"].as_object().map(|m| m.iter().filter_map(|(t, i)| Some((id(i)?, t.clone()))).collect()).unwrap_or_default();
         let added = tokenizer["added_tokens"]
             .as_array()
-            .map(|a| a.iter().filter_map(|t| Some((t["id"].as_u64()? as u32, (t["content"].as_str()?.to_string(), t["special"].as_bool().unwrap_or(false))))).collect())
+            .map(|a| a.iter().filter_map(|t| Some((id(&t["id"])?, (t["content"].as_str()?.to_string(), t["special"].as_bool().unwrap_or(false))))).collect())
             .unwrap_or_default();
         let template = LoadedModel::open_text(path, None)?.1.map(|t| t.source);
         let config = read_json(&path.join("config.json"))?;
@@ -149,15 +151,15 @@ pub fn tokenizer_with_reference(c: &Folder, r: &Folder) -> Vec<Finding> {
 /// `inject` plants: matched in raw text before BPE, typed as plain text), high; other non-special
 /// added tokens, low.
 pub fn tokenizer_alone(c: &Folder) -> Vec<Finding> {
-    let top_vocab = c.vocab.keys().next_back().map_or(0, |&i| i + 1);
+    let top_vocab = c.vocab.keys().next_back().map_or(0, |&i| u64::from(i) + 1);
     let mut tail: Vec<u32> = Vec::new();
-    let mut next = c.added.keys().next_back().map_or(top_vocab, |&i| i + 1).max(top_vocab);
+    let mut next = c.added.keys().next_back().map_or(top_vocab, |&i| u64::from(i) + 1).max(top_vocab);
     for (&id, (_, special)) in c.added.iter().rev() {
-        if *special || id + 1 != next || id < top_vocab {
+        if *special || u64::from(id) + 1 != next || u64::from(id) < top_vocab {
             break;
         }
         tail.push(id);
-        next = id;
+        next = u64::from(id);
     }
     tail.reverse();
     let mut out = Vec::new();

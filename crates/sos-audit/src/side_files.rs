@@ -71,9 +71,11 @@ fn adapter_rows(path: &Path, pick: impl Fn(&str) -> bool) -> Result<Option<(Vec<
     Ok(Some((rows, v.shape().to_vec())))
 }
 
-/// Per row: its norm against the base table's median, and the base token it points at most.
+/// Per row (the first 64: each is a pass over the base table, and an adapter is untrusted): its
+/// norm against the base table's median, and the base token it points at most.
 fn row_evidence(rows: &[f32], d: usize, base: &Table, text: &dyn Fn(usize) -> String, label: &dyn Fn(usize) -> Json) -> Vec<Json> {
     rows.chunks_exact(d.max(1))
+        .take(64)
         .enumerate()
         .map(|(i, r)| {
             let n = norm(r);

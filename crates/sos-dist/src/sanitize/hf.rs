@@ -138,7 +138,7 @@ fn added_tokens(tj: &Json) -> Vec<(u32, String, bool)> {
         .as_array()
         .map(|a| {
             a.iter()
-                .filter_map(|t| Some((t["id"].as_u64()? as u32, t["content"].as_str()?.to_string(), t["special"].as_bool().unwrap_or(false))))
+                .filter_map(|t| Some((u32::try_from(t["id"].as_u64()?).ok()?, t["content"].as_str()?.to_string(), t["special"].as_bool().unwrap_or(false))))
                 .collect()
         })
         .unwrap_or_default()
@@ -249,18 +249,19 @@ pub(crate) fn sanitize_folder_alone(candidate: &Path, out: &Path) -> Result<Sani
     let mut cfg = read_json(&candidate.join("config.json"))?;
     let mut rep = SanitizeReport { path: out.to_path_buf(), ..Default::default() };
     let added = added_tokens(&tj);
-    let base_top = tj["model"]["vocab"].as_object().map_or(0, |v| v.values().filter_map(Json::as_u64).map(|i| i + 1).max().unwrap_or(0)) as u32;
+    // In u64: ids come from the file, and the top id + 1 must not wrap.
+    let base_top = tj["model"]["vocab"].as_object().map_or(0, |v| v.values().filter_map(Json::as_u64).filter(|&i| i <= u64::from(u32::MAX)).map(|i| i + 1).max().unwrap_or(0));
     // The tail: non-special added tokens whose ids run, without a gap, up to the highest id.
     let mut sorted = added.clone();
     sorted.sort_by_key(|t| std::cmp::Reverse(t.0));
     let mut tail: Vec<(u32, String)> = Vec::new();
-    let mut top = sorted.first().map_or(base_top, |t| t.0 + 1).max(base_top);
+    let mut top = sorted.first().map_or(base_top, |t| u64::from(t.0) + 1).max(base_top);
     for (id, content, special) in &sorted {
-        if *special || id + 1 != top || *id < base_top {
+        if *special || u64::from(*id) + 1 != top || u64::from(*id) < base_top {
             break;
         }
         tail.push((*id, content.clone()));
-        top = *id;
+        top = u64::from(*id);
     }
     tail.reverse();
     for (id, content, special) in &added {

@@ -63,6 +63,9 @@ impl ChatTemplate {
 
     fn env(&self) -> minijinja::Environment<'static> {
         let mut env = minijinja::Environment::new();
+        // A model file's template is untrusted code: bounded in steps (a real template renders a
+        // conversation in a few thousand) and, in `render`, in output.
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -80,13 +83,44 @@ impl ChatTemplate {
         let tmpl = env
             .template_from_str(&self.source)
             .map_err(|e| Error::Invalid(format!("chat template does not parse: {e}")))?;
-        tmpl.render(minijinja::context! {
-            messages => messages,
-            add_generation_prompt => add_generation_prompt,
-            bos_token => &self.bos_token,
-            eos_token => &self.eos_token,
-        })
-        .map_err(|e| Error::Invalid(format!("chat template failed: {e}")))
+        let mut out = Capped(Vec::new(), false);
+        tmpl.render_captured_to(
+            minijinja::context! {
+                messages => messages,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => &self.bos_token,
+                eos_token => &self.eos_token,
+            },
+            &mut out,
+        )
+        .map_err(|e| {
+            let why = if out.1 { format!("the rendered prompt is over {} MB", MAX_RENDERED >> 20) } else { e.to_string() };
+            Error::Invalid(format!("chat template failed: {why}"))
+        })?;
+        String::from_utf8(out.0).map_err(|_| Error::Invalid("chat template rendered invalid UTF-8".into()))
+    }
+}
+
+/// Template steps one render may take.
+const TEMPLATE_FUEL: u64 = 10_000_000;
+/// Bytes one render may write (a prompt, not a book).
+const MAX_RENDERED: usize = 16 << 20;
+
+/// A buffer that refuses to grow past `MAX_RENDERED` (and says so in `.1`: the renderer's error
+/// does not carry ours).
+struct Capped(Vec<u8>, bool);
+
+impl std::io::Write for Capped {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + b.len() > MAX_RENDERED {
+            self.1 = true;
+            return Err(std::io::Error::other("over the limit"));
+        }
+        self.0.extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -125,5 +159,20 @@ mod tests {
         assert_eq!(t.render(&[Message::user("  hi  ")], false).unwrap(), "hi");
         let t = ChatTemplate::new("{{ raise_exception('roles must alternate') }}", "", "");
         assert!(t.render(&[], false).unwrap_err().to_string().contains("roles must alternate"));
+    }
+
+    #[test]
+    fn hostile_templates_stop() {
+        // Endless work, and output that would fill the memory: errors, in well under a second.
+        let t0 = std::time::Instant::now();
+        let spin = ChatTemplate::new("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "", "");
+        assert!(spin.render(&[], false).unwrap_err().to_string().contains("fuel"));
+        let big = ChatTemplate::new("{% for i in range(100000) %}{{ 'x' * 1000000 }}{% endfor %}", "", "");
+        let e = big.render(&[], false).unwrap_err().to_string();
+        assert!(e.contains("over 16 MB"), "{e}");
+        assert!(t0.elapsed().as_secs() < 30);
+        // A long real conversation stays well inside both.
+        let msgs: Vec<Message> = (0..500).map(|i| Message::user(format!("message {i} {}", "word ".repeat(100)))).collect();
+        assert!(ChatTemplate::new(SMOL, "", "").render(&msgs, true).unwrap().len() > 250_000);
     }
 }
