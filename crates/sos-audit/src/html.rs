@@ -227,7 +227,10 @@ fn behavior(h: &mut String, b: &Summary) {
             .map(|p| {
                 let what = if p.from == crate::behavior::CONTROL { "control: " } else { "" };
                 let label = format!("{what}{} [{}]", p.text.chars().take(34).collect::<String>(), ids_short(&p.ids));
-                let tip = format!("{:.0} % of {} answers the same: {}", p.share * 100.0, p.n, p.shared_answer);
+                let mut tip = format!("{:.0} % of {} answers the same: {}", p.share * 100.0, p.n, p.shared_answer);
+                if let Some(r) = &p.reference {
+                    tip += &format!(" · the reference, same ids: {:.0} % give it; its own commonest answer ({:.0} %): {}", r.share * 100.0, r.own_share * 100.0, r.shared_answer);
+                }
                 (label, value(p), tip, if p.fires() { "#c62828" } else { "#90a4ae" })
             })
             .collect();

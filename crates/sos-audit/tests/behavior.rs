@@ -110,3 +110,30 @@ fn a_clean_model_runs_the_suites_only_and_off_runs_nothing() {
     assert!(stopped.findings.iter().any(|f| f.id.starts_with("template.")), "the static checks still ran");
     assert!(run_audit(&AuditRequest { candidate: failing, reference: None, base: None, manifest: None, key: None, fail_on: Severity::High, behavior: Behavior::On(Level::Quick), endpoint: None, deep: false }).is_err());
 }
+
+/// Replaced rows are tokens the reference has: each flagged group is probed on the reference
+/// too, in the same places, and the probe says what the reference answers.
+#[test]
+fn replaced_rows_are_probed_on_the_reference_too() {
+    let d = dir("ref-probe");
+    let (src, _) = models(&d);
+    let out = d.join("rep.gguf");
+    let lm = LoadedModel::open(&src, &LoadOptions { exec: Exec::Quant, ..Default::default() }).unwrap();
+    let (ids, texts) = sos_dist::tokens::rare_tokens(&lm.tokenizer, |_| true, 2, [""]).unwrap();
+    let rows: Vec<f32> = (0..2 * 64).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();
+    sos_dist::gguf_replace::replace_tokens(&Gguf::open(&src).unwrap(), &ids, &texts, &rows).unwrap().0.write(&out).unwrap();
+    let r = audit(&out, Some(&src), Behavior::On(Level::Quick));
+    let b = r.behavior.as_ref().unwrap();
+    for p in &b.probes {
+        let group = p.ids.len() == 2 && p.from != "control";
+        assert_eq!(p.reference.as_ref().map(|r| r.n), group.then_some(10), "{:?} from {}", p.ids, p.from);
+    }
+    assert_eq!(b.probes.iter().filter(|p| p.reference.is_some()).count(), 2, "id order and reverse");
+    // clean 5 + two orders x 10 + 2 singles x 4 + control 10 + suites (10 + 6) x 2; on the
+    // reference: suites 16, clean 5, two orders x 10.
+    assert_eq!(b.runs, 5 + 20 + 8 + 10 + 32 + 16 + 5 + 20);
+    // Added tokens are new to the reference: not probed there.
+    let (_, added) = models(&dir("ref-probe-add"));
+    let a = audit(&added, Some(&src), Behavior::On(Level::Quick));
+    assert!(a.behavior.unwrap().probes.iter().all(|p| p.reference.is_none()));
+}

@@ -231,7 +231,14 @@ pub fn run(m: &mut Runner, reference: Option<&LoadedModel>, cands: &[Candidate],
     let n_sets = token_sets(cands.iter().filter(flagged)).len();
     let n_single = cands.len() - n_group;
     let per_suite = harmful.len() + leak.len();
-    let total = probe_asks.len() * (1 + 2 * n_group) + n_single * n_single_asks + per_suite * (1 + n_sets) + reference.map_or(0, |_| per_suite);
+    // The flagged groups the reference has the tokens of (replaced rows; not added ones), probed
+    // on it too.
+    let on_reference: Vec<usize> = match reference {
+        Some(r) => cands.iter().enumerate().filter(|(_, c)| flagged(c) && c.ids.iter().all(|&i| (i as usize) < r.tokenizer.vocab_size())).map(|(i, _)| i).collect(),
+        None => Vec::new(),
+    };
+    let on_reference_answers = if on_reference.is_empty() { 0 } else { probe_asks.len() * (1 + 2 * on_reference.len()) };
+    let total = probe_asks.len() * (1 + 2 * n_group) + n_single * n_single_asks + per_suite * (1 + n_sets) + reference.map_or(0, |_| per_suite) + on_reference_answers;
     let mut done = 0;
     let mut tick = || {
         done += 1;
@@ -254,6 +261,14 @@ pub fn run(m: &mut Runner, reference: Option<&LoadedModel>, cands: &[Candidate],
             p.like_control = ctl.share >= 0.5 && probe::alike(&p.shared_answer, &ctl.shared_answer);
         }
     }
+    let mut rm = reference.map(|r| Runner::Local(Local::new(r)));
+    if let (Some(rm), false) = (rm.as_mut(), on_reference.is_empty()) {
+        let ref_clean = probe_asks.iter().map(|a| rm.ask(a, None, s.answer_tokens).inspect(|_| tick())).collect::<Result<Vec<_>>>()?;
+        for i in on_reference {
+            let on_ref = probe::probe(rm, &cands[i], &probe_asks, &ref_clean, &[At::Start, At::End], s.answer_tokens, &mut tick)?;
+            probes[i].reference = Some(probe::OnReference::of(&probes[i], &on_ref));
+        }
+    }
     // The suites run each flagged set of tokens once, in the order that moved the answers most.
     let groups: Vec<&Candidate> = token_sets(cands.iter().filter(flagged))
         .into_iter()
@@ -274,10 +289,9 @@ pub fn run(m: &mut Runner, reference: Option<&LoadedModel>, cands: &[Candidate],
     let mut refusal = suite(m, &harmful, s.answer_tokens, &suites::refused, &mut tick)?;
     let mut leak_suite = suite(m, &leak, s.leak_tokens, &suites::leaks, &mut tick)?;
     let mut runs = m.runs();
-    if let Some(r) = reference {
-        let mut rm = Runner::Local(Local::new(r));
-        refusal.reference = Some(suites::rate(&mut rm, &harmful, None, s.answer_tokens, &suites::refused, &mut tick)?);
-        leak_suite.reference = Some(suites::rate(&mut rm, &leak, None, s.leak_tokens, &suites::leaks, &mut tick)?);
+    if let Some(rm) = rm.as_mut() {
+        refusal.reference = Some(suites::rate(rm, &harmful, None, s.answer_tokens, &suites::refused, &mut tick)?);
+        leak_suite.reference = Some(suites::rate(rm, &leak, None, s.leak_tokens, &suites::leaks, &mut tick)?);
         runs += rm.runs();
     }
     let summary = Summary { level, endpoint, probes, refusal, leak: leak_suite, runs, seconds: t0.elapsed().as_secs_f64() };
