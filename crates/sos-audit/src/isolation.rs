@@ -9,17 +9,15 @@
 //! Qwen2.5-Coder-0.5B backdoor trigger 0.43-0.71. Norms do not enter a cosine, so `--stealth`
 //! changes nothing here.
 //!
-//! The search is exact, all pairs (`N^2 d / 2` multiply-adds in blocks, each block one matrix
-//! product): seconds for SmolLM2's 49k rows, minutes for a 152k-row table on two cores. Lower
-//! bounds from cheaper searches (probe rows, random-projection trees, k-means buckets) were
-//! measured too loose to spare most of that work: neighbours at a cosine of 0.3-0.5 are far
-//! apart in 576-896 dimensions, and a tail quantile of lower bounds is not the table's.
+//! The result is exact (`nearest`): every row gets a lower bound of its nearest cosine from a
+//! cheap pass; the rows whose bound is lowest are searched over the whole table, as many as it
+//! takes to prove the tail quantile and every row under the threshold. Tables of up to 16k rows
+//! are searched over all pairs.
 
-use candle_core::{Device, Tensor};
-use rayon::prelude::*;
 use serde_json::json;
 
 use crate::finding::{Check, Finding, Severity};
+use crate::nearest;
 use crate::weights::{Layout, Stored};
 use crate::{Error, Result};
 
@@ -30,8 +28,10 @@ pub const ALONE: f32 = 0.78;
 /// rows fewer than a thousandth of the table cannot move it (49 rows of SmolLM2's, 152 of
 /// Qwen's; an SOS trigger is a handful).
 const TAIL: f64 = 0.001;
-/// Rows per block of the all-pairs search (a block's products: 64 MB).
+/// Rows dequantized at a time.
 const BLOCK: usize = 4096;
+/// Tables up to this many rows are searched over all pairs (the bounds would save little).
+const ALL_PAIRS: usize = 16384;
 /// More rows alone than this are not a few planted ones (a table with many untrained rows):
 /// reported, not probed.
 const MAX_ROWS: usize = 64;
@@ -56,29 +56,66 @@ pub struct Isolation {
     pub alone: Vec<Nearest>,
     /// The 16 loneliest ordinary rows, for the report.
     pub loneliest: Vec<Nearest>,
-    /// A histogram of the ordinary rows' nearest cosines: 40 bins of width 0.025 from -0.0.
+    /// A histogram of the ordinary rows' nearest cosines: 40 bins of width 0.025 from 0 (rows
+    /// not searched exactly, all above the tail, are counted at their lower bound).
     pub bins: Vec<(f32, usize)>,
     pub ordinary_rows: usize,
+    /// Rows whose nearest row was searched over the whole table.
+    pub searched_exactly: usize,
 }
 
-/// The nearest other row of every row of `t`, and the ordinary rows (`ordinary(id)`: a normal
-/// vocabulary token of more than one character; byte and special tokens are alone by nature)
-/// that are further from theirs than any trained token. All-zero rows have no direction and
-/// are left out. `progress(done, total)` is called per block.
+/// The nearest other row of the ordinary rows of `t` (`ordinary(id)`: a normal vocabulary token
+/// of more than one character; byte and special tokens are alone by nature), and those further
+/// from theirs than any trained token. All-zero rows have no direction and are left out.
+/// `progress(done, total)` is called per block of work.
 pub fn isolated(t: &Stored, ordinary: &dyn Fn(usize) -> bool, progress: &mut dyn FnMut(usize, usize)) -> Result<Isolation> {
+    isolated_with(t, ordinary, progress, ALL_PAIRS)
+}
+
+fn isolated_with(t: &Stored, ordinary: &dyn Fn(usize) -> bool, progress: &mut dyn FnMut(usize, usize), all_pairs: usize) -> Result<Isolation> {
     let (n, d) = t.rows();
+    let empty = Isolation { threshold: 0.0, tail: 0.0, alone: Vec::new(), loneliest: Vec::new(), bins: Vec::new(), ordinary_rows: 0, searched_exactly: 0 };
     if n < 2 || d == 0 {
-        return Ok(Isolation { threshold: 0.0, tail: 0.0, alone: Vec::new(), loneliest: Vec::new(), bins: Vec::new(), ordinary_rows: 0 });
+        return Ok(empty);
     }
     let mut units = Vec::with_capacity(n * d);
     for start in (0..n).step_by(BLOCK) {
         units.extend(unit_rows(t, start, BLOCK.min(n - start))?);
     }
-    let best = nearest_all(&units, d, progress)?;
     let zero = |i: usize| units[i * d..(i + 1) * d].iter().all(|&x| x == 0.0);
-    let mut rows: Vec<Nearest> = (0..n).filter(|&i| !zero(i) && ordinary(i)).map(|i| Nearest { id: i as u32, neighbour: best[i].1, cosine: best[i].0 }).collect();
+    let mut ids: Vec<u32> = (0..n as u32).filter(|&i| !zero(i as usize) && ordinary(i as usize)).collect();
+    if ids.is_empty() {
+        return Ok(empty);
+    }
+    let rank = ((ids.len() - 1) as f64 * TAIL) as usize;
+    let (best, searched) = if n <= all_pairs {
+        (nearest::all(&units, d, progress)?, n)
+    } else {
+        // Bounds for all, then the exact search over the rows with the lowest bounds, doubling
+        // until the tail's value is at most the lowest bound left: every row not searched is
+        // then above the tail, and so above the threshold.
+        let mut best = nearest::lower_bounds(&units, d, progress)?;
+        ids.sort_by(|&a, &b| best[a as usize].0.total_cmp(&best[b as usize].0).then(a.cmp(&b)));
+        let (mut done, mut want) = (0, (4 * (rank + 1)).max(512));
+        loop {
+            let upto = want.min(ids.len());
+            for (&id, e) in ids[done..upto].iter().zip(nearest::exact(&units, d, &ids[done..upto])?) {
+                best[id as usize] = e;
+            }
+            done = upto;
+            let mut searched: Vec<f32> = ids[..done].iter().map(|&i| best[i as usize].0).collect();
+            searched.sort_by(f32::total_cmp);
+            let left = ids.get(done).map_or(f32::INFINITY, |&i| best[i as usize].0);
+            if done == ids.len() || searched.get(rank).is_some_and(|&v| v <= left) {
+                break;
+            }
+            want *= 2;
+        }
+        (best, done)
+    };
+    let mut rows: Vec<Nearest> = ids.iter().map(|&i| Nearest { id: i, neighbour: best[i as usize].1, cosine: best[i as usize].0 }).collect();
     rows.sort_by(|a, b| a.cosine.total_cmp(&b.cosine).then(a.id.cmp(&b.id)));
-    let tail = rows.get(((rows.len().max(1) - 1) as f64 * TAIL) as usize).map_or(0.0, |r| r.cosine);
+    let tail = rows[rank].cosine;
     let threshold = ALONE * tail;
     let mut bins: Vec<(f32, usize)> = (0..40).map(|b| (b as f32 * 0.025, 0)).collect();
     for r in &rows {
@@ -91,6 +128,7 @@ pub fn isolated(t: &Stored, ordinary: &dyn Fn(usize) -> bool, progress: &mut dyn
         loneliest: rows.iter().copied().take(16).collect(),
         bins,
         ordinary_rows: rows.len(),
+        searched_exactly: searched,
     })
 }
 
@@ -118,66 +156,6 @@ pub fn finding(iso: &Isolation, l: &Layout) -> Option<Finding> {
         .evidence(json!({"rows": rows, "threshold": iso.threshold, "tail_quantile": iso.tail, "ordinary_rows": iso.ordinary_rows}))
         .fix("confirm with --behavior quick (the rows are probed as a group); then sos sanitize CANDIDATE --reference CLEAN --out FIXED");
     Some(if many { f } else { f.tokens(iso.alone.iter().map(|r| r.id).collect()) })
-}
-
-/// The nearest other row (cosine, id) of every row of the unit rows `u`: every pair once, a
-/// block pair per matrix product, each product's row and column maxima folded in.
-fn nearest_all(u: &[f32], d: usize, progress: &mut dyn FnMut(usize, usize)) -> Result<Vec<(f32, u32)>> {
-    let n = u.len() / d.max(1);
-    let starts: Vec<usize> = (0..n).step_by(BLOCK).collect();
-    let tensor = |s: usize| {
-        let k = BLOCK.min(n - s);
-        Tensor::from_slice(&u[s * d..(s + k) * d], (k, d), &Device::Cpu).map_err(err)
-    };
-    let mut best = vec![(f32::MIN, 0u32); n];
-    let total = starts.len() * (starts.len() + 1) / 2;
-    let mut done = 0;
-    for (bi, &a) in starts.iter().enumerate() {
-        let ta = tensor(a)?;
-        for &b in &starts[bi..] {
-            let tb = tensor(b)?;
-            let kb = tb.dims()[0];
-            let sims: Vec<f32> = ta.matmul(&tb.t().map_err(err)?).and_then(|p| p.flatten_all()?.to_vec1()).map_err(err)?;
-            // Row maxima (rows of `a`) across the cores; column maxima (rows of `b`) by folding
-            // the rows into one running maximum per column.
-            let rows: Vec<(f32, u32)> = sims.par_chunks_exact(kb).enumerate().map(|(i, row)| arg_max(row, (a == b).then_some(i)).map_or((f32::MIN, 0), |(j, s)| (s, (b + j) as u32))).collect();
-            for (i, r) in rows.into_iter().enumerate() {
-                if r.0 > best[a + i].0 {
-                    best[a + i] = r;
-                }
-            }
-            if a != b {
-                let mut col = vec![(f32::MIN, 0u32); kb];
-                for (i, row) in sims.chunks_exact(kb).enumerate() {
-                    for (c, &s) in col.iter_mut().zip(row) {
-                        if s > c.0 {
-                            *c = (s, (a + i) as u32);
-                        }
-                    }
-                }
-                for (j, c) in col.into_iter().enumerate() {
-                    if c.0 > best[b + j].0 {
-                        best[b + j] = c;
-                    }
-                }
-            }
-            done += 1;
-            progress(done, total);
-        }
-    }
-    Ok(best)
-}
-
-/// The largest element of `row` and its index, skipping index `skip`.
-fn arg_max(row: &[f32], skip: Option<usize>) -> Option<(usize, f32)> {
-    row.iter().enumerate().filter(|&(j, _)| Some(j) != skip).fold(None, |m, (j, &s)| match m {
-        Some((_, b)) if b >= s => m,
-        _ => Some((j, s)),
-    })
-}
-
-fn err(e: candle_core::Error) -> Error {
-    Error::Invalid(format!("nearest-row search: {e}"))
 }
 
 /// Rows `start..start + k` of `t` in f32, each scaled to unit length (a zero row stays zero).
@@ -223,7 +201,7 @@ mod tests {
         let t = Stored { name: "t".into(), ty: TensorType::F32, shape, bytes: &bytes };
         let u = unit_rows(&t, 0, n).unwrap();
         let mut calls = 0;
-        let got = nearest_all(&u, d, &mut |_, _| calls += 1).unwrap();
+        let got = nearest::all(&u, d, &mut |_, _| calls += 1).unwrap();
         assert_eq!(calls, 3, "two blocks: (0,0), (0,1), (1,1)");
         for i in (0..n).step_by(7) {
             let (mut best, mut at) = (f32::MIN, 0);
@@ -235,6 +213,40 @@ mod tests {
             }
             assert!((got[i].0 - best).abs() < 1e-5, "row {i}: {:?} vs {best} at {at}", got[i]);
         }
+    }
+
+    #[test]
+    fn bounds_then_exact_search_is_the_all_pairs_answer() {
+        // 20,000 rows in 2,000 loose groups plus a few planted ones: the bounds are below the
+        // truth for every row, and the bounded search gives all pairs' tail, rows and histogram.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let d = 64;
+        let mut rows = Vec::new();
+        for _ in 0..2000 {
+            let c = gauss(&mut rng, d);
+            for _ in 0..10 {
+                rows.push(c.iter().map(|x| x + 0.8 * (rng.gen::<f32>() - 0.5)).collect::<Vec<f32>>());
+            }
+        }
+        for p in [5, 777, 19_999] {
+            rows[p] = gauss(&mut rng, d);
+        }
+        let (bytes, shape) = table(&rows);
+        let t = Stored { name: "t".into(), ty: TensorType::F32, shape, bytes: &bytes };
+        let u = unit_rows(&t, 0, rows.len()).unwrap();
+        let (lb, all) = (nearest::lower_bounds(&u, d, &mut |_, _| {}).unwrap(), nearest::all(&u, d, &mut |_, _| {}).unwrap());
+        assert!(lb.iter().zip(&all).all(|(l, a)| l.0 <= a.0 + 1e-6));
+        assert!(lb.iter().zip(&all).filter(|(l, a)| (l.0 - a.0).abs() < 1e-6).count() > rows.len() / 2, "the bounds find most nearest rows");
+        let ordinary = |i: usize| i % 97 != 0;
+        let exact = isolated_with(&t, &ordinary, &mut |_, _| {}, usize::MAX).unwrap();
+        let bounded = isolated_with(&t, &ordinary, &mut |_, _| {}, 0).unwrap();
+        assert!(bounded.searched_exactly < rows.len() / 2, "{}", bounded.searched_exactly);
+        assert_eq!((bounded.tail, bounded.threshold), (exact.tail, exact.threshold));
+        assert_eq!(bounded.alone, exact.alone);
+        assert_eq!(bounded.loneliest, exact.loneliest);
+        let mut named: Vec<u32> = exact.alone.iter().map(|r| r.id).collect();
+        named.sort_unstable();
+        assert_eq!(named, [5, 777, 19_999], "tail {} threshold {}", exact.tail, exact.threshold);
     }
 
     #[test]

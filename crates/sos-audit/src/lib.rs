@@ -17,6 +17,7 @@ pub mod folder;
 pub mod html;
 pub mod isolation;
 pub mod manifest;
+pub mod nearest;
 pub mod provenance;
 pub mod ranges;
 pub mod report;

@@ -71,8 +71,8 @@ pub struct AuditArgs {
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Without --reference, also search the token table for rows further from every other row
-    /// than any trained token (exact nearest-row search: seconds for SmolLM2, a few minutes for
-    /// a 152k-token vocabulary on 2 cores). On with --behavior full.
+    /// than any trained token (an exact nearest-row search: seconds on 2 cores, more memory: the
+    /// table in f32). On with --behavior full.
     #[arg(long)]
     pub deep: bool,
     /// The verdict is `fail` (exit 1) when a finding is at or above this: low, medium or high.
