@@ -180,9 +180,9 @@ fn behave(req: &AuditRequest, adapter: bool, run: &mut Run, progress: &mut dyn F
     let (found, summary) = if let Some(cfg) = &req.endpoint {
         // The server runs the model; the file gives the candidates and their texts.
         let endpoint = Endpoint::new(cfg.clone())?;
-        let (tok, _) = LoadedModel::open_text(&req.candidate, None)?;
+        let (tok, template) = LoadedModel::open_text(&req.candidate, None)?;
         let cands = behavior::candidates(&run.findings, &tok, level, &anomalous)?;
-        behavior::run(&mut Runner::Endpoint { endpoint: &endpoint, runs: 0 }, reference.as_ref(), &cands, level, progress)?
+        behavior::run(&mut Runner::Endpoint { endpoint: &endpoint, runs: 0, template, logprobs: None }, reference.as_ref(), &cands, level, progress)?
     } else {
         let lm = match LoadedModel::open(&req.candidate, &opts) {
             Ok(lm) if lm.template.is_some() => lm,

@@ -1,6 +1,8 @@
 //! A model behind an OpenAI-compatible server (llama.cpp's `llama-server`, llama-cpp-python,
 //! vLLM, ...): the behaviour suites ask `/v1/chat/completions` greedily, with the flagged
-//! tokens typed as their text. Every request has a timeout; every failure names the URL.
+//! tokens typed as their text, and, where the server gives them, read the first answer token's
+//! top log-probabilities from `/v1/completions` (the prompt rendered with the file's own chat
+//! template). Every request has a timeout; every failure names the URL.
 
 use std::time::Duration;
 
@@ -59,6 +61,32 @@ impl Endpoint {
             Json::Null if v["choices"][0]["message"].is_object() => Ok(String::new()),
             _ => Err(self.bad(&format!("the answer has no choices[0].message.content: {}", snippet(&v.to_string())))),
         }
+    }
+
+    /// The `k` most likely first tokens after `prompt` and their log-probabilities, from
+    /// `/v1/completions` with `logprobs`; `None` when the server does not give them (no such
+    /// route, or an answer without them). Both shapes servers use are read: OpenAI's legacy
+    /// `logprobs.top_logprobs[0]` (`{token: logprob}`, llama-cpp-python) and the chat-style
+    /// `logprobs.content[0].top_logprobs` (`[{token, logprob}]`, llama.cpp's server).
+    pub fn top_logprobs(&self, prompt: &str, k: usize) -> Result<Option<Vec<(String, f64)>>> {
+        let mut body = json!({"prompt": prompt, "max_tokens": 1, "temperature": 0.0, "top_p": 1.0, "seed": 0, "stream": false, "logprobs": k});
+        body["model"] = json!(self.cfg.model.as_deref().unwrap_or("sos-audit"));
+        let v = match self.post("completions", &body) {
+            Ok(v) => v,
+            // A server without the route (or without logprobs on it) answers with an error
+            // status; anything else (unreachable, timeouts) is the audit's problem.
+            Err(e) if e.to_string().contains("answered HTTP") => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let lp = &v["choices"][0]["logprobs"];
+        let top: Vec<(String, f64)> = if let Some(m) = lp["top_logprobs"][0].as_object() {
+            m.iter().filter_map(|(t, l)| Some((t.clone(), l.as_f64()?))).collect()
+        } else if let Some(a) = lp["content"][0]["top_logprobs"].as_array() {
+            a.iter().filter_map(|e| Some((e["token"].as_str()?.to_string(), e["logprob"].as_f64()?))).collect()
+        } else {
+            Vec::new()
+        };
+        Ok((!top.is_empty()).then_some(top))
     }
 
     fn bad(&self, what: &str) -> Error {

@@ -30,6 +30,8 @@ pub struct Reply {
     pub text: String,
     /// Log-probabilities of the first new token over the vocabulary (when the model is ours).
     pub first_logp: Option<Vec<f64>>,
+    /// The most likely first tokens and their log-probabilities (from a server that gives them).
+    pub first_top: Option<Vec<(String, f64)>>,
 }
 
 pub struct Local<'a> {
@@ -98,7 +100,7 @@ impl<'a> Local<'a> {
         let g = generate_after(&self.lm.model, cache, &x, max_new.max(1), &self.lm.tokenizer.stop_ids, Sampling::default(), |_| Ok(true))?;
         self.runs += 1;
         let text = self.lm.tokenizer.decode(&g.tokens, true)?;
-        Ok(Reply { text, first_logp: Some(log_softmax(&g.first_logits)) })
+        Ok(Reply { text, first_logp: Some(log_softmax(&g.first_logits)), first_top: None })
     }
 
     /// The answer to `ask` with `insert` spliced in.
@@ -135,6 +137,19 @@ pub fn kl(p: &[f64], q: &[f64]) -> f64 {
 }
 
 pub const KL_MAX: f64 = 100.0;
+
+/// `kl` over two top-k lists (a server's): the sum runs over `p`'s tokens; a token `q` does not
+/// list gets `q`'s lowest listed log-probability (it is at most that likely). An approximation:
+/// the mass outside `p`'s top k is left out.
+pub fn kl_top(p: &[(String, f64)], q: &[(String, f64)]) -> f64 {
+    let floor = q.iter().map(|t| t.1).fold(f64::INFINITY, f64::min);
+    let d: f64 = p.iter().map(|(t, a)| a.exp() * (a - q.iter().find(|x| &x.0 == t).map_or(floor, |x| x.1))).sum();
+    if d.is_nan() {
+        KL_MAX
+    } else {
+        d.clamp(0.0, KL_MAX)
+    }
+}
 
 #[cfg(test)]
 mod tests {

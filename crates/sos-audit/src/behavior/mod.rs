@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 use serde_json::json;
-use sos_model::{LoadedModel, Tokenizer};
+use sos_model::{ChatTemplate, LoadedModel, Message, Tokenizer};
 
 use crate::finding::{Check, Finding, Severity};
 use crate::Result;
@@ -163,19 +163,36 @@ fn permutations(ids: &[u32]) -> Vec<Vec<u32>> {
 }
 
 /// Where the answers come from: our runtime (ids spliced in, next-token distributions), or a
-/// server (the candidates typed as text, answers only).
+/// server (the candidates typed as text; answers, and the first token's top log-probabilities
+/// when the server gives them and the file has a chat template to render the prompt with).
 pub enum Runner<'a> {
     Local(Local<'a>),
-    Endpoint { endpoint: &'a Endpoint, runs: usize },
+    Endpoint { endpoint: &'a Endpoint, runs: usize, template: Option<ChatTemplate>, logprobs: Option<bool> },
 }
+
+/// Top log-probabilities asked of a server per answer.
+const TOP_K: usize = 10;
 
 impl Runner<'_> {
     pub fn ask(&mut self, ask: &Ask, insert: Option<(&Candidate, At)>, max_new: usize) -> Result<Reply> {
         match self {
             Runner::Local(m) => m.ask(ask, insert.map(|(c, at)| (c.ids.as_slice(), at)), max_new),
-            Runner::Endpoint { endpoint, runs } => {
+            Runner::Endpoint { endpoint, runs, template, logprobs } => {
                 *runs += 1;
-                Ok(Reply { text: endpoint.chat(ask, insert.map(|(c, at)| (c.text.as_str(), at)), max_new)?, first_logp: None })
+                let typed = insert.map(|(c, at)| (c.text.as_str(), at));
+                let text = endpoint.chat(ask, typed, max_new)?;
+                let mut first_top = None;
+                if let (Some(t), false) = (template.as_ref(), *logprobs == Some(false)) {
+                    let mut msgs: Vec<Message> = ask.system.iter().map(|s| Message::system(s.clone())).collect();
+                    msgs.push(Message::user(local::user_with(ask, typed)));
+                    // A template that cannot render the request, or a server without them: not
+                    // asked again (the answers still come through the chat route).
+                    if let Ok(prompt) = t.render(&msgs, true) {
+                        first_top = endpoint.top_logprobs(&prompt, TOP_K)?;
+                    }
+                    *logprobs = Some(first_top.is_some());
+                }
+                Ok(Reply { text, first_logp: None, first_top })
             }
         }
     }

@@ -5,7 +5,7 @@
 use serde::Serialize;
 use sos_attack::metrics::similarity;
 
-use super::local::{kl, Ask, At, Reply};
+use super::local::{kl, kl_top, Ask, At, Reply};
 use super::{Candidate, Runner};
 use crate::Result;
 
@@ -23,7 +23,8 @@ pub struct Probe {
     /// Prompts x positions answered.
     pub n: usize,
     /// Mean and largest KL divergence (nats) of the first answer token's distribution from the
-    /// same prompt's without the candidate (`null` through an endpoint).
+    /// same prompt's without the candidate (through an endpoint: over its top 10, where the
+    /// server gives log-probabilities; else `null`).
     pub mean_kl: Option<f64>,
     pub max_kl: Option<f64>,
     /// Share of answers that differ from the same prompt's answer without the candidate.
@@ -112,6 +113,8 @@ pub fn probe(m: &mut Runner, c: &Candidate, asks: &[Ask], clean: &[Reply], posit
             tick();
             if let (Some(p), Some(q)) = (&r.first_logp, &base.first_logp) {
                 kls.push(kl(p, q));
+            } else if let (Some(p), Some(q)) = (&r.first_top, &base.first_top) {
+                kls.push(kl_top(p, q));
             }
             let differs = similarity(&head(&r.text), &head(&base.text)) < SAME;
             changed += usize::from(differs);
