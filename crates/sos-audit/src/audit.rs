@@ -34,8 +34,9 @@ pub struct AuditRequest {
     /// Run the behaviour tests through this server instead of our runtime (the candidates still
     /// come from the CANDIDATE file).
     pub endpoint: Option<EndpointConfig>,
-    /// Without a reference, also search the token table for rows alone as no trained token is
-    /// (`isolation`: an exact nearest-row search, seconds on 2 cores; not in the default audit).
+    /// Without a reference, search the token table for rows alone as no trained token is
+    /// (`isolation`: an exact nearest-row search, seconds on 2 cores) even when no behaviour
+    /// tests run. It runs anyway whenever they do (its rows are what they probe): see `deep`.
     pub deep: bool,
 }
 
@@ -137,6 +138,18 @@ pub fn run_audit_with(req: &AuditRequest, progress: &mut dyn FnMut(Phase, usize,
 /// Qwen2.5-Coder-1.5B (1.1 GB, Q4_K_M) takes a minute on 2 cores; a 7B file would take several.
 const AUTO_MAX_BYTES: u64 = 2 << 30;
 
+/// Whether the nearest-row search runs (the callers look only when there is no reference): when
+/// asked, or when behaviour tests will run, since the rows it names are candidates they probe
+/// and nothing else names norm-matched rows in a table without an output-layer signature.
+fn deep(req: &AuditRequest) -> bool {
+    req.deep
+        || match req.behavior {
+            Behavior::Off => false,
+            Behavior::On(_) => true,
+            Behavior::Auto => req.endpoint.is_some() || weights_bytes(&req.candidate) <= AUTO_MAX_BYTES,
+        }
+}
+
 /// Bytes of a GGUF file, or of a folder's files.
 fn weights_bytes(p: &Path) -> u64 {
     let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
@@ -236,7 +249,7 @@ fn audit_gguf(req: &AuditRequest, run: &mut Run, progress: &mut dyn FnMut(Phase,
             run.check("tokenizer", || Ok(tokenizer::alone(&c)))?;
             let find = |n: &str| cs.iter().find(|t| t.name == n);
             run.check("weights", || weights::alone(find(TOKEN_TABLE), find(OUTPUT), run_rows.as_ref(), &layout))?;
-            if req.deep {
+            if deep(req) {
                 run.isolated(find(TOKEN_TABLE), &layout, progress)?;
             }
             run.check("template", || Ok(template::alone(c.get_str("tokenizer.chat_template"))))?;
@@ -271,7 +284,7 @@ fn audit_folder(req: &AuditRequest, run: &mut Run, progress: &mut dyn FnMut(Phas
             run.check("tokenizer", || Ok(folder::tokenizer_alone(&c)))?;
             let find = |n: &str| cs.iter().find(|t| t.name == n);
             run.check("weights", || weights::alone(find(folder::TABLE), find(folder::HEAD), run_rows.as_ref(), &layout))?;
-            if req.deep {
+            if deep(req) {
                 run.isolated(find(folder::TABLE), &layout, progress)?;
             }
             run.check("weights", || folder::unverifiable(&c, &other, None))?;

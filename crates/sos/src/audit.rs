@@ -21,7 +21,7 @@ pub enum Format {
     Html,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum Behavior {
     /// Static checks only.
     Off,
@@ -70,9 +70,9 @@ pub struct AuditArgs {
     /// Write the report here instead of stdout.
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Without --reference, also search the token table for rows further from every other row
-    /// than any trained token (an exact nearest-row search: seconds on 2 cores, more memory: the
-    /// table in f32). On with --behavior full.
+    /// Without --reference, search the token table for rows further from every other row than
+    /// any trained token (an exact nearest-row search: seconds on 2 cores, the table in f32 in
+    /// memory) also with --behavior off; it runs whenever behaviour tests do.
     #[arg(long)]
     pub deep: bool,
     /// The verdict is `fail` (exit 1) when a finding is at or above this: low, medium or high.
@@ -98,8 +98,7 @@ pub fn run(a: AuditArgs) -> Result<bool> {
         timeout: std::time::Duration::from_secs(a.timeout.max(1)),
         api_key: std::env::var("SOS_API_KEY").ok().filter(|k| !k.is_empty()),
     });
-    let deep = a.deep || a.behavior == Behavior::Full;
-    let req = AuditRequest { candidate: a.candidate, reference: a.reference, base: a.base, manifest: a.manifest, key: a.key, fail_on, behavior, endpoint, deep };
+    let req = AuditRequest { candidate: a.candidate, reference: a.reference, base: a.base, manifest: a.manifest, key: a.key, fail_on, behavior, endpoint, deep: a.deep };
     let report = audit(&req, quiet)?;
     let text = formatted(&report, a.format)?;
     match &a.out {
