@@ -139,14 +139,16 @@ pub fn run_audit_with(req: &AuditRequest, progress: &mut dyn FnMut(Phase, usize,
 const AUTO_MAX_BYTES: u64 = 2 << 30;
 
 /// Whether the nearest-row search runs (the callers look only when there is no reference): when
-/// asked, or when behaviour tests will run, since the rows it names are candidates they probe
-/// and nothing else names norm-matched rows in a table without an output-layer signature.
-fn deep(req: &AuditRequest) -> bool {
+/// asked, or when behaviour tests will run (under `auto`: through a server, or on our runtime
+/// when the model is `runnable` there and small enough), since the rows it names are candidates
+/// they probe and nothing else names norm-matched rows in a table without an output-layer
+/// signature.
+fn deep(req: &AuditRequest, runnable: bool) -> bool {
     req.deep
         || match req.behavior {
             Behavior::Off => false,
             Behavior::On(_) => true,
-            Behavior::Auto => req.endpoint.is_some() || weights_bytes(&req.candidate) <= AUTO_MAX_BYTES,
+            Behavior::Auto => req.endpoint.is_some() || (runnable && weights_bytes(&req.candidate) <= AUTO_MAX_BYTES),
         }
 }
 
@@ -249,7 +251,9 @@ fn audit_gguf(req: &AuditRequest, run: &mut Run, progress: &mut dyn FnMut(Phase,
             run.check("tokenizer", || Ok(tokenizer::alone(&c)))?;
             let find = |n: &str| cs.iter().find(|t| t.name == n);
             run.check("weights", || weights::alone(find(TOKEN_TABLE), find(OUTPUT), run_rows.as_ref(), &layout))?;
-            if deep(req) {
+            // Runnable: an architecture our runtime has and a chat template (what `auto` needs).
+            let runnable = sos_model::Config::from_gguf(&c).is_ok() && c.get_str("tokenizer.chat_template").is_some();
+            if deep(req, runnable) {
                 run.isolated(find(TOKEN_TABLE), &layout, progress)?;
             }
             run.check("template", || Ok(template::alone(c.get_str("tokenizer.chat_template"))))?;
@@ -284,7 +288,8 @@ fn audit_folder(req: &AuditRequest, run: &mut Run, progress: &mut dyn FnMut(Phas
             run.check("tokenizer", || Ok(folder::tokenizer_alone(&c)))?;
             let find = |n: &str| cs.iter().find(|t| t.name == n);
             run.check("weights", || weights::alone(find(folder::TABLE), find(folder::HEAD), run_rows.as_ref(), &layout))?;
-            if deep(req) {
+            let runnable = matches!(c.model_type(), Some("llama" | "mistral" | "qwen2")) && c.template.is_some();
+            if deep(req, runnable) {
                 run.isolated(find(folder::TABLE), &layout, progress)?;
             }
             run.check("weights", || folder::unverifiable(&c, &other, None))?;
