@@ -71,12 +71,11 @@ impl Endpoint {
     pub fn top_logprobs(&self, prompt: &str, k: usize) -> Result<Option<Vec<(String, f64)>>> {
         let mut body = json!({"prompt": prompt, "max_tokens": 1, "temperature": 0.0, "top_p": 1.0, "seed": 0, "stream": false, "logprobs": k});
         body["model"] = json!(self.cfg.model.as_deref().unwrap_or("sos-audit"));
-        let v = match self.post("completions", &body) {
-            Ok(v) => v,
+        let v = match self.send("completions", &body)? {
+            Answer::Json(v) => v,
             // A server without the route (or without logprobs on it) answers with an error
-            // status; anything else (unreachable, timeouts) is the audit's problem.
-            Err(e) if e.to_string().contains("answered HTTP") => return Ok(None),
-            Err(e) => return Err(e),
+            // status; anything else (unreachable, timeouts, not JSON) is the audit's problem.
+            Answer::Status(..) => return Ok(None),
         };
         let lp = &v["choices"][0]["logprobs"];
         let top: Vec<(String, f64)> = if let Some(m) = lp["top_logprobs"][0].as_object() {
@@ -94,6 +93,14 @@ impl Endpoint {
     }
 
     fn post(&self, path: &str, body: &Json) -> Result<Json> {
+        match self.send(path, body)? {
+            Answer::Json(v) => Ok(v),
+            Answer::Status(code, body) => Err(self.bad(&format!("{path} answered HTTP {code}: {}", snippet(&body)))),
+        }
+    }
+
+    /// POSTs `body` to `path`: the JSON answer, or the error status and body the server sent.
+    fn send(&self, path: &str, body: &Json) -> Result<Answer> {
         let url = format!("{}/{path}", self.base);
         let mut req = self.agent.post(&url).set("Content-Type", "application/json");
         if let Some(k) = &self.cfg.api_key {
@@ -101,10 +108,7 @@ impl Endpoint {
         }
         let text = match req.send_string(&body.to_string()) {
             Ok(resp) => resp.into_string().map_err(|e| self.bad(&format!("cannot read the answer: {e}")))?,
-            Err(ureq::Error::Status(code, resp)) => {
-                let body = resp.into_string().unwrap_or_default();
-                return Err(self.bad(&format!("{path} answered HTTP {code}: {}", snippet(&body))));
-            }
+            Err(ureq::Error::Status(code, resp)) => return Ok(Answer::Status(code, resp.into_string().unwrap_or_default())),
             Err(ureq::Error::Transport(t)) => {
                 let timed_out = t.kind() == ureq::ErrorKind::Io && t.to_string().to_lowercase().contains("timed out");
                 return Err(if timed_out { self.bad(&format!("no answer from {path} within {} s (--timeout)", self.cfg.timeout.as_secs())) } else { self.bad(&format!("cannot reach the server: {t}")) });
@@ -113,8 +117,14 @@ impl Endpoint {
         if text.trim().is_empty() {
             return Err(self.bad(&format!("{path} answered with an empty body")));
         }
-        serde_json::from_str(&text).map_err(|e| self.bad(&format!("{path} did not answer JSON ({e}): {}", snippet(&text))))
+        serde_json::from_str(&text).map(Answer::Json).map_err(|e| self.bad(&format!("{path} did not answer JSON ({e}): {}", snippet(&text))))
     }
+}
+
+/// What a server answered: JSON, or an error status with its body.
+enum Answer {
+    Json(Json),
+    Status(u16, String),
 }
 
 fn snippet(s: &str) -> String {
