@@ -67,7 +67,7 @@ impl Run {
         Ok(())
     }
 
-    /// `--deep`'s search for rows alone in the token table (timed as `isolation`).
+    /// The search for rows alone in the token table (timed as `isolation`).
     fn isolated(&mut self, table: Option<&Stored>, l: &Layout, progress: &mut dyn FnMut(Phase, usize, usize)) -> Result<()> {
         let Some(t) = table.filter(|t| t.shape.len() == 2 && crate::ranges::supported(t.ty)) else { return Ok(()) };
         let mut found = None;
@@ -92,7 +92,7 @@ pub fn run_audit(req: &AuditRequest) -> Result<Report> {
 /// What a long audit is busy with, for `run_audit_with`'s progress.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
-    /// `--deep`'s nearest-row search: block pairs done of all.
+    /// The nearest-row search: block pairs done of all.
     NearestRows,
     /// Behaviour tests: answers done of all.
     Behavior,
@@ -189,7 +189,7 @@ fn behave(req: &AuditRequest, adapter: bool, run: &mut Run, progress: &mut dyn F
         Err(_) if !asked => None,
         Err(e) => return Err(e.into()),
     };
-    // The largest rows, then (`--deep`) the loneliest.
+    // The largest rows, then (when the nearest-row search ran) the loneliest.
     let mut anomalous: Vec<u32> = run.rows.as_ref().map(|r| r.largest.iter().map(|&(i, _)| i).collect()).unwrap_or_default();
     anomalous.extend(run.isolation.iter().flat_map(|iso| iso.loneliest.iter().map(|r| r.id)));
     let (found, summary) = if let Some(cfg) = &req.endpoint {
@@ -251,7 +251,7 @@ fn audit_gguf(req: &AuditRequest, run: &mut Run, progress: &mut dyn FnMut(Phase,
             run.check("tokenizer", || Ok(tokenizer::alone(&c)))?;
             let find = |n: &str| cs.iter().find(|t| t.name == n);
             run.check("weights", || weights::alone(find(TOKEN_TABLE), find(OUTPUT), run_rows.as_ref(), &layout))?;
-            // Runnable: an architecture our runtime has and a chat template (what `auto` needs).
+            // Runnable: a configuration our runtime reads and a chat template (what `auto` needs).
             let runnable = sos_model::Config::from_gguf(&c).is_ok() && c.get_str("tokenizer.chat_template").is_some();
             if deep(req, runnable) {
                 run.isolated(find(TOKEN_TABLE), &layout, progress)?;
@@ -288,7 +288,7 @@ fn audit_folder(req: &AuditRequest, run: &mut Run, progress: &mut dyn FnMut(Phas
             run.check("tokenizer", || Ok(folder::tokenizer_alone(&c)))?;
             let find = |n: &str| cs.iter().find(|t| t.name == n);
             run.check("weights", || weights::alone(find(folder::TABLE), find(folder::HEAD), run_rows.as_ref(), &layout))?;
-            let runnable = matches!(c.model_type(), Some("llama" | "mistral" | "qwen2")) && c.template.is_some();
+            let runnable = sos_model::Config::from_hf_json(&c.path.join("config.json"), true).is_ok() && c.template.is_some();
             if deep(req, runnable) {
                 run.isolated(find(folder::TABLE), &layout, progress)?;
             }

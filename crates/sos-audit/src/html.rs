@@ -123,7 +123,7 @@ fn norms_plot(h: &mut String, rows: &RowStats, r: &Report) {
     histogram(h, &counts, rows.bin_width * rows.bins.len() as f32, &[(rows.median_norm, "median")], &marks, "row norm");
 }
 
-/// `--deep`: histogram of each ordinary row's cosine with its nearest other row (log counts),
+/// Histogram of each ordinary row's cosine with its nearest other row (log counts),
 /// the threshold, and the rows found alone marked.
 fn nearest_plot(h: &mut String, iso: &Isolation) {
     let _ = writeln!(

@@ -34,7 +34,8 @@ pub struct Report {
     pub sos_version: &'static str,
     /// The token table's row norms (histogram and largest rows), when its type can be read.
     pub rows: Option<crate::weights::RowStats>,
-    /// `--deep`: each ordinary row's nearest-row cosine (histogram, threshold, loneliest rows).
+    /// Each ordinary row's nearest-row cosine (histogram, threshold, loneliest rows), when the
+    /// search ran.
     pub isolation: Option<crate::isolation::Isolation>,
     /// The behaviour tests' numbers, when they ran.
     pub behavior: Option<crate::behavior::Summary>,
