@@ -18,8 +18,8 @@ use serde_json::json;
 
 use crate::finding::{Check, Finding, Severity};
 use crate::nearest;
-use crate::weights::{Layout, Stored};
-use crate::{Error, Result};
+use crate::weights::{self, Layout, Stored};
+use crate::Result;
 
 /// A row whose nearest cosine is below this fraction of the 0.1 % quantile of the ordinary
 /// rows' is alone as no trained token of the measured tables is (see the module's numbers).
@@ -160,16 +160,11 @@ pub fn finding(iso: &Isolation, l: &Layout) -> Option<Finding> {
 
 /// Rows `start..start + k` of `t` in f32, each scaled to unit length (a zero row stays zero).
 fn unit_rows(t: &Stored, start: usize, k: usize) -> Result<Vec<f32>> {
-    let (n, d) = t.rows();
-    let rb = t.row_bytes();
-    if start + k > n || (start + k) * rb > t.bytes.len() {
-        return Err(Error::Invalid(format!("`{}`: rows {start}..{} are past its end", t.name, start + k)));
-    }
-    let mut v = crate::ranges::dequantize(t.ty, &t.bytes[start * rb..(start + k) * rb], k * d)?;
-    for r in v.chunks_exact_mut(d) {
-        let norm = r.iter().map(|x| x * x).sum::<f32>().sqrt();
-        if norm > 0.0 {
-            r.iter_mut().for_each(|x| *x /= norm);
+    let mut v = t.rows_f32(start, k)?;
+    for r in v.chunks_exact_mut(t.rows().1) {
+        let n = weights::norm(r);
+        if n > 0.0 {
+            r.iter_mut().for_each(|x| *x /= n);
         }
     }
     Ok(v)
@@ -188,6 +183,18 @@ mod tests {
     fn gauss(rng: &mut rand::rngs::StdRng, d: usize) -> Vec<f32> {
         // Sums of uniforms: near-Gaussian, direction uniform enough for a test.
         (0..d).map(|_| (0..4).map(|_| rng.gen::<f32>() - 0.5).sum()).collect()
+    }
+
+    /// `n` words of ten forms each: a centre plus uniform noise of width `spread` per element.
+    fn words(rng: &mut rand::rngs::StdRng, n: usize, d: usize, spread: f32) -> Vec<Vec<f32>> {
+        let mut rows = Vec::with_capacity(10 * n);
+        for _ in 0..n {
+            let c = gauss(rng, d);
+            for _ in 0..10 {
+                rows.push(c.iter().map(|x| x + spread * (rng.gen::<f32>() - 0.5)).collect());
+            }
+        }
+        rows
     }
 
     #[test]
@@ -221,13 +228,7 @@ mod tests {
         // truth for every row, and the bounded search gives all pairs' tail, rows and histogram.
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
         let d = 64;
-        let mut rows = Vec::new();
-        for _ in 0..2000 {
-            let c = gauss(&mut rng, d);
-            for _ in 0..10 {
-                rows.push(c.iter().map(|x| x + 0.8 * (rng.gen::<f32>() - 0.5)).collect::<Vec<f32>>());
-            }
-        }
+        let mut rows = words(&mut rng, 2000, d, 0.8);
         for p in [5, 777, 19_999] {
             rows[p] = gauss(&mut rng, d);
         }
@@ -256,13 +257,7 @@ mod tests {
         // and a zero row.
         let mut rng = rand::rngs::StdRng::seed_from_u64(2);
         let d = 64;
-        let mut rows = Vec::new();
-        for _ in 0..1200 {
-            let c = gauss(&mut rng, d);
-            for _ in 0..10 {
-                rows.push(c.iter().map(|x| x + 0.15 * (rng.gen::<f32>() - 0.5)).collect::<Vec<f32>>());
-            }
-        }
+        let mut rows = words(&mut rng, 1200, d, 0.15);
         let planted = [17usize, 5234, 11999];
         for &p in &planted {
             rows[p] = gauss(&mut rng, d);

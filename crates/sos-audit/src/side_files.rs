@@ -12,8 +12,7 @@ use serde_json::{json, Value as Json};
 
 use crate::finding::{Check, Finding, Severity};
 use crate::folder::read_json;
-use crate::ranges::dequantize;
-use crate::weights::Stored;
+use crate::weights::{norm, Stored};
 use crate::{Error, Result};
 
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
@@ -29,9 +28,8 @@ pub struct Table {
 
 impl Table {
     pub fn of(t: &Stored) -> Result<Self> {
-        let d = *t.shape.last().unwrap_or(&1);
-        let n = t.shape.iter().product::<usize>() / d.max(1);
-        let rows = dequantize(t.ty, t.bytes, n * d)?;
+        let (n, d) = t.rows();
+        let rows = t.rows_f32(0, n)?;
         let norms: Vec<f32> = rows.chunks_exact(d).map(norm).collect();
         let mut sorted = norms.clone();
         sorted.sort_by(f32::total_cmp);
@@ -55,10 +53,6 @@ impl Table {
         }
         best
     }
-}
-
-fn norm(r: &[f32]) -> f32 {
-    r.iter().map(|x| x * x).sum::<f32>().sqrt()
 }
 
 /// The f32 values and the shape of the tensor whose name `pick` accepts.

@@ -41,6 +41,13 @@ impl Stored<'_> {
         let (bs, bb) = self.ty.block();
         (self.rows().1 / bs as usize).saturating_mul(bb as usize)
     }
+    /// Rows `start..start + k` in f32 (past the tensor's bytes: an error naming it).
+    pub(crate) fn rows_f32(&self, start: usize, k: usize) -> Result<Vec<f32>> {
+        let ((n, d), rb) = (self.rows(), self.row_bytes());
+        let end = start.checked_add(k).filter(|&e| e <= n && e.saturating_mul(rb) <= self.bytes.len());
+        let Some(end) = end else { return Err(crate::Error::Invalid(format!("`{}`: rows {start}..{} are past its end", self.name, start.saturating_add(k)))) };
+        crate::ranges::dequantize(self.ty, &self.bytes[start * rb..end * rb], k * d)
+    }
 }
 
 /// The names of a format's token table and output layer, the token texts (for evidence), and
@@ -179,15 +186,17 @@ pub fn with_reference(c: &[Stored], r: &[Stored], l: &Layout) -> Result<Vec<Find
 /// 25-35 (Qwen2.5-Coder-0.5B) times it.
 const NORM_OUTLIER: f32 = 3.0;
 
+/// The L2 norm of a row.
+pub(crate) fn norm(r: &[f32]) -> f32 {
+    r.iter().map(|x| x * x).sum::<f32>().sqrt()
+}
+
 /// The L2 norm of every row of `t`, dequantized a chunk of rows at a time.
 fn row_norms(t: &Stored) -> Result<Vec<f32>> {
     let (n, w) = t.rows();
-    let rb = t.row_bytes();
     let mut out = Vec::with_capacity(n);
     for start in (0..n).step_by(4096) {
-        let k = 4096.min(n - start);
-        let v = crate::ranges::dequantize(t.ty, &t.bytes[start * rb..(start + k) * rb], k * w)?;
-        out.extend(v.chunks_exact(w).map(|r| r.iter().map(|x| x * x).sum::<f32>().sqrt()));
+        out.extend(t.rows_f32(start, 4096.min(n - start))?.chunks_exact(w).map(norm));
     }
     Ok(out)
 }
