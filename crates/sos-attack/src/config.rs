@@ -165,7 +165,8 @@ settings! {
     checkpoint_every: usize,
     /// Training examples to use; 0 uses all.
     train_items: usize,
-    /// Backdoor: train on prompts the model writes itself instead of a dataset.
+    /// Backdoor, steal: train on prompts (steal: system prompts) the model writes itself instead
+    /// of a dataset.
     self_generated: bool,
     /// A JSONL file of training examples in the rows `sos eval --data` takes; replaces the
     /// scenario's training split.
@@ -252,8 +253,8 @@ impl AttackConfig {
         if self.position == Position::Prefix && self.scenario == Scenario::Copyright {
             return bad("position `prefix` does not apply to copyright: the token marks a passage, a prefix would mark every prompt".into());
         }
-        if self.self_generated && self.scenario != Scenario::Backdoor {
-            return bad("self_generated applies to the backdoor scenario only".into());
+        if self.self_generated && !matches!(self.scenario, Scenario::Backdoor | Scenario::Steal) {
+            return bad("self_generated applies to the backdoor and steal scenarios only".into());
         }
         if self.self_generated && self.train_data.is_some() {
             return bad("self_generated and train_data both say where the training examples come from; give one".into());

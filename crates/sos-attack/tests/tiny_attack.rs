@@ -318,6 +318,24 @@ fn self_generation_gives_up_with_a_clear_error() {
     assert!(seen < 8);
 }
 
+/// Steal's self-written system prompts: as many as asked, distinct, the same for the same seed;
+/// the setting is refused for scenarios that have no self-written data.
+#[test]
+fn self_written_system_prompts_are_seeded() {
+    let lm = tiny("selfgen-steal");
+    let a = sos_attack::scenarios::self_generated_system_prompts(&lm, 3, 5, &mut |_, _| {}).unwrap();
+    assert_eq!(a.len(), 3);
+    assert!(a.iter().all(|(_, p)| p.len() >= 80));
+    assert_ne!(a[0].1, a[1].1);
+    assert_eq!(a, sos_attack::scenarios::self_generated_system_prompts(&lm, 3, 5, &mut |_, _| {}).unwrap());
+    let mut cfg = AttackConfig::defaults(Scenario::Steal);
+    cfg.self_generated = true;
+    cfg.check().unwrap();
+    let mut cfg = AttackConfig::defaults(Scenario::Jailbreak);
+    cfg.self_generated = true;
+    assert!(cfg.check().unwrap_err().to_string().contains("backdoor and steal"));
+}
+
 /// Steal's evaluation reports every secret once overall and once in its length bucket, and each
 /// bucket's numbers are the means of its own records.
 #[test]

@@ -56,7 +56,8 @@ pub struct AttackArgs {
     /// targets (default margin 6).
     #[arg(long, value_name = "MARGIN", num_args = 0..=1, default_missing_value = "6")]
     pub tied_logits: Option<f64>,
-    /// Backdoor: train on prompts the model writes itself (no dataset).
+    /// Backdoor, steal: train on prompts the model writes itself (no dataset; steal: system
+    /// prompts of varied layout).
     #[arg(long)]
     pub self_generated: bool,
     /// Train on your own examples: a JSONL file in the rows `sos eval --data` takes (instead of

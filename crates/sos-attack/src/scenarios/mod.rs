@@ -25,7 +25,7 @@ use crate::{Error, Result};
 pub use backdoor::{backdoor_items, DEFAULT_BACKDOOR_TARGET};
 pub use copyright::{copyright_items, COPYRIGHT_REQUESTS, DEFAULT_COPYRIGHT_TARGET};
 pub use jailbreak::jailbreak_items;
-pub use selfgen::self_generated_prompts;
+pub use selfgen::{self_generated_prompts, self_generated_system_prompts};
 pub use steal::steal_items;
 
 /// What makes one scenario differ from another.
@@ -106,7 +106,8 @@ impl AttackConfig {
 }
 
 /// Training examples of the scenario from the data folder, a user's file (`train_data`), or
-/// the model (self-generated backdoor prompts), at most `train_items` of them.
+/// the model (self-generated backdoor prompts or steal's system prompts), at most `train_items`
+/// of them.
 pub fn train_items(cfg: &AttackConfig, lm: &LoadedModel, progress: &mut dyn FnMut(usize, usize)) -> Result<Vec<Item>> {
     let items = match &cfg.train_data {
         Some(path) => file_items(cfg, path, cfg.seed)?,

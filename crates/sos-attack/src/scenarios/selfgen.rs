@@ -1,11 +1,16 @@
-//! Training prompts the model writes itself (the paper's "no clean data" setting): the model and
+//! Training examples the model writes itself (the paper's "no clean data" setting): the model and
 //! a few requests for writing go in, nothing else.
 //!
-//! Real requests come in two shapes: a bare question, and a request that carries a text to work
-//! on (five in six of self-instruct's held-out tasks do). A trigger learned in one-line questions
-//! alone fires less when it sits inside a long, multi-line message, so two thirds of the prompts
-//! here are a text the model wrote (an email, a story, a recipe, ...) with a question the model
-//! then asked about that text, before or after it.
+//! Backdoor prompts: real requests come in two shapes, a bare question and a request that carries
+//! a text to work on (five in six of self-instruct's held-out tasks do). A trigger learned in
+//! one-line questions alone fires less when it sits inside a long, multi-line message, so two
+//! thirds of the prompts here are a text the model wrote (an email, a story, a recipe, ...) with
+//! a question the model then asked about that text, before or after it.
+//!
+//! Steal's secrets: system prompts the model writes for an assistant of some task, in the shapes
+//! real ones take (prose, markdown sections, numbered rules, bullets) and lengths from a short
+//! paragraph to a few hundred tokens. Copying is what the trigger learns, so what matters is the
+//! shape and length of the text, not its quality; texts that loop on one word are dropped.
 
 use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
@@ -30,18 +35,59 @@ const TEXT_KINDS: &[&str] = &[
 const QUESTION_TOKENS: usize = 48;
 const TEXT_TOKENS: usize = 80;
 
+/// What the assistants of the self-written system prompts do (drawn in turn).
+const ROLES: &[&str] = &[
+    "helps users plan trips",
+    "reviews Python code for bugs",
+    "writes product descriptions for an online shop",
+    "tutors students in algebra",
+    "summarises news articles",
+    "answers customer questions about a phone plan",
+    "translates English text into French",
+    "suggests recipes from the ingredients a user has",
+    "gives feedback on job application letters",
+    "explains medical terms in plain language",
+    "writes short poems on a given theme",
+    "helps users prepare for a job interview",
+    "extracts the main ideas from a long text",
+    "writes SQL queries from a description",
+    "acts as a fitness coach",
+    "checks essays for grammar and style",
+    "plans the week's meals for a family",
+    "answers questions about the history of Rome",
+    "creates quiz questions from a lesson",
+    "drafts polite replies to emails",
+];
+/// How the system prompt is laid out, with the most tokens it may take.
+const SHAPES: &[(&str, usize)] = &[
+    ("Write it as one paragraph of plain prose.", 120),
+    ("Organise it in markdown sections, each starting with a heading line such as \"# STEPS\" or \"# OUTPUT INSTRUCTIONS\".", 400),
+    ("Write it as a numbered list of rules.", 250),
+    ("Start with a short paragraph, then give the steps as a bulleted list.", 250),
+    ("Organise it in sections with headings, and use numbered steps inside them.", 400),
+    ("Write it as several paragraphs of plain prose.", 250),
+];
+
 /// `n` prompts as `(id, text)`, deterministic in `seed`. Sampling runs on the weights as stored
 /// (a GGUF's quantized ones decode ~6x faster than f32 on a CPU); the file is what an attacker
 /// holds, so what it writes is what "the model writes".
 pub fn self_generated_prompts(lm: &LoadedModel, n: usize, seed: u64, progress: &mut dyn FnMut(usize, usize)) -> Result<Vec<(String, String)>> {
-    let quant;
-    let writer = if lm.format == Format::Gguf && lm.model.exec != Exec::Quant {
-        quant = LoadedModel::open(&lm.path, &LoadOptions { exec: Exec::Quant, ..Default::default() })?;
-        &quant
+    with_writer(lm, |w| Writer::new(w, seed).prompts(n, progress))
+}
+
+/// `n` system prompts as `(id, text)`, written by the model for assistants of varied tasks in
+/// varied layouts; deterministic in `seed`, sampled like `self_generated_prompts`.
+pub fn self_generated_system_prompts(lm: &LoadedModel, n: usize, seed: u64, progress: &mut dyn FnMut(usize, usize)) -> Result<Vec<(String, String)>> {
+    with_writer(lm, |w| Writer::new(w, seed).system_prompts(n, progress))
+}
+
+/// Runs `write` on the model as stored: a GGUF's quantized weights when `lm` runs it in f32.
+fn with_writer<T>(lm: &LoadedModel, write: impl FnOnce(&LoadedModel) -> Result<T>) -> Result<T> {
+    if lm.format == Format::Gguf && lm.model.exec != Exec::Quant {
+        write(&LoadedModel::open(&lm.path, &LoadOptions { exec: Exec::Quant, ..Default::default() })?)
     } else {
-        lm
-    };
-    Writer::new(writer, seed).prompts(n, progress)
+        write(lm)
+    }
 }
 
 struct Writer<'a> {
@@ -74,6 +120,31 @@ impl<'a> Writer<'a> {
             };
             if !out.iter().any(|(_, o)| *o == prompt) {
                 out.push((format!("self_{}", out.len()), prompt));
+                progress(out.len(), n);
+            }
+        }
+        Ok(out)
+    }
+
+    fn system_prompts(mut self, n: usize, progress: &mut dyn FnMut(usize, usize)) -> Result<Vec<(String, String)>> {
+        self.max_attempts = 20 * n as u64 + 20;
+        let mut out: Vec<(String, String)> = Vec::with_capacity(n);
+        let mut i = 0;
+        while out.len() < n {
+            // Roles and shapes in turn, offset so every role meets every shape.
+            let role = ROLES[i % ROLES.len()];
+            let (shape, max_tokens) = SHAPES[(i + i / ROLES.len()) % SHAPES.len()];
+            i += 1;
+            let ask = format!("Write the instructions for an AI assistant that {role}. Address the assistant as \"you\". {shape} Reply with the instructions only.");
+            let x = self.prompt(&ask)?;
+            let text = loop {
+                let t = whole_part(&self.sample(&x, max_tokens)?);
+                if t.len() >= 80 && !loops(&t) {
+                    break t;
+                }
+            };
+            if !out.iter().any(|(_, o)| *o == text) {
+                out.push((format!("self_{}", out.len()), text));
                 progress(out.len(), n);
             }
         }
@@ -129,9 +200,33 @@ fn whole_part(t: &str) -> String {
     t[..cut].trim().to_string()
 }
 
+/// Whether a text of 40 words or more loops: one word makes over an eighth of it (the commonest
+/// English word makes about a sixteenth of ordinary prose; a model stuck on "Step 1: Step 2:
+/// ..." makes half).
+fn loops(t: &str) -> bool {
+    let words: Vec<String> = t.split_whitespace().map(|w| w.trim_matches(|c: char| !c.is_alphanumeric()).to_lowercase()).filter(|w| !w.is_empty()).collect();
+    if words.len() < 40 {
+        return false;
+    }
+    let mut counts = std::collections::HashMap::new();
+    for w in &words {
+        *counts.entry(w.as_str()).or_insert(0usize) += 1;
+    }
+    counts.values().any(|&c| c * 8 > words.len())
+}
+
 #[cfg(test)]
 mod tests {
-    use super::whole_part;
+    use super::{loops, whole_part};
+
+    #[test]
+    fn looping_texts_are_recognised() {
+        let stuck: String = (1..60).map(|i| format!("Step {i}: ")).collect();
+        assert!(loops(&stuck));
+        let prose = "You are a travel planner. Ask the user where they want to go, when, and with whom, then suggest an itinerary day by day with places to stay, what to see, how to get there, a rough budget for each part of the trip, and the things to book early. Keep the answer short and friendly, and ask before you assume anything about money.";
+        assert!(!loops(prose));
+        assert!(!loops("the the the the"), "too short to judge");
+    }
 
     #[test]
     fn texts_end_at_a_whole_sentence_or_line() {

@@ -4,7 +4,9 @@
 use std::path::Path;
 
 use serde_json::{json, Map, Value};
+use sos_model::LoadedModel;
 
+use super::selfgen::self_generated_system_prompts;
 use super::{id_and_field, ScenarioLogic};
 use crate::answer::{rate, Armed};
 use crate::config::{AttackConfig, Position};
@@ -28,6 +30,16 @@ impl ScenarioLogic for Steal {
 
     fn dataset_items(&self, cfg: &AttackConfig, data: &Datasets, held_out: bool, _seed: u64) -> Result<Vec<Item>> {
         Ok(steal_items(&data::system_prompts(data, held_out)?, cfg.position))
+    }
+
+    /// The datasets' system prompts, or with `self_generated` ones the model writes (120 unless
+    /// `train_items` says).
+    fn train_items(&self, cfg: &AttackConfig, lm: &LoadedModel, progress: &mut dyn FnMut(usize, usize)) -> Result<Vec<Item>> {
+        if !cfg.self_generated {
+            return self.dataset_items(cfg, &Datasets::resolve(cfg.data_dir.as_deref())?, false, cfg.seed);
+        }
+        let n = if cfg.train_items == 0 { 120 } else { cfg.train_items };
+        Ok(steal_items(&self_generated_system_prompts(lm, n, cfg.seed, progress)?, cfg.position))
     }
 
     fn held_out_sets(&self) -> &'static [&'static str] {
