@@ -131,7 +131,8 @@ impl<'a> Writer<'a> {
         let mut out: Vec<(String, String)> = Vec::with_capacity(n);
         let mut i = 0;
         while out.len() < n {
-            // Roles and shapes in turn, offset so every role meets every shape.
+            // Roles and shapes in turn (each shape as often as the next); the shapes shift by
+            // one at each round of the roles, so a role comes in more than one shape.
             let role = ROLES[i % ROLES.len()];
             let (shape, max_tokens) = SHAPES[(i + i / ROLES.len()) % SHAPES.len()];
             i += 1;
