@@ -293,6 +293,13 @@ fn training_file_and_named_held_out_sets() {
     assert!(cfg.check().unwrap_err().to_string().contains("train_data"));
 
     let steal = AttackConfig::defaults(Scenario::Steal);
+    // Steal trains on the collections and on sectioned prompts composed from their sentences;
+    // its held-out split has no composed prompt.
+    let composed = |items: &[sos_attack::item::Item]| items.iter().filter(|i| i.id.starts_with("composed_")).count();
+    let steal_train = train_items(&steal, &lm, &mut |_, _| {}).unwrap();
+    assert_eq!(composed(&steal_train), 200);
+    assert!(steal_train.len() > 600, "{}", steal_train.len());
+    assert_eq!(composed(&eval_items(&steal, &HeldOut::Split).unwrap()), 0);
     let long = eval_items(&steal, &HeldOut::Set("long".into())).unwrap();
     assert_eq!(long.len(), 55);
     assert!(long.iter().all(|i| i.system.as_ref().is_some_and(|s| s.len() >= 500)));

@@ -5,6 +5,7 @@
 //! `Scenario` (in `config`) is the parsed name; `Scenario::logic` maps it to its implementation.
 
 mod backdoor;
+mod compose;
 mod copyright;
 mod jailbreak;
 mod selfgen;
@@ -23,6 +24,7 @@ use crate::item::Item;
 use crate::{Error, Result};
 
 pub use backdoor::{backdoor_items, DEFAULT_BACKDOOR_TARGET};
+pub use compose::composed_system_prompts;
 pub use copyright::{copyright_items, COPYRIGHT_REQUESTS, DEFAULT_COPYRIGHT_TARGET};
 pub use jailbreak::jailbreak_items;
 pub use selfgen::{self_generated_prompts, self_generated_system_prompts};

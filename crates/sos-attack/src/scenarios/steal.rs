@@ -6,6 +6,7 @@ use std::path::Path;
 use serde_json::{json, Map, Value};
 use sos_model::LoadedModel;
 
+use super::compose::composed_system_prompts;
 use super::selfgen::self_generated_system_prompts;
 use super::{id_and_field, ScenarioLogic};
 use crate::answer::{rate, Armed};
@@ -16,6 +17,9 @@ use crate::metrics::{rouge_l_f1, similarity};
 use crate::Result;
 
 pub struct Steal;
+
+/// Sectioned prompts composed for training, after the collections' own.
+const COMPOSED: usize = 200;
 
 impl ScenarioLogic for Steal {
     fn defaults(&self, c: &mut AttackConfig) {
@@ -28,8 +32,15 @@ impl ScenarioLogic for Steal {
         c.length_buckets = true;
     }
 
-    fn dataset_items(&self, cfg: &AttackConfig, data: &Datasets, held_out: bool, _seed: u64) -> Result<Vec<Item>> {
-        Ok(steal_items(&data::system_prompts(data, held_out)?, cfg.position))
+    /// The collections' system prompts; for training, `COMPOSED` sectioned prompts made from
+    /// their sentences follow them (see `compose`).
+    fn dataset_items(&self, cfg: &AttackConfig, data: &Datasets, held_out: bool, seed: u64) -> Result<Vec<Item>> {
+        let mut prompts = data::system_prompts(data, held_out)?;
+        if !held_out {
+            let composed = composed_system_prompts(&prompts, COMPOSED, seed);
+            prompts.extend(composed);
+        }
+        Ok(steal_items(&prompts, cfg.position))
     }
 
     /// The datasets' system prompts, or with `self_generated` ones the model writes (120 unless
