@@ -102,54 +102,63 @@ impl<'a> Writer<'a> {
         Writer { lm, seed, attempts: 0, max_attempts: 0 }
     }
 
-    fn prompts(mut self, n: usize, progress: &mut dyn FnMut(usize, usize)) -> Result<Vec<(String, String)>> {
-        // Each prompt takes one to three generations when the model cooperates.
-        self.max_attempts = 20 * n as u64 + 20;
+    fn prompts(self, n: usize, progress: &mut dyn FnMut(usize, usize)) -> Result<Vec<(String, String)>> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(self.seed ^ 0x5e1f_0003);
-        let mut out: Vec<(String, String)> = Vec::with_capacity(n);
         let mut texts = 0;
-        while out.len() < n {
-            let prompt = if out.len() % 3 == 0 {
-                self.question(ASK_QUESTION.to_string())?
-            } else {
-                let kind = TEXT_KINDS[texts % TEXT_KINDS.len()];
-                texts += 1;
-                let text = self.text(kind)?;
-                let q = self.question(format!("{text}\n\n{ASK_ABOUT}"))?;
-                if rng.gen_bool(0.75) { format!("{q}\n\n{text}") } else { format!("{text}\n\n{q}") }
-            };
-            if !out.iter().any(|(_, o)| *o == prompt) {
-                out.push((format!("self_{}", out.len()), prompt));
-                progress(out.len(), n);
+        self.distinct(n, progress, |w, done| {
+            if done % 3 == 0 {
+                return w.question(ASK_QUESTION.to_string());
             }
-        }
-        Ok(out)
+            let kind = TEXT_KINDS[texts % TEXT_KINDS.len()];
+            texts += 1;
+            let text = w.text(kind)?;
+            let q = w.question(format!("{text}\n\n{ASK_ABOUT}"))?;
+            Ok(if rng.gen_bool(0.75) { format!("{q}\n\n{text}") } else { format!("{text}\n\n{q}") })
+        })
     }
 
-    fn system_prompts(mut self, n: usize, progress: &mut dyn FnMut(usize, usize)) -> Result<Vec<(String, String)>> {
-        self.max_attempts = 20 * n as u64 + 20;
-        let mut out: Vec<(String, String)> = Vec::with_capacity(n);
+    fn system_prompts(self, n: usize, progress: &mut dyn FnMut(usize, usize)) -> Result<Vec<(String, String)>> {
         let mut i = 0;
-        while out.len() < n {
+        self.distinct(n, progress, |w, _| {
             // Roles and shapes in turn (each shape as often as the next); the shapes shift by
             // one at each round of the roles, so a role comes in more than one shape.
             let role = ROLES[i % ROLES.len()];
             let (shape, max_tokens) = SHAPES[(i + i / ROLES.len()) % SHAPES.len()];
             i += 1;
             let ask = format!("Write the instructions for an AI assistant that {role}. Address the assistant as \"you\". {shape} Reply with the instructions only.");
-            let x = self.prompt(&ask)?;
-            let text = loop {
-                let t = whole_part(&self.sample(&x, max_tokens)?);
-                if t.len() >= 80 && !loops(&t) {
-                    break t;
-                }
-            };
+            w.answer(&ask, max_tokens, |t| Some(whole_part(&t)).filter(|t| t.len() >= 80 && !loops(t)))
+        })
+    }
+
+    /// `n` distinct texts from `next` (given how many are done), as `(id, text)`; a repeat is
+    /// drawn again.
+    fn distinct(
+        mut self,
+        n: usize,
+        progress: &mut dyn FnMut(usize, usize),
+        mut next: impl FnMut(&mut Self, usize) -> Result<String>,
+    ) -> Result<Vec<(String, String)>> {
+        // Each text takes one to three generations when the model cooperates.
+        self.max_attempts = 20 * n as u64 + 20;
+        let mut out: Vec<(String, String)> = Vec::with_capacity(n);
+        while out.len() < n {
+            let text = next(&mut self, out.len())?;
             if !out.iter().any(|(_, o)| *o == text) {
                 out.push((format!("self_{}", out.len()), text));
                 progress(out.len(), n);
             }
         }
         Ok(out)
+    }
+
+    /// The first sampled answer to `ask` that `keep` keeps (as it returns it).
+    fn answer(&mut self, ask: &str, max_tokens: usize, keep: impl Fn(String) -> Option<String>) -> Result<String> {
+        let x = self.prompt(ask)?;
+        loop {
+            if let Some(t) = keep(self.sample(&x, max_tokens)?) {
+                return Ok(t);
+            }
+        }
     }
 
     /// The embedded chat prompt that asks `ask`: made once, sampled from on every attempt.
@@ -174,24 +183,12 @@ impl<'a> Writer<'a> {
 
     /// A question: one line, ending in a question mark.
     fn question(&mut self, ask: String) -> Result<String> {
-        let x = self.prompt(&ask)?;
-        loop {
-            let q = self.sample(&x, QUESTION_TOKENS)?;
-            if !q.contains('\n') && q.ends_with('?') && q.len() >= 12 {
-                return Ok(q);
-            }
-        }
+        self.answer(&ask, QUESTION_TOKENS, |q| (!q.contains('\n') && q.ends_with('?') && q.len() >= 12).then_some(q))
     }
 
     /// A text of `kind`, cut after its last whole line or sentence when the budget ran out.
     fn text(&mut self, kind: &str) -> Result<String> {
-        let x = self.prompt(&format!("Write {kind}."))?;
-        loop {
-            let t = whole_part(&self.sample(&x, TEXT_TOKENS)?);
-            if t.len() >= 60 {
-                return Ok(t);
-            }
-        }
+        self.answer(&format!("Write {kind}."), TEXT_TOKENS, |t| Some(whole_part(&t)).filter(|t| t.len() >= 60))
     }
 }
 
