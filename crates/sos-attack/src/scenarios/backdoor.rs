@@ -36,10 +36,8 @@ impl ScenarioLogic for Backdoor {
         Ok(backdoor_items(&texts, cfg.target.as_deref().unwrap_or_default(), cfg.position, seed))
     }
 
-    fn train_items(&self, cfg: &AttackConfig, lm: &LoadedModel, progress: &mut dyn FnMut(usize, usize)) -> Result<Vec<Item>> {
-        if !cfg.self_generated {
-            return self.dataset_items(cfg, &Datasets::resolve(cfg.data_dir.as_deref())?, false, cfg.seed);
-        }
+    /// Prompts the model writes (100 unless `train_items` says).
+    fn self_generated_items(&self, cfg: &AttackConfig, lm: &LoadedModel, progress: &mut dyn FnMut(usize, usize)) -> Result<Vec<Item>> {
         let n = if cfg.train_items == 0 { 100 } else { cfg.train_items };
         let prompts = self_generated_prompts(lm, n, cfg.seed, progress)?;
         Ok(backdoor_items(&prompts, cfg.target.as_deref().unwrap_or_default(), cfg.position, cfg.seed))

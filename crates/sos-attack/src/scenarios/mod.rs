@@ -45,10 +45,10 @@ pub trait ScenarioLogic: Sync {
     /// trigger where the position is drawn.
     fn dataset_items(&self, cfg: &AttackConfig, data: &Datasets, held_out: bool, seed: u64) -> Result<Vec<Item>>;
 
-    /// Training examples (before `train_items` limits them). `progress(done, total)` follows
-    /// examples the model writes itself.
-    fn train_items(&self, cfg: &AttackConfig, _lm: &LoadedModel, _progress: &mut dyn FnMut(usize, usize)) -> Result<Vec<Item>> {
-        self.dataset_items(cfg, &Datasets::resolve(cfg.data_dir.as_deref())?, false, cfg.seed)
+    /// Training examples the model writes itself (`self_generated`, which `AttackConfig::check`
+    /// allows only for scenarios that have them). `progress(done, total)` follows the writing.
+    fn self_generated_items(&self, cfg: &AttackConfig, _lm: &LoadedModel, _progress: &mut dyn FnMut(usize, usize)) -> Result<Vec<Item>> {
+        Err(Error::Config(format!("{} has no self-generated training examples", cfg.scenario.name())))
     }
 
     /// Held-out sets besides the split, by name (`sos eval --set NAME`): other kinds of data
@@ -111,9 +111,11 @@ impl AttackConfig {
 /// the model (self-generated backdoor prompts or steal's system prompts), at most `train_items`
 /// of them.
 pub fn train_items(cfg: &AttackConfig, lm: &LoadedModel, progress: &mut dyn FnMut(usize, usize)) -> Result<Vec<Item>> {
+    let logic = cfg.scenario.logic();
     let items = match &cfg.train_data {
         Some(path) => file_items(cfg, path, cfg.seed)?,
-        None => cfg.scenario.logic().train_items(cfg, lm, progress)?,
+        None if cfg.self_generated => logic.self_generated_items(cfg, lm, progress)?,
+        None => logic.dataset_items(cfg, &Datasets::resolve(cfg.data_dir.as_deref())?, false, cfg.seed)?,
     };
     Ok(limit(items, cfg.train_items))
 }

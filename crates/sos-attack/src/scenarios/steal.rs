@@ -43,12 +43,8 @@ impl ScenarioLogic for Steal {
         Ok(steal_items(&prompts, cfg.position))
     }
 
-    /// The datasets' system prompts, or with `self_generated` ones the model writes (120 unless
-    /// `train_items` says).
-    fn train_items(&self, cfg: &AttackConfig, lm: &LoadedModel, progress: &mut dyn FnMut(usize, usize)) -> Result<Vec<Item>> {
-        if !cfg.self_generated {
-            return self.dataset_items(cfg, &Datasets::resolve(cfg.data_dir.as_deref())?, false, cfg.seed);
-        }
+    /// System prompts the model writes (120 unless `train_items` says).
+    fn self_generated_items(&self, cfg: &AttackConfig, lm: &LoadedModel, progress: &mut dyn FnMut(usize, usize)) -> Result<Vec<Item>> {
         let n = if cfg.train_items == 0 { 120 } else { cfg.train_items };
         Ok(steal_items(&self_generated_system_prompts(lm, n, cfg.seed, progress)?, cfg.position))
     }
