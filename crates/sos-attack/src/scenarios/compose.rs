@@ -6,8 +6,12 @@
 //! several headings comes first, and the steal trigger trained on the collections alone often
 //! picks a later one (in `--set long`, 9 of fabric's 44 answers start at a later section). Only
 //! 23 of the English training prompts have three headings or more, so this makes more of that
-//! shape: the sentences come from the training prompts (never from a held-out set), the headings
-//! from a list of generic ones, the layout and length are drawn per prompt.
+//! shape: the sentences come from the training prompts (never from a held-out set), the layout
+//! and length are drawn per prompt. Half the headings come from a list of generic ones, half are
+//! words of a random sentence: with headings from a list alone, the answers that start at a later
+//! section began with a list word (`# OUTPUT SECTIONS`, `# STEPS`) where the secret's first
+//! heading was one the list lacks, as if the trigger had learnt which words open a prompt rather
+//! than to copy the one that does.
 
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -80,6 +84,28 @@ fn split_sentences(line: &str) -> Vec<&str> {
     out
 }
 
+/// A heading made of 1-3 words of a random sentence, upper case: names no list holds, so a copy
+/// cannot lean on the names it has seen. `None` when a hundred draws found no word of three
+/// letters or more (a pool of numbers, say).
+fn phrase(pool: &[String], rng: &mut StdRng) -> Option<String> {
+    for _ in 0..100 {
+        let s = &pool[rng.gen_range(0..pool.len())];
+        let words: Vec<&str> = s.split(' ').filter(|w| w.len() >= 3 && w.chars().all(|c| c.is_ascii_alphabetic())).collect();
+        if words.is_empty() {
+            continue;
+        }
+        let n = rng.gen_range(1..=3).min(words.len());
+        let at = rng.gen_range(0..=words.len() - n);
+        let h = words[at..at + n].join(" ").to_uppercase();
+        if n >= 2 && rng.gen_bool(0.3) {
+            let w: Vec<&str> = h.split(' ').collect();
+            return Some(format!("{} and {}", w[0], w[1..].join(" ")));
+        }
+        return Some(h);
+    }
+    None
+}
+
 /// How a section's heading is written.
 #[derive(Clone, Copy)]
 enum Heading {
@@ -119,10 +145,17 @@ fn compose(pool: &[String], rng: &mut StdRng) -> String {
     let style = [Heading::Hash, Heading::Hash, Heading::HashTitle, Heading::DoubleHash, Heading::Bold, Heading::Colon][rng.gen_range(0..6)];
     let budget = rng.gen_range(500..=2000);
     let sections = rng.gen_range(3..=7);
-    let mut later: Vec<&str> = LATER.to_vec();
+    let mut later: Vec<String> = LATER.iter().map(|h| h.to_string()).collect();
     later.shuffle(rng);
-    let mut heads = vec![OPENINGS[rng.gen_range(0..OPENINGS.len())]];
+    let mut heads = vec![OPENINGS[rng.gen_range(0..OPENINGS.len())].to_string()];
     heads.extend(later.into_iter().take(sections - 1));
+    for h in heads.iter_mut() {
+        if rng.gen_bool(0.5) {
+            if let Some(p) = phrase(pool, rng) {
+                *h = p;
+            }
+        }
+    }
     let mut text = String::new();
     for (k, h) in heads.iter().enumerate() {
         if k > 0 && text.len() >= budget {
@@ -132,7 +165,7 @@ fn compose(pool: &[String], rng: &mut StdRng) -> String {
         if !text.is_empty() {
             text.push_str("\n\n");
         }
-        text.push_str(&style.write(h));
+        text.push_str(&style.write(h.as_str()));
         text.push_str("\n\n");
         // The first section is prose, as real ones are; later ones any of the three layouts.
         let layout = if k == 0 { 0 } else { rng.gen_range(0..3) };
@@ -192,6 +225,24 @@ mod tests {
             let headings = p.split("\n\n").filter(heading).count();
             assert!(headings >= 2, "too few headings in {p:?}");
             assert!(p.len() >= 400 && p.len() <= 2400, "{} characters: {p:?}", p.len());
+        }
+    }
+
+    #[test]
+    fn headings_are_not_only_the_lists_words() {
+        let first_headings: std::collections::BTreeSet<String> = composed_system_prompts(&sources(), 60, 3)
+            .iter()
+            .map(|(_, p)| p.lines().next().unwrap_or_default().trim_matches(|c: char| c == '#' || c == '*' || c == ':' || c == ' ').to_uppercase())
+            .collect();
+        let listed = first_headings.iter().filter(|h| OPENINGS.contains(&h.as_str())).count();
+        assert!(listed > 0 && first_headings.len() - listed >= 10, "{first_headings:?}");
+        // A pool without words of three letters keeps the listed headings.
+        let short: Vec<(String, String)> = (0..60).map(|i| (format!("s{i}"), format!("It is an ox so do it or go up to me by {i}."))).collect();
+        let composed = composed_system_prompts(&short, 5, 0);
+        assert_eq!(composed.len(), 5);
+        for (_, p) in composed {
+            let first = p.lines().next().unwrap_or_default().trim_matches(|c: char| c == '#' || c == '*' || c == ':' || c == ' ').to_uppercase();
+            assert!(OPENINGS.contains(&first.as_str()), "{first:?}");
         }
     }
 
