@@ -85,7 +85,8 @@ fn split_sentences(line: &str) -> Vec<&str> {
 }
 
 /// A heading made of 1-3 words of a random sentence, upper case: names no list holds, so a copy
-/// cannot lean on the names it has seen. `None` when a hundred draws found no word of three
+/// cannot lean on the names it has seen. Some two- and three-word ones take the common `X and Y`
+/// shape (`GOALS and LIMITS`). `None` when a hundred draws found no word of three
 /// letters or more (a pool of numbers, say).
 fn phrase(pool: &[String], rng: &mut StdRng) -> Option<String> {
     for _ in 0..100 {
