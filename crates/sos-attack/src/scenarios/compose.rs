@@ -231,10 +231,8 @@ mod tests {
 
     #[test]
     fn headings_are_not_only_the_lists_words() {
-        let first_headings: std::collections::BTreeSet<String> = composed_system_prompts(&sources(), 60, 3)
-            .iter()
-            .map(|(_, p)| p.lines().next().unwrap_or_default().trim_matches(|c: char| c == '#' || c == '*' || c == ':' || c == ' ').to_uppercase())
-            .collect();
+        let first = |p: &str| p.lines().next().unwrap_or_default().trim_matches(|c: char| c == '#' || c == '*' || c == ':' || c == ' ').to_uppercase();
+        let first_headings: std::collections::BTreeSet<String> = composed_system_prompts(&sources(), 60, 3).iter().map(|(_, p)| first(p)).collect();
         let listed = first_headings.iter().filter(|h| OPENINGS.contains(&h.as_str())).count();
         assert!(listed > 0 && first_headings.len() - listed >= 10, "{first_headings:?}");
         // A pool without words of three letters keeps the listed headings.
@@ -242,8 +240,7 @@ mod tests {
         let composed = composed_system_prompts(&short, 5, 0);
         assert_eq!(composed.len(), 5);
         for (_, p) in composed {
-            let first = p.lines().next().unwrap_or_default().trim_matches(|c: char| c == '#' || c == '*' || c == ':' || c == ' ').to_uppercase();
-            assert!(OPENINGS.contains(&first.as_str()), "{first:?}");
+            assert!(OPENINGS.contains(&first(&p).as_str()), "{p:?}");
         }
     }
 
