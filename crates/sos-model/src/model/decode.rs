@@ -125,6 +125,16 @@ fn dense_rows(w: &Tensor, x: &[f32], rows: Range<usize>, out: &mut [f32]) -> boo
     true
 }
 
+/// Elements of a weight matrix.
+fn elements(l: &Linear) -> usize {
+    match l {
+        Linear::Kernel(w) => w.rows * w.cols,
+        Linear::Dense(w) => w.elem_count(),
+        // Not splittable: such a model never forms a crew.
+        Linear::Quant(_) => 0,
+    }
+}
+
 /// Whether a crew member can compute any range of this weight's rows itself.
 fn splittable(l: &Linear) -> bool {
     match l {
@@ -162,6 +172,9 @@ pub struct DecodeWeights {
     norm: Vec<f32>,
     /// Members of the crew; 1 runs the step on the calling thread with products on the pool.
     threads: usize,
+    /// A model this small steps on the calling thread: a step's arithmetic is shorter than
+    /// handing work to another thread (see `ALONE_BELOW`).
+    alone: bool,
     /// Steps left that run on the calling thread alone, after a crew step in which a member
     /// waited for a descheduled one (see `BACKOFF_STEPS`).
     backoff: AtomicUsize,
@@ -184,11 +197,12 @@ impl DecodeWeights {
             .iter()
             .map(|l| Ok(LayerVecs { attn_norm: v(&l.attn_norm)?, ffn_norm: v(&l.ffn_norm)?, bq: o(&l.bq)?, bk: o(&l.bk)?, bv: o(&l.bv)? }))
             .collect::<Result<_>>()?;
-        let crew = splittable(&m.lm_head)
-            && m.layers.iter().all(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down].into_iter().all(splittable));
+        let linears = || m.layers.iter().flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]).chain([&m.lm_head]);
+        let crew = linears().all(splittable);
+        let alone = crew && linears().map(elements).sum::<usize>() < ALONE_BELOW;
         // The crew takes as many threads as the pool has, up to `MAX_CREW`.
         let threads = if crew { rayon::current_num_threads().min(MAX_CREW) } else { 1 };
-        Ok(DecodeWeights { layers, norm: v(&m.norm)?, threads, backoff: AtomicUsize::new(0) })
+        Ok(DecodeWeights { layers, norm: v(&m.norm)?, threads, alone, backoff: AtomicUsize::new(0) })
     }
 }
 
@@ -247,11 +261,11 @@ impl Model {
         let backoff = w.backoff.load(Ordering::Relaxed);
         if w.threads <= 1 || rayon::current_thread_index().is_some() {
             step(&Team::Solo)?;
-        } else if backoff > 0 {
+        } else if w.alone || backoff > 0 {
             // The cores are busy with other work: alone, a step loses a core's share; in a
             // crew, every phase can wait out another process's time slice (measured on 2 cores
             // beside a build: 5 tok/s in a crew of 2, 38 alone).
-            w.backoff.store(backoff - 1, Ordering::Relaxed);
+            w.backoff.store(backoff.saturating_sub(1), Ordering::Relaxed);
             let alone = Barrier::new(1);
             step(&Team::Member { index: 0, size: 1, barrier: &alone })?;
         } else {
@@ -450,6 +464,10 @@ impl Model {
 /// ~40 us here, against ~10 ms for a step of the default model on 2 threads, but dozens of them
 /// per token would cost more than they share. (Only 2 cores were available to measure on.)
 const MAX_CREW: usize = 8;
+/// Weights (elements of every product's matrix) under which a step runs alone. The default
+/// model has 134 M; a test's tiny model ~0.1 M, whose crew step cost ~10x its arithmetic in
+/// thread spawns and barrier waits.
+const ALONE_BELOW: usize = 1 << 20;
 /// Steps run alone after a crew step that waited for a descheduled member; then the crew is
 /// tried again, so a machine that quietens gets its cores back within this many tokens.
 const BACKOFF_STEPS: usize = 64;
@@ -509,6 +527,8 @@ mod tests {
         let mut w = DecodeWeights::new(m).unwrap();
         assert!(w.threads >= 1);
         w.threads = threads;
+        // The crew under test, however small the model.
+        w.alone = false;
         w.backoff.store(backoff, Ordering::Relaxed);
         let mut cache = DecodeCache::from_prefill(m, &kv, steps).unwrap();
         let mut out = Vec::new();
@@ -544,7 +564,10 @@ mod tests {
                 ("q4_k/q6_k", quantized(&k, &k_mix)),
             ];
             for (label, m) in models {
-                assert_eq!(DecodeWeights::new(&m).unwrap().threads, rayon::current_num_threads().min(MAX_CREW), "{name} {label}: crew refused");
+                let w = DecodeWeights::new(&m).unwrap();
+                assert_eq!(w.threads, rayon::current_num_threads().min(MAX_CREW), "{name} {label}: crew refused");
+                // The narrow models step alone unless told otherwise; the wide ones have 1.3 M weights.
+                assert_eq!(w.alone, !label.contains("_k"), "{name} {label}");
                 let solo = decode(&m, 1, 6);
                 assert!(solo.iter().flatten().all(|v| v.is_finite()));
                 for threads in [2, 3, 5] {
