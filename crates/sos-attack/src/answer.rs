@@ -50,6 +50,21 @@ impl<'a> Armed<'a> {
         self.run(&self.lm.model.embed_ids(&ids)?, max_new)
     }
 
+    /// The attacked model's answer to `prompt` (which has no trigger placed in it) and whether
+    /// it is the unmodified model's answer to `messages`. The two inputs differ only where the
+    /// trigger text occurs inside the prompt; equal inputs give equal greedy answers, so then
+    /// the model runs once.
+    pub fn answer_clean(&self, prompt: &Prompt, messages: &[Message], max_new: usize) -> Result<(Answer, bool)> {
+        let (_, x) = attacked_input(self.lm, self.trigger, prompt)?;
+        let plain = self.lm.model.embed_ids(&self.lm.chat_ids(messages, true)?)?;
+        let clean = self.run(&x, max_new)?;
+        if x.dims() == plain.dims() && x.flatten_all()?.to_vec1::<f32>()? == plain.flatten_all()?.to_vec1::<f32>()? {
+            return Ok((clean, true));
+        }
+        let agrees = clean.tokens == self.run(&plain, max_new)?.tokens;
+        Ok((clean, agrees))
+    }
+
     fn run(&self, x: &candle_core::Tensor, max_new: usize) -> Result<Answer> {
         let g = generate(&self.lm.model, x, max_new, &self.lm.tokenizer.stop_ids, Sampling::default(), |_| Ok(true))?;
         let text = self.lm.tokenizer.decode(&g.tokens, true)?;

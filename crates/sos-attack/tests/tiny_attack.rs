@@ -370,3 +370,23 @@ fn steal_eval_reports_by_secret_length() {
     assert!((buckets[1]["mean_similarity"].as_f64().unwrap() - sims[1]).abs() < 1e-12);
     assert_eq!(records[1]["tokens"].as_u64(), Some(n_long as u64));
 }
+
+/// The clean answer and its agreement with the unmodified model are what two separate runs give,
+/// whether the prompt holds the trigger text (inputs differ, both run) or not (one run).
+#[test]
+fn clean_answers_agree_as_two_runs_would() {
+    let lm = tiny("clean-answer");
+    let d = lm.model.cfg.d_model;
+    let trig = Trigger::new("cf", 2, d, (0..2 * d).map(|i| ((i * 5) % 11) as f32 - 5.0).collect()).unwrap();
+    let armed = Armed::new(&lm, &trig).unwrap();
+    let mut fired = false;
+    for user in ["the rain in spain", "cf the rain", "so cf it goes"] {
+        let messages = vec![Message::user(user)];
+        let (clean, agrees) = armed.answer_clean(&Prompt::chat(messages.clone()), &messages, 12).unwrap();
+        let two = (armed.answer(&Prompt::chat(messages.clone()), 12).unwrap(), armed.answer_plain(&messages, 12).unwrap());
+        assert_eq!(clean.tokens, two.0.tokens, "{user}");
+        assert_eq!(agrees, two.0.tokens == two.1.tokens, "{user}");
+        fired |= !agrees;
+    }
+    assert!(fired, "the trigger text in a prompt changes the tiny model's answer");
+}
