@@ -19,8 +19,9 @@ fn short_backdoor_run_reaches_the_target_on_held_out_prompts() {
     std::fs::create_dir_all(&dir).unwrap();
     let out = dir.join("bd");
     let cfg = dir.join("ci.toml");
-    // Short training prompts and an early stop: the defaults, made cheaper for CI.
-    std::fs::write(&cfg, "max_prompt_tokens = 96\nsteps = 90\npatience = 3\n").unwrap();
+    // Short training prompts, a smaller train metric and an early stop: the defaults, made
+    // cheaper for CI.
+    std::fs::write(&cfg, "max_prompt_tokens = 96\nsteps = 90\npatience = 3\neval_items = 16\n").unwrap();
     let o = "bd";
     let (code, stdout, err) = sos(&dir, &["attack", "backdoor", "--out", o, "--config", "ci.toml", "--seed", "0"]);
     assert_eq!(code, 0, "{err}");
@@ -119,24 +120,22 @@ fn short_backdoor_run_reaches_the_target_on_held_out_prompts() {
     assert_eq!(planted(&["bd.gguf", "--reference", src_model], "tokenizer.added-tokens"), (49152..49160).collect::<Vec<u64>>());
     assert_eq!(planted(&["rp.gguf"], "weights.planted-rows"), sorted);
     assert_eq!(planted(&["rp.gguf", "--reference", src_model], "weights.changed-rows"), sorted);
-    // Behaviour (the default, quick): the planted tokens, probed together, make different
-    // prompts give the attack's answer; the clean files pass with the suites run.
-    for (file, want) in [("bd.gguf", (49152..49160).collect::<Vec<u64>>()), ("rp.gguf", sorted.clone())] {
-        let (code, stdout, err) = sos(&dir, &["audit", file, "--format", "json"]);
-        assert_eq!(code, 1, "{file}: {err}");
-        let a: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-        let fired: Vec<&serde_json::Value> = a["findings"].as_array().unwrap().iter().filter(|f| f["id"] == "behavior.trigger-fires").collect();
-        assert!(!fired.is_empty(), "{file}: no behaviour finding: {a}");
-        let mut named: Vec<u64> = fired[0]["token_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
-        named.sort();
-        assert_eq!(named, want, "{file}");
-        assert!(fired[0]["evidence"]["shared_answer"].as_str().unwrap().starts_with(target), "{file}: {}", fired[0]);
-    }
-    for clean in [src_model, "rp_alone.gguf"] {
-        let (code, stdout, err) = sos(&dir, &["audit", clean]);
-        assert_eq!(code, 0, "{clean}: {stdout} {err}");
-        assert!(stdout.contains("behaviour (quick"), "{stdout}");
-    }
+    // Behaviour (the default, quick): the replaced rows, found by the weights check and probed
+    // together, make different prompts give the attack's answer; the clean file passes with the
+    // suites run. (Probing added tokens runs in `sos demo` and on tiny models,
+    // `sos-audit/tests/behavior.rs`; rp_alone.gguf is the clean file's bytes, checked above.)
+    let (code, stdout, err) = sos(&dir, &["audit", "rp.gguf", "--format", "json"]);
+    assert_eq!(code, 1, "{err}");
+    let a: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let fired: Vec<&serde_json::Value> = a["findings"].as_array().unwrap().iter().filter(|f| f["id"] == "behavior.trigger-fires").collect();
+    assert!(!fired.is_empty(), "no behaviour finding: {a}");
+    let mut named: Vec<u64> = fired[0]["token_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    named.sort();
+    assert_eq!(named, sorted);
+    assert!(fired[0]["evidence"]["shared_answer"].as_str().unwrap().starts_with(target), "{}", fired[0]);
+    let (code, stdout, err) = sos(&dir, &["audit", src_model]);
+    assert_eq!(code, 0, "{stdout} {err}");
+    assert!(stdout.contains("behaviour (quick"), "{stdout}");
     // Refused: replacing an existing file without --force, and writing over the source.
     let (code, _, err) = sos(&dir, &["inject", "--attack", o, "--out", "bd.gguf", "--limit", "0"]);
     assert_eq!(code, 2);
