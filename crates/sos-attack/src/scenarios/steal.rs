@@ -30,6 +30,12 @@ impl ScenarioLogic for Steal {
         c.max_target_tokens = 512;
         c.max_prompt_tokens = 560;
         c.length_buckets = true;
+        // The train metric (every target token greedy from the teacher-forced prefix) stays far
+        // below 1.0 on secrets this long, so it never stops a run early: it is only reported.
+        // Each measurement runs 32 long sequences forward, ~4 steps' time; fewer and smaller
+        // ones cut a default run by ~30 % and train the same trigger.
+        c.eval_every = 20;
+        c.eval_items = 16;
     }
 
     /// The collections' system prompts; for training, `COMPOSED` sectioned prompts made from
