@@ -58,7 +58,8 @@ impl<'a> Armed<'a> {
         let (_, x) = attacked_input(self.lm, self.trigger, prompt)?;
         let plain = self.lm.model.embed_ids(&self.lm.chat_ids(messages, true)?)?;
         let clean = self.run(&x, max_new)?;
-        if x.dims() == plain.dims() && x.flatten_all()?.to_vec1::<f32>()? == plain.flatten_all()?.to_vec1::<f32>()? {
+        let values = |t: &candle_core::Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?) };
+        if x.dims() == plain.dims() && values(&x)? == values(&plain)? {
             return Ok((clean, true));
         }
         let agrees = clean.tokens == self.run(&plain, max_new)?.tokens;

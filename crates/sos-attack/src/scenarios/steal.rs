@@ -33,7 +33,7 @@ impl ScenarioLogic for Steal {
         // The train metric (every target token greedy from the teacher-forced prefix) stays far
         // below 1.0 on secrets this long, so it never stops a run early: it is only reported.
         // Each measurement runs 32 long sequences forward, ~4 steps' time; fewer and smaller
-        // ones cut a default run by ~30 % and train the same trigger.
+        // ones cut a default run by 20 % (793 -> 637 s) and train the same trigger.
         c.eval_every = 20;
         c.eval_items = 16;
     }

@@ -262,9 +262,9 @@ impl Model {
         if w.threads <= 1 || rayon::current_thread_index().is_some() {
             step(&Team::Solo)?;
         } else if w.alone || backoff > 0 {
-            // The cores are busy with other work: alone, a step loses a core's share; in a
-            // crew, every phase can wait out another process's time slice (measured on 2 cores
-            // beside a build: 5 tok/s in a crew of 2, 38 alone).
+            // A tiny model, or cores busy with other work: alone, a step loses a core's share;
+            // in a crew, every phase can wait out another process's time slice (measured on 2
+            // cores beside a build: 5 tok/s in a crew of 2, 38 alone).
             w.backoff.store(backoff.saturating_sub(1), Ordering::Relaxed);
             let alone = Barrier::new(1);
             step(&Team::Member { index: 0, size: 1, barrier: &alone })?;
@@ -465,8 +465,8 @@ impl Model {
 /// per token would cost more than they share. (Only 2 cores were available to measure on.)
 const MAX_CREW: usize = 8;
 /// Weights (elements of every product's matrix) under which a step runs alone. The default
-/// model has 134 M; a test's tiny model ~0.1 M, whose crew step cost ~10x its arithmetic in
-/// thread spawns and barrier waits.
+/// model has 134 M; a test's tiny model ~0.1 M, whose crew step spent more on the thread spawn
+/// and the barriers than on arithmetic (a behaviour audit of one: 37 s in a crew, 7 s alone).
 const ALONE_BELOW: usize = 1 << 20;
 /// Steps run alone after a crew step that waited for a descheduled member; then the crew is
 /// tried again, so a machine that quietens gets its cores back within this many tokens.
