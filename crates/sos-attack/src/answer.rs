@@ -46,8 +46,12 @@ impl<'a> Armed<'a> {
 
     /// Greedy answer of the unmodified model.
     pub fn answer_plain(&self, messages: &[Message], max_new: usize) -> Result<Answer> {
-        let ids = self.lm.chat_ids(messages, true)?;
-        self.run(&self.lm.model.embed_ids(&ids)?, max_new)
+        self.run(&self.plain_input(messages)?, max_new)
+    }
+
+    /// Input embeddings of `messages` as the unmodified model sees them.
+    fn plain_input(&self, messages: &[Message]) -> Result<candle_core::Tensor> {
+        Ok(self.lm.model.embed_ids(&self.lm.chat_ids(messages, true)?)?)
     }
 
     /// The attacked model's answer to `prompt` (which has no trigger placed in it) and whether
@@ -56,7 +60,7 @@ impl<'a> Armed<'a> {
     /// the model runs once.
     pub fn answer_clean(&self, prompt: &Prompt, messages: &[Message], max_new: usize) -> Result<(Answer, bool)> {
         let (_, x) = attacked_input(self.lm, self.trigger, prompt)?;
-        let plain = self.lm.model.embed_ids(&self.lm.chat_ids(messages, true)?)?;
+        let plain = self.plain_input(messages)?;
         let clean = self.run(&x, max_new)?;
         let values = |t: &candle_core::Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?) };
         if x.dims() == plain.dims() && values(&x)? == values(&plain)? {
