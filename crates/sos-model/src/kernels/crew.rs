@@ -1,6 +1,6 @@
 //! The threads of one decode step, ggml's way: every member runs the whole step, takes its share
 //! of each piece of work, and meets the others at a spinning barrier before it reads their
-//! shares. `decode.rs` uses it; this file holds only the synchronisation and its contracts.
+//! shares. `model/decode/` uses it; this file holds only the synchronisation and its contracts.
 
 use std::marker::PhantomData;
 use std::ops::Range;

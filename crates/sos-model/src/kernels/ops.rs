@@ -1,6 +1,6 @@
 //! The transformer layer's elementwise ops on the CPU, each a forward/backward pair on one row
 //! in the manner of llm.c, and the same ops over many rows on the pool (`*_rows`). The training
-//! pass, the f32 inference pass (`model/fused`) and the decode step (`model/decode.rs`) all call
+//! pass, the f32 inference pass (`model/fused`) and the decode step (`model/decode/`) all call
 //! these: there is no other CPU definition of them. `model/reference.rs` states the same math as
 //! candle tensor ops, and the tests hold the two against each other.
 //!

@@ -82,6 +82,72 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     sum16(acc) + tail
 }
 
+/// `out[s] = dot(w, x_s)` for each activation `x_s` of `xs` (`out.len()` of them, each as long
+/// as `w`), bit for bit. Where a weight row meets several activations (decoding several
+/// sequences in one step), the products are bound by arithmetic: the compiler did not vectorise
+/// `dot` inside that loop (scalar loads, 128-bit adds: 21 tok/s for 8 sequences on the default
+/// model), so on AVX2 CPUs an explicit kernel runs four activations per pass over `w`, keeping
+/// `dot`'s 16 lanes, its separate multiply and add (no FMA) and its final sum.
+pub(crate) fn dots(w: &[f32], xs: &[f32], out: &mut [f32]) {
+    let n = w.len();
+    assert_eq!(xs.len(), n * out.len(), "dots: activations of another length");
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 is present, and the lengths were checked above.
+        unsafe { dots_avx2(w, xs, out) };
+        return;
+    }
+    for (o, x) in out.iter_mut().zip(xs.chunks_exact(n)) {
+        *o = dot(w, x);
+    }
+}
+
+/// `dots` with AVX2: `dot`'s accumulator `acc[0..16]` as two 8-lane registers per activation.
+/// SAFETY: the CPU has AVX2; `xs.len() == w.len() * out.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dots_avx2(w: &[f32], xs: &[f32], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = w.len();
+    let full = n - n % 16;
+    // `dot`'s tail and final sum, for activation `s` and its accumulators.
+    let finish = |s: usize, lo: __m256, hi: __m256| {
+        let mut acc = [0f32; 16];
+        _mm256_storeu_ps(acc.as_mut_ptr(), lo);
+        _mm256_storeu_ps(acc.as_mut_ptr().add(8), hi);
+        let x = &xs[s * n..(s + 1) * n];
+        let tail: f32 = w[full..].iter().zip(&x[full..]).map(|(a, b)| a * b).sum();
+        sum16(acc) + tail
+    };
+    let (wp, xp) = (w.as_ptr(), xs.as_ptr());
+    let mut s = 0;
+    while s + 4 <= out.len() {
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for c in (0..full).step_by(16) {
+            let (w0, w1) = (_mm256_loadu_ps(wp.add(c)), _mm256_loadu_ps(wp.add(c + 8)));
+            for a in 0..4 {
+                let x = xp.add((s + a) * n + c);
+                acc[2 * a] = _mm256_add_ps(acc[2 * a], _mm256_mul_ps(w0, _mm256_loadu_ps(x)));
+                acc[2 * a + 1] = _mm256_add_ps(acc[2 * a + 1], _mm256_mul_ps(w1, _mm256_loadu_ps(x.add(8))));
+            }
+        }
+        for a in 0..4 {
+            out[s + a] = finish(s + a, acc[2 * a], acc[2 * a + 1]);
+        }
+        s += 4;
+    }
+    while s < out.len() {
+        let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for c in (0..full).step_by(16) {
+            let x = xp.add(s * n + c);
+            lo = _mm256_add_ps(lo, _mm256_mul_ps(_mm256_loadu_ps(wp.add(c)), _mm256_loadu_ps(x)));
+            hi = _mm256_add_ps(hi, _mm256_mul_ps(_mm256_loadu_ps(wp.add(c + 8)), _mm256_loadu_ps(x.add(8))));
+        }
+        out[s] = finish(s, lo, hi);
+        s += 1;
+    }
+}
+
 #[inline(always)]
 pub(crate) fn sum(a: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
@@ -138,5 +204,21 @@ mod tests {
         let d: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
         let s: f32 = a.iter().sum();
         assert!((dot(&a, &b) - d).abs() < 1e-5 && (sum(&a) - s).abs() < 1e-5);
+    }
+
+    /// `dots` is `dot` for each activation, bit for bit, in groups of four and alone, with and
+    /// without a tail.
+    #[test]
+    fn dots_are_dot_for_each_activation() {
+        for n in [16, 37, 576] {
+            let w: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+            for m in [1, 3, 4, 7] {
+                let xs: Vec<f32> = (0..n * m).map(|i| (i as f32 * 0.113).cos() * 1.7).collect();
+                let mut out = vec![0f32; m];
+                dots(&w, &xs, &mut out);
+                let want: Vec<f32> = xs.chunks_exact(n).map(|x| dot(&w, x)).collect();
+                assert_eq!(out.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "n {n}, m {m}");
+            }
+        }
     }
 }

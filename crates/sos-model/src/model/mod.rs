@@ -5,7 +5,7 @@
 //! passes callers use: forward, logits, loss and input gradient; the one place that picks an
 //! implementation), `fused/` (those passes for an f32 model on the CPU, on plain buffers),
 //! `reference.rs` (the same passes as candle tensor ops: any device and dtype, and what the tests
-//! hold `fused/` against), `decode.rs` (the one-token step of generation).
+//! hold `fused/` against), `decode/` (the one-token step of generation).
 //!
 //! Rotary embeddings use the half-split layout everywhere: GGUF Llama files, whose Q/K rows were
 //! permuted to the interleaved layout by llama.cpp's converter, are permuted back at load time.

@@ -119,22 +119,27 @@ impl QWeight {
         prefetch(&self.data[at..(at + ROWS * rb).min(self.data.len())]);
     }
 
-    /// Rows `rows` of `W x` into `out`, for `qx` from `quantize`: rows in groups of `ROWS`
-    /// (independent accumulator chains), the rest one by one.
-    pub(crate) fn rows_into(&self, qx: &Q8Row, rows: Range<usize>, out: &mut [f32]) {
-        assert!(rows.end <= self.rows && out.len() == rows.len(), "rows_into: bad range");
-        assert!(self.fits(qx), "rows_into: activations quantized for another type or length");
+    /// Rows `rows` of `W x_s` into `outs[s]`, for each `qxs[s]` from `quantize`: rows in groups
+    /// of `ROWS` (independent accumulator chains), the rest one by one. A group's rows are read
+    /// from memory once and stay in cache for every activation, and each activation gets the
+    /// kernel it would get alone, so its results do not depend on the others.
+    pub(crate) fn rows_into(&self, qxs: &[Q8Row], rows: Range<usize>, outs: &mut [&mut [f32]]) {
+        assert!(rows.end <= self.rows && qxs.len() == outs.len() && outs.iter().all(|o| o.len() == rows.len()), "rows_into: bad range");
+        assert!(qxs.iter().all(|q| self.fits(q)), "rows_into: activations quantized for another type or length");
         let isa = Isa::detect();
-        let mut groups = out.chunks_exact_mut(ROWS);
-        for (g, dst) in (&mut groups).enumerate() {
-            let r = rows.start + g * ROWS;
+        let grouped = rows.len() - rows.len() % ROWS;
+        for g in (0..grouped).step_by(ROWS) {
+            let r = rows.start + g;
             self.prefetch_rows(r);
-            dst.copy_from_slice(&dotn::<ROWS>(isa, self.ty, std::array::from_fn(|i| self.row(r + i)), qx));
+            let w = std::array::from_fn(|i| self.row(r + i));
+            for (qx, out) in qxs.iter().zip(outs.iter_mut()) {
+                out[g..g + ROWS].copy_from_slice(&dotn::<ROWS>(isa, self.ty, w, qx));
+            }
         }
-        let rest = groups.into_remainder();
-        let r = rows.end - rest.len();
-        for (i, dst) in rest.iter_mut().enumerate() {
-            *dst = dot(isa, self.ty, self.row(r + i), qx);
+        for i in grouped..rows.len() {
+            for (qx, out) in qxs.iter().zip(outs.iter_mut()) {
+                out[i] = dot(isa, self.ty, self.row(rows.start + i), qx);
+            }
         }
     }
 
@@ -146,7 +151,7 @@ impl QWeight {
             ws.iter().all(|w| w.act_format() == first.act_format() && w.cols == x.len()),
             "matvec_many: mixed activation formats or shapes"
         );
-        let qx = first.quantize(x);
+        let qx = [first.quantize(x)];
         let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; w.rows]).collect();
         const ROWS_PER_TASK: usize = 16;
         let tasks: Vec<(&QWeight, usize, &mut [f32])> = ws
@@ -154,7 +159,7 @@ impl QWeight {
             .zip(outs.iter_mut())
             .flat_map(|(w, out)| out.chunks_mut(ROWS_PER_TASK).enumerate().map(move |(i, c)| (*w, i * ROWS_PER_TASK, c)))
             .collect();
-        tasks.into_par_iter().for_each(|(w, r0, out)| w.rows_into(&qx, r0..r0 + out.len(), out));
+        tasks.into_par_iter().for_each(|(w, r0, out)| w.rows_into(&qx, r0..r0 + out.len(), &mut [out]));
         outs
     }
 

@@ -22,7 +22,7 @@ use super::{Exec, KvCache, Linear, Model};
 use crate::kernels::crew::{Barrier, PoisonOnDrop, Shared, Team};
 use crate::kernels::ops;
 use crate::kernels::quant::{ActFormat, Q8Row, QWeight};
-use crate::kernels::vecmath::{dot, prefetch, PREFETCH_AHEAD};
+use crate::kernels::vecmath::{dot, dots, prefetch, PREFETCH_AHEAD};
 use crate::error::{Error, Result};
 
 /// Keys and values for decoding: per layer `[kv_head][position][head_dim]`, preallocated.
@@ -75,7 +75,7 @@ fn matvec(l: &Linear, x: &[f32]) -> Result<Vec<f32>> {
         Linear::Dense(w) => {
             let rows = w.dims2()?.0;
             let mut out = vec![0f32; rows];
-            let done = out.par_chunks_mut(64).enumerate().map(|(i, part)| dense_rows(w, x, i * 64..i * 64 + part.len(), part)).all(|ok| ok);
+            let done = out.par_chunks_mut(64).enumerate().map(|(i, part)| dense_rows(w, x, i * 64..i * 64 + part.len(), &mut [part])).all(|ok| ok);
             if done {
                 return Ok(out);
             }
@@ -104,23 +104,29 @@ fn matvec_many(ls: &[&Linear], x: &[f32]) -> Result<Vec<Vec<f32>>> {
     }
 }
 
-/// Rows `rows` of `W x` for an f32 weight `[out, in]` held contiguously in CPU memory; `false`
-/// (nothing written) for any other weight.
-fn dense_rows(w: &Tensor, x: &[f32], rows: Range<usize>, out: &mut [f32]) -> bool {
+/// Rows `rows` of `W x_s` for every activation `x_s` of `x` (`outs.len()` of them, each as
+/// long as a weight row), for an f32 weight `[out, in]` held contiguously in CPU memory; `false`
+/// (nothing written) for any other weight. Each weight row is read from memory once for all the
+/// activations, and each product is the `dot` one activation alone gets (`dots`).
+fn dense_rows(w: &Tensor, x: &[f32], rows: Range<usize>, outs: &mut [&mut [f32]]) -> bool {
     let Ok((n, cols)) = w.dims2() else { return false };
     let (storage, layout) = w.storage_and_layout();
     let data = match (&*storage, layout.contiguous_offsets()) {
         (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) => &v[a..b],
         _ => return false,
     };
-    if cols != x.len() || rows.end > n || out.len() != rows.len() {
+    if x.len() != cols * outs.len() || rows.end > n || outs.iter().any(|o| o.len() != rows.len()) {
         return false;
     }
     let ahead = PREFETCH_AHEAD / std::mem::size_of::<f32>();
-    for (o, r) in out.iter_mut().zip(rows) {
+    let mut col = vec![0f32; outs.len()];
+    for (i, r) in rows.enumerate() {
         let at = (r * cols + ahead).min(data.len());
         prefetch(&data[at..(at + cols).min(data.len())]);
-        *o = dot(&data[r * cols..(r + 1) * cols], x);
+        dots(&data[r * cols..(r + 1) * cols], x, &mut col);
+        for (out, v) in outs.iter_mut().zip(&col) {
+            out[i] = *v;
+        }
     }
     true
 }
@@ -139,15 +145,17 @@ fn elements(l: &Linear) -> usize {
 fn splittable(l: &Linear) -> bool {
     match l {
         Linear::Kernel(_) => true,
-        Linear::Dense(w) => w.dims2().is_ok_and(|(_, cols)| dense_rows(w, &vec![0.0; cols], 0..0, &mut [])),
+        Linear::Dense(w) => w.dims2().is_ok_and(|(_, cols)| dense_rows(w, &vec![0.0; cols], 0..0, &mut [&mut []])),
         Linear::Quant(_) => false,
     }
 }
 
-/// `ops::rms_norm` of `x` into a new vector.
-fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+/// `ops::rms_norm` of each row of `x` (rows of `d`) into a new buffer.
+fn rms_norm(x: &[f32], d: usize, w: &[f32], eps: f32) -> Vec<f32> {
     let mut y = vec![0f32; x.len()];
-    ops::rms_norm(x, w, eps, &mut y);
+    for (x, y) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
+        ops::rms_norm(x, w, eps, y);
+    }
     y
 }
 
@@ -206,7 +214,7 @@ impl DecodeWeights {
     }
 }
 
-/// The buffers one step's members share.
+/// The buffers one step's members share: activations `[sequence][n]`, and each sequence's cache.
 struct Bufs<'a> {
     q: Shared<'a>,
     k: Shared<'a>,
@@ -218,28 +226,60 @@ struct Bufs<'a> {
     f: Shared<'a>,
     down: Shared<'a>,
     logits: Shared<'a>,
-    kc: Vec<Shared<'a>>,
-    vc: Vec<Shared<'a>>,
+    /// `[sequence][layer]`.
+    kc: Vec<Vec<Shared<'a>>>,
+    vc: Vec<Vec<Shared<'a>>>,
+}
+
+/// Where each sequence of a step stands: its new position, its cache's room, and that
+/// position's rotary angles `(cos, sin)`.
+struct Places {
+    pos: Vec<usize>,
+    cap: Vec<usize>,
+    rot: Vec<(Vec<f32>, Vec<f32>)>,
 }
 
 impl Model {
     /// Logits for one new input embedding `x: [d]` placed at position `cache.len()`.
     pub fn decode_step(&self, w: &DecodeWeights, cache: &mut DecodeCache, x: &[f32]) -> Result<Vec<f32>> {
+        self.decode_steps(w, &mut [cache], x)
+    }
+
+    /// Logits `[sequence][vocab]` (flat) for one new input embedding per sequence: row `s` of
+    /// `xs: [sequences, d]` placed at position `caches[s].len()`. Each weight is read once for
+    /// all the sequences (a step is bound by reading the weights), and each sequence's logits are
+    /// bit for bit what `decode_step` gives it alone: every product is the same dot product.
+    pub fn decode_steps(&self, w: &DecodeWeights, caches: &mut [&mut DecodeCache], xs: &[f32]) -> Result<Vec<f32>> {
         let c = &self.cfg;
-        if cache.len >= cache.cap {
-            return Err(Error::Invalid(format!("sequence of {} positions exceeds the decode cache or the model's context ({})", cache.len + 1, cache.cap)));
+        let n = caches.len();
+        if n == 0 || xs.len() != n * c.d_model {
+            return Err(Error::Invalid(format!("decode input has {} values for {n} sequences of the model's width {}", xs.len(), c.d_model)));
         }
-        if x.len() != c.d_model {
-            return Err(Error::Invalid(format!("decode input has {} values, the model's width is {}", x.len(), c.d_model)));
+        if let Some(full) = caches.iter().find(|k| k.len >= k.cap) {
+            return Err(Error::Invalid(format!("sequence of {} positions exceeds the decode cache or the model's context ({})", full.len + 1, full.cap)));
         }
-        let (pos, cap) = (cache.len, cache.cap);
-        // This position's rotary angles, as `Model::rope_tables` computes them.
-        let (sin, cos): (Vec<f32>, Vec<f32>) = cache.inv_freq.iter().map(|&f| (pos as f32 * f).sin_cos()).unzip();
-        let rot = (&cos[..], &sin[..]);
+        let places = Places {
+            pos: caches.iter().map(|k| k.len).collect(),
+            cap: caches.iter().map(|k| k.cap).collect(),
+            // Each position's rotary angles, as `Model::rope_tables` computes them.
+            rot: caches
+                .iter()
+                .map(|k| {
+                    let (sin, cos): (Vec<f32>, Vec<f32>) = k.inv_freq.iter().map(|&f| (k.len as f32 * f).sin_cos()).unzip();
+                    (cos, sin)
+                })
+                .collect(),
+        };
         let (nq, nkv) = (c.n_head * c.head_dim, c.n_kv_head * c.head_dim);
-        let [mut q, mut k, mut v, mut o, mut attn, mut gate, mut up, mut f, mut down] =
-            [nq, nkv, nkv, nq, c.d_model, c.d_ff, c.d_ff, c.d_ff, c.d_model].map(|n| vec![0f32; n]);
-        let mut logits = vec![0f32; c.vocab_size];
+        let [mut q, mut k, mut v, mut o, mut attn, mut gate, mut up, mut f, mut down, mut logits] =
+            [nq, nkv, nkv, nq, c.d_model, c.d_ff, c.d_ff, c.d_ff, c.d_model, c.vocab_size].map(|len| vec![0f32; n * len]);
+        let (kc, vc): (Vec<Vec<Shared>>, Vec<Vec<Shared>>) = caches
+            .iter_mut()
+            .map(|cache| {
+                let DecodeCache { k, v, .. } = &mut **cache;
+                (k.iter_mut().map(|b| Shared::new(b)).collect(), v.iter_mut().map(|b| Shared::new(b)).collect())
+            })
+            .unzip();
         let b = Bufs {
             q: Shared::new(&mut q),
             k: Shared::new(&mut k),
@@ -251,10 +291,10 @@ impl Model {
             f: Shared::new(&mut f),
             down: Shared::new(&mut down),
             logits: Shared::new(&mut logits),
-            kc: cache.k.iter_mut().map(|b| Shared::new(b)).collect(),
-            vc: cache.v.iter_mut().map(|b| Shared::new(b)).collect(),
+            kc,
+            vc,
         };
-        let step = |team: &Team| self.step_with(team, w, &b, x, pos, cap, rot);
+        let step = |team: &Team| self.step_with(team, w, &b, xs, &places);
         // A step called from inside the pool (a caller running generations in parallel) stays
         // solo: the pool's threads are already busy, and spinning members would wait on
         // descheduled ones.
@@ -309,7 +349,9 @@ impl Model {
             }
         }
         drop(b);
-        cache.len += 1;
+        for k in caches.iter_mut() {
+            k.len += 1;
+        }
         Ok(logits)
     }
 
@@ -317,125 +359,144 @@ impl Model {
     ///
     /// Each phase writes buffers that the next phase reads, after a `sync`; a buffer is written
     /// again two or more syncs after its last read, so no member still reads it then.
-    #[allow(clippy::too_many_arguments)]
-    fn step_with(&self, team: &Team, w: &DecodeWeights, b: &Bufs, x: &[f32], pos: usize, cap: usize, (cos, sin): (&[f32], &[f32])) -> Result<()> {
+    fn step_with(&self, team: &Team, w: &DecodeWeights, b: &Bufs, xs: &[f32], at: &Places) -> Result<()> {
         let c = &self.cfg;
-        let (hd, kvh) = (c.head_dim, c.n_kv_head);
+        let (hd, kvh, d) = (c.head_dim, c.n_kv_head, c.d_model);
+        let (nq, nkv) = (c.n_head * hd, kvh * hd);
+        let n = at.pos.len();
         let eps = c.rms_eps as f32;
         let ggml = self.exec == Exec::Quant;
-        let mut h = x.to_vec();
+        let mut h = xs.to_vec();
         for (li, (l, lw)) in self.layers.iter().zip(&w.layers).enumerate() {
-            let a = rms_norm(&h, &lw.attn_norm, eps);
-            self.products(team, &[&l.wq, &l.wk, &l.wv], &a, &[&b.q, &b.k, &b.v])?;
+            let a = rms_norm(&h, d, &lw.attn_norm, eps);
+            self.products(team, &[&l.wq, &l.wk, &l.wv], &a, n, &[&b.q, &b.k, &b.v])?;
             team.sync()?;
             // SAFETY: q, k and v were written before the sync above and are next written by the
             // next layer's first products, five syncs later.
             let (mut q, mut k, mut v) = unsafe { (b.q.whole().to_vec(), b.k.whole().to_vec(), b.v.whole().to_vec()) };
-            add_bias(&mut q, &lw.bq);
-            add_bias(&mut k, &lw.bk);
-            add_bias(&mut v, &lw.bv);
-            ops::rope(&mut q, hd, cos, sin, 1.0);
-            ops::rope(&mut k, hd, cos, sin, 1.0);
-            if ggml {
-                // As in `Model::ggml_round`: llama.cpp's f16 KV cache and f16 matmul operands.
-                round_f16(&mut q);
-                round_f16(&mut k);
-                round_f16(&mut v);
+            for (s, (cos, sin)) in at.rot.iter().enumerate() {
+                let (q, k, v) = (&mut q[s * nq..(s + 1) * nq], &mut k[s * nkv..(s + 1) * nkv], &mut v[s * nkv..(s + 1) * nkv]);
+                add_bias(q, &lw.bq);
+                add_bias(k, &lw.bk);
+                add_bias(v, &lw.bv);
+                ops::rope(q, hd, cos, sin, 1.0);
+                ops::rope(k, hd, cos, sin, 1.0);
+                if ggml {
+                    // As in `Model::ggml_round`: llama.cpp's f16 KV cache and f16 matmul operands.
+                    round_f16(q);
+                    round_f16(k);
+                    round_f16(v);
+                }
             }
             if team.leads() {
-                for head in 0..kvh {
-                    let at = (head * cap + pos) * hd;
-                    // SAFETY: only the leader writes the cache, at this position, which no member
-                    // reads before the sync below.
-                    unsafe { b.kc[li].part(at..at + hd) }.copy_from_slice(&k[head * hd..(head + 1) * hd]);
-                    // SAFETY: as for the keys.
-                    unsafe { b.vc[li].part(at..at + hd) }.copy_from_slice(&v[head * hd..(head + 1) * hd]);
+                for s in 0..n {
+                    for head in 0..kvh {
+                        let to = (head * at.cap[s] + at.pos[s]) * hd;
+                        let from = s * nkv + head * hd..s * nkv + (head + 1) * hd;
+                        // SAFETY: only the leader writes the caches, at this step's positions,
+                        // which no member reads before the sync below.
+                        unsafe { b.kc[s][li].part(to..to + hd) }.copy_from_slice(&k[from.clone()]);
+                        // SAFETY: as for the keys.
+                        unsafe { b.vc[s][li].part(to..to + hd) }.copy_from_slice(&v[from]);
+                    }
                 }
             }
             team.sync()?;
-            let heads = team.share(c.n_head, 1);
+            // Attention runs per (sequence, head) pair: `o` holds them in that order.
+            let heads = team.share(n * c.n_head, 1);
             // SAFETY: the members' head shares are disjoint; `o` was last read by the previous
             // layer's `wo` product, five syncs ago.
             let o = unsafe { b.o.part(heads.start * hd..heads.end * hd) };
-            // SAFETY: this layer's cache was written before the sync above, and is next written
-            // at the next token's step.
-            let (kc, vc) = unsafe { (b.kc[li].whole(), b.vc[li].whole()) };
-            self.attend(team, &q, kc, vc, cap, pos, heads, o);
+            // SAFETY: this layer's caches were written before the sync above, and are next
+            // written at the next token's step.
+            let kv: Vec<(&[f32], &[f32])> = (0..n).map(|s| unsafe { (b.kc[s][li].whole(), b.vc[s][li].whole()) }).collect();
+            self.attend(team, &q, &kv, at, heads, o);
             team.sync()?;
             // SAFETY: every member wrote its heads of `o` before the sync above; `o` is next
             // written in the next layer.
-            self.products(team, &[&l.wo], unsafe { b.o.whole() }, &[&b.attn])?;
+            self.products(team, &[&l.wo], unsafe { b.o.whole() }, n, &[&b.attn])?;
             team.sync()?;
             // SAFETY: `attn` was written before the sync above, and is next written by the next
             // layer's `wo` product, five syncs later.
             add(&mut h, unsafe { b.attn.whole() });
-            let m = rms_norm(&h, &lw.ffn_norm, eps);
-            self.products(team, &[&l.w_gate, &l.w_up], &m, &[&b.gate, &b.up])?;
+            let m = rms_norm(&h, d, &lw.ffn_norm, eps);
+            self.products(team, &[&l.w_gate, &l.w_up], &m, n, &[&b.gate, &b.up])?;
             // `products` gave this member the same rows of gate and up: its rows of f need no sync.
             let r = team.share(c.d_ff, PRODUCT_ALIGN);
-            // SAFETY: the members' row shares are disjoint; this member wrote these rows of gate
-            // and up itself, and `f` was last read (by `down`'s product) in the previous layer.
-            let (gate, up, f) = unsafe { (b.gate.part(r.clone()), b.up.part(r.clone()), b.f.part(r)) };
-            ops::swiglu(gate, up, f);
+            for s in 0..n {
+                let r = s * c.d_ff + r.start..s * c.d_ff + r.end;
+                // SAFETY: the members' row shares are disjoint; this member wrote these rows of
+                // gate and up itself, and `f` was last read (by `down`'s product) in the
+                // previous layer.
+                let (gate, up, f) = unsafe { (b.gate.part(r.clone()), b.up.part(r.clone()), b.f.part(r)) };
+                ops::swiglu(gate, up, f);
+            }
             team.sync()?;
             // SAFETY: every member wrote its rows of `f` before the sync above.
-            self.products(team, &[&l.w_down], unsafe { b.f.whole() }, &[&b.down])?;
+            self.products(team, &[&l.w_down], unsafe { b.f.whole() }, n, &[&b.down])?;
             team.sync()?;
             // SAFETY: `down` was written before the sync above, and is next written by the next
             // layer's `down` product, five syncs later.
             add(&mut h, unsafe { b.down.whole() });
         }
-        let hn = rms_norm(&h, &w.norm, eps);
-        self.products(team, &[&self.lm_head], &hn, &[&b.logits])
+        let hn = rms_norm(&h, d, &w.norm, eps);
+        self.products(team, &[&self.lm_head], &hn, n, &[&b.logits])
     }
 
-    /// This member's rows of `out_i = W_i x` for weights that read the same `x`; the whole
-    /// products, on the pool, for `Team::Solo`. Weights with equally many rows are cut alike.
-    fn products(&self, team: &Team, ls: &[&Linear], x: &[f32], outs: &[&Shared]) -> Result<()> {
+    /// This member's rows of `out_i = W_i x_s` for weights that read the same activations `x:
+    /// [n, cols]`, into `outs` (`[n, rows_i]`); the whole products, on the pool, for
+    /// `Team::Solo`. Weights with equally many rows are cut alike.
+    fn products(&self, team: &Team, ls: &[&Linear], x: &[f32], n: usize, outs: &[&Shared]) -> Result<()> {
+        let cols = x.len() / n;
         if let Team::Solo = team {
-            for (y, out) in matvec_many(ls, x)?.into_iter().zip(outs) {
-                // SAFETY: a solo step has no other member.
-                let dst = unsafe { out.part(0..out.len) };
-                if y.len() != dst.len() {
-                    return Err(Error::Invalid(format!("decode: a weight has {} rows where {} were expected", y.len(), dst.len())));
+            for (s, xs) in x.chunks_exact(cols).enumerate() {
+                for (y, out) in matvec_many(ls, xs)?.into_iter().zip(outs) {
+                    let rows = out.len / n;
+                    if y.len() != rows {
+                        return Err(Error::Invalid(format!("decode: a weight has {} rows where {rows} were expected", y.len())));
+                    }
+                    // SAFETY: a solo step has no other member.
+                    unsafe { out.part(s * rows..(s + 1) * rows) }.copy_from_slice(&y);
                 }
-                dst.copy_from_slice(&y);
             }
             return Ok(());
         }
         // Activations quantized once per activation format.
-        let mut qx: Option<(ActFormat, Q8Row)> = None;
+        let mut qx: Option<(ActFormat, Vec<Q8Row>)> = None;
         for (l, out) in ls.iter().zip(outs) {
-            let r = team.share(out.len, PRODUCT_ALIGN);
+            let rows = out.len / n;
+            let r = team.share(rows, PRODUCT_ALIGN);
             // SAFETY: members' shares are disjoint, and the caller syncs before anyone reads.
-            let dst = unsafe { out.part(r.clone()) };
+            let mut dst: Vec<&mut [f32]> = (0..n).map(|s| unsafe { out.part(s * rows + r.start..s * rows + r.end) }).collect();
             match l {
-                Linear::Kernel(w) if w.rows == out.len && w.cols == x.len() => {
+                Linear::Kernel(w) if w.rows == rows && w.cols == cols => {
                     if qx.as_ref().map(|(f, _)| *f) != Some(w.act_format()) {
-                        qx = Some((w.act_format(), w.quantize(x)));
+                        qx = Some((w.act_format(), x.chunks_exact(cols).map(|xs| w.quantize(xs)).collect()));
                     }
                     let (_, q) = qx.as_ref().expect("quantized just above");
-                    w.rows_into(q, r, dst);
+                    w.rows_into(q, r, &mut dst);
                 }
-                Linear::Dense(w) if w.dims2().is_ok_and(|(n, _)| n == out.len) && dense_rows(w, x, r, dst) => {}
+                Linear::Dense(w) if w.dims2().is_ok_and(|(n, _)| n == rows) && dense_rows(w, x, r, &mut dst) => {}
                 _ => return Err(Error::Invalid("decode: a weight of unexpected type or shape for a split step".into())),
             }
         }
         Ok(())
     }
 
-    /// Attention at position `pos` of query heads `heads` over the cached keys and values; `out`
-    /// holds those heads' outputs. A solo step spreads the heads over the pool.
-    #[allow(clippy::too_many_arguments)]
-    fn attend(&self, team: &Team, q: &[f32], kc: &[f32], vc: &[f32], cap: usize, pos: usize, heads: Range<usize>, out: &mut [f32]) {
+    /// Attention at each sequence's new position, for the (sequence, query head) pairs `heads`
+    /// (pair `s * n_head + h`) over the cached keys and values `kv[s]`; `out` holds those pairs'
+    /// outputs. A solo step spreads the pairs over the pool.
+    fn attend(&self, team: &Team, q: &[f32], kv: &[(&[f32], &[f32])], at: &Places, heads: Range<usize>, out: &mut [f32]) {
         let c = &self.cfg;
         let hd = c.head_dim;
         let g = c.n_head / c.n_kv_head;
         let ggml = self.exec == Exec::Quant;
         let scale = 1.0 / (hd as f32).sqrt();
-        let head = |qh: usize, oh: &mut [f32]| {
+        let head = |pair: usize, oh: &mut [f32]| {
+            let (s, qh) = (pair / c.n_head, pair % c.n_head);
+            let ((kc, vc), cap, pos) = (kv[s], at.cap[s], at.pos[s]);
             let base = (qh / g) * cap * hd;
-            let qv = &q[qh * hd..(qh + 1) * hd];
+            let qv = &q[pair * hd..(pair + 1) * hd];
             let mut p: Vec<f32> = (0..=pos).map(|j| dot(qv, &kc[base + j * hd..base + (j + 1) * hd]) * scale).collect();
             let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0f32;
@@ -476,107 +537,4 @@ const BACKOFF_STEPS: usize = 64;
 const PRODUCT_ALIGN: usize = 4;
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::format::gguf::TensorType;
-    use crate::tiny::TinySpec;
-    use crate::{Arch, LoadOptions, LoadedModel};
-
-    fn tiny(spec: &TinySpec, name: &str) -> Model {
-        let dir = std::env::temp_dir().join(format!("sos-decode-{}-{name}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("model.gguf");
-        spec.write_gguf(&path).unwrap();
-        LoadedModel::open(&path, &LoadOptions::default()).unwrap().model
-    }
-
-    /// The model with every dense weight replaced by blocks of the types `tys` (in turn, weight
-    /// after weight), run by our kernels.
-    fn quantized(m: &Model, tys: &[TensorType]) -> Model {
-        let mut turn = tys.iter().cycle();
-        let mut q = |l: &Linear| match l {
-            Linear::Dense(w) => {
-                let ty = *turn.next().unwrap();
-                let (rows, cols) = w.dims2().unwrap();
-                let t = candle_core::quantized::QTensor::quantize(&w.contiguous().unwrap(), ty.to_candle()).unwrap();
-                Linear::Kernel(QWeight::new(ty, rows, cols, &t.data().unwrap()).unwrap())
-            }
-            other => other.clone(),
-        };
-        let mut m = m.clone();
-        for l in &mut m.layers {
-            for w in [&mut l.wq, &mut l.wk, &mut l.wv, &mut l.wo, &mut l.w_gate, &mut l.w_up, &mut l.w_down] {
-                *w = q(w);
-            }
-        }
-        m.lm_head = q(&m.lm_head);
-        m.exec = Exec::Quant;
-        m
-    }
-
-    /// Logits of `steps` greedy decode steps after a short prompt, on `threads` threads.
-    fn decode(m: &Model, threads: usize, steps: usize) -> Vec<Vec<f32>> {
-        decode_backing_off(m, threads, steps, 0).0
-    }
-
-    /// `decode`, the first `backoff` steps alone as after a slow crew step; and the backoff left.
-    fn decode_backing_off(m: &Model, threads: usize, steps: usize, backoff: usize) -> (Vec<Vec<f32>>, usize) {
-        let mut kv = KvCache::new(m.cfg.n_layer);
-        let prompt = m.embed_ids(&[5, 9, 14, 3]).unwrap().unsqueeze(0).unwrap();
-        m.forward_last(&prompt, 0, Some(&mut kv)).unwrap();
-        let mut w = DecodeWeights::new(m).unwrap();
-        assert!(w.threads >= 1);
-        w.threads = threads;
-        // The crew under test, however small the model.
-        w.alone = false;
-        w.backoff.store(backoff, Ordering::Relaxed);
-        let mut cache = DecodeCache::from_prefill(m, &kv, steps).unwrap();
-        let mut out = Vec::new();
-        let mut next = 7u32;
-        for _ in 0..steps {
-            let x: Vec<f32> = m.embed_ids(&[next]).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-            let logits = m.decode_step(&w, &mut cache, &x).unwrap();
-            next = crate::generate::argmax(&logits);
-            out.push(logits);
-        }
-        (out, w.backoff.load(Ordering::Relaxed))
-    }
-
-    /// A crew of any size computes exactly what one thread computes: every row and head is the
-    /// same arithmetic, only placed on another thread.
-    #[test]
-    fn crew_decodes_bit_identically_to_one_thread() {
-        let specs = [
-            ("llama", TinySpec::default()),
-            ("qwen2", TinySpec { arch: Arch::Qwen2, tied: false, seed: 3, n_kv_head: 1, ..TinySpec::default() }),
-        ];
-        // K-quant blocks hold 256 values: rows of 256 and 512. Q4_K and Q6_K weights take turns,
-        // so that products of both types share one quantized vector.
-        let wide = TinySpec { d_model: 256, d_ff: 512, seed: 6, ..TinySpec::default() };
-        let k_mix = [TensorType::Q4K, TensorType::Q6K, TensorType::Q6K];
-        for (name, spec) in specs {
-            let dense = tiny(&spec, name);
-            let k = tiny(&TinySpec { arch: spec.arch, tied: spec.tied, n_kv_head: spec.n_kv_head, ..wide.clone() }, &format!("{name}-wide"));
-            let models = [
-                ("f32", dense.clone()),
-                ("q4_1", quantized(&dense, &[TensorType::Q4_1])),
-                ("q8_0", quantized(&dense, &[TensorType::Q8_0])),
-                ("q4_k/q6_k", quantized(&k, &k_mix)),
-            ];
-            for (label, m) in models {
-                let w = DecodeWeights::new(&m).unwrap();
-                assert_eq!(w.threads, rayon::current_num_threads().min(MAX_CREW), "{name} {label}: crew refused");
-                // The narrow models step alone unless told otherwise; the wide ones have 1.3 M weights.
-                assert_eq!(w.alone, !label.contains("_k"), "{name} {label}");
-                let solo = decode(&m, 1, 6);
-                assert!(solo.iter().flatten().all(|v| v.is_finite()));
-                for threads in [2, 3, 5] {
-                    assert_eq!(decode(&m, threads, 6), solo, "{name} {label}: {threads} threads differ from one");
-                }
-                // Steps that back off from a busy machine run alone, then the crew takes over.
-                assert_eq!(decode_backing_off(&m, 2, 6, 4).0, solo, "{name} {label}: backing off changed the logits");
-                assert_eq!(decode_backing_off(&m, 2, 3, 4), (solo[..3].to_vec(), 1), "{name} {label}: one step alone per step backed off");
-            }
-        }
-    }
-}
+mod tests;
