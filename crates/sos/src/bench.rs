@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
-use sos_model::generate::{generate, Sampling};
+use sos_model::generate::{generate, generate_many, Sampling};
 use sos_model::Model;
 
 use sos_attack::train::{self, Event, Target};
@@ -55,6 +55,10 @@ pub struct GenBench {
     pub new_tokens: usize,
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
+    /// Sequences decoded together (`generate_many`); above 1, a one-sequence run in the same
+    /// process gives `batch_speedup`.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
     #[arg(long)]
     pub json: bool,
 }
@@ -153,9 +157,10 @@ fn bench_hash(a: HashBench) -> Result<()> {
 }
 
 fn bench_generate(a: GenBench) -> Result<()> {
-    anyhow::ensure!(a.runs >= 1 && a.prompt_tokens >= 1 && a.new_tokens >= 1, "runs, prompt tokens and new tokens must be >= 1");
+    anyhow::ensure!(a.runs >= 1 && a.prompt_tokens >= 1 && a.new_tokens >= 1 && a.batch >= 1, "runs, prompt tokens, new tokens and batch must be >= 1");
     let lm = a.model.load()?;
-    let mut ids = lm.tokenizer.encode(&FILLER.repeat(a.prompt_tokens / 20 + 2))?;
+    let filler = lm.tokenizer.encode(&FILLER.repeat((a.prompt_tokens + a.batch) / 20 + 2))?;
+    let mut ids = filler.clone();
     ids.truncate(a.prompt_tokens);
     let x = lm.model.embed_ids(&ids)?;
     let run = |n: usize| generate(&lm.model, &x, n, &[], Sampling::default(), |_| Ok(true));
@@ -167,7 +172,8 @@ fn bench_generate(a: GenBench) -> Result<()> {
         tps.push(g.tokens_per_second());
         pps.push(g.prompt_tokens_per_second());
     }
-    let v = json!({
+    let single = median(tps);
+    let mut v = json!({
         "bench": "generate",
         "model": lm.path.display().to_string(),
         "exec": lm.model.exec.name(),
@@ -176,10 +182,25 @@ fn bench_generate(a: GenBench) -> Result<()> {
         "prompt_ids": ids,
         "new_tokens": a.new_tokens,
         "runs": a.runs,
-        "tokens_per_second": median(tps),
+        "tokens_per_second": single,
         "prompt_tokens_per_second": median(pps),
-        "peak_rss_mib": peak_rss_mib(),
     });
+    if a.batch > 1 {
+        // Prompts that differ (the filler from another offset each), all decoding `new_tokens`.
+        let prompts = (0..a.batch).map(|i| Ok((lm.model.embed_ids(&filler[i..i + a.prompt_tokens.min(filler.len() - i)])?, a.new_tokens))).collect::<Result<Vec<_>>>()?;
+        let mut rates = Vec::new();
+        for _ in 0..a.runs {
+            let t0 = Instant::now();
+            let gens = generate_many(&lm.model, &prompts, &[], Sampling::default(), |_| {})?;
+            let decode = t0.elapsed().as_secs_f64() - gens.iter().map(|g| g.prompt_seconds).sum::<f64>();
+            rates.push(gens.iter().map(|g| g.tokens.len()).sum::<usize>() as f64 / decode);
+        }
+        let together = median(rates);
+        v["batch"] = a.batch.into();
+        v["batch_tokens_per_second"] = together.into();
+        v["batch_speedup"] = (together / single).into();
+    }
+    v["peak_rss_mib"] = peak_rss_mib().into();
     print_result(&v, a.json);
     Ok(())
 }
