@@ -8,7 +8,8 @@
 use std::collections::BTreeMap;
 
 use serde_json::{Map, Value};
-use sos_model::generate::{generate, Sampling};
+use candle_core::{DType, Tensor};
+use sos_model::generate::{generate_many, Sampling};
 use sos_model::{LoadedModel, Message};
 
 use crate::encode::attacked_input;
@@ -40,40 +41,87 @@ impl<'a> Armed<'a> {
     /// Greedy answer to `prompt` as the attacked model sees it (the trigger text maps to the
     /// trained vectors).
     pub fn answer(&self, prompt: &Prompt, max_new: usize) -> Result<Answer> {
-        let (_, x) = attacked_input(self.lm, self.trigger, prompt)?;
-        self.run(&x, max_new)
+        let mut quiet = |_, _| {};
+        Ok(self.answers(&[(prompt.clone(), max_new)], &mut Progress::new(&mut quiet, 1))?.remove(0))
+    }
+
+    /// `answer` for many prompts (`(prompt, most new tokens)`), decoded together.
+    pub fn answers(&self, prompts: &[(Prompt, usize)], progress: &mut Progress) -> Result<Vec<Answer>> {
+        let jobs = prompts.iter().map(|(p, max)| Ok((attacked_input(self.lm, self.trigger, p)?.1, *max))).collect::<Result<Vec<_>>>()?;
+        self.run(&jobs, progress)
     }
 
     /// Greedy answer of the unmodified model.
     pub fn answer_plain(&self, messages: &[Message], max_new: usize) -> Result<Answer> {
-        self.run(&self.plain_input(messages)?, max_new)
+        let mut quiet = |_, _| {};
+        Ok(self.answers_plain(&[(messages.to_vec(), max_new)], &mut Progress::new(&mut quiet, 1))?.remove(0))
+    }
+
+    /// Greedy answers of the unmodified model to `(messages, most new tokens)`, decoded together.
+    pub fn answers_plain(&self, chats: &[(Vec<Message>, usize)], progress: &mut Progress) -> Result<Vec<Answer>> {
+        let jobs = chats.iter().map(|(m, max)| Ok((self.plain_input(m)?, *max))).collect::<Result<Vec<_>>>()?;
+        self.run(&jobs, progress)
     }
 
     /// Input embeddings of `messages` as the unmodified model sees them.
-    fn plain_input(&self, messages: &[Message]) -> Result<candle_core::Tensor> {
+    fn plain_input(&self, messages: &[Message]) -> Result<Tensor> {
         Ok(self.lm.model.embed_ids(&self.lm.chat_ids(messages, true)?)?)
     }
 
-    /// The attacked model's answer to `prompt` (which has no trigger placed in it) and whether
-    /// it is the unmodified model's answer to `messages`. The two inputs differ only where the
-    /// trigger text occurs inside the prompt; equal inputs give equal greedy answers, so then
-    /// the model runs once.
-    pub fn answer_clean(&self, prompt: &Prompt, messages: &[Message], max_new: usize) -> Result<(Answer, bool)> {
-        let (_, x) = attacked_input(self.lm, self.trigger, prompt)?;
-        let plain = self.plain_input(messages)?;
-        let clean = self.run(&x, max_new)?;
-        let values = |t: &candle_core::Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?) };
-        if x.dims() == plain.dims() && values(&x)? == values(&plain)? {
-            return Ok((clean, true));
+    /// For each `(prompt, messages)`: the attacked model's answer to `prompt` (which has no
+    /// trigger placed in it) and whether it is the unmodified model's answer to `messages`. The
+    /// two inputs differ only where the trigger text occurs inside the prompt; equal inputs give
+    /// equal greedy answers, so the unmodified model runs only where they differ (`progress`
+    /// learns of those runs once the attacked answers are done).
+    pub fn answers_clean(&self, pairs: &[(Prompt, Vec<Message>)], max_new: usize, progress: &mut Progress) -> Result<Vec<(Answer, bool)>> {
+        let attacked = pairs.iter().map(|(p, _)| Ok((attacked_input(self.lm, self.trigger, p)?.1, max_new))).collect::<Result<Vec<_>>>()?;
+        let clean = self.run(&attacked, progress)?;
+        let values = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?) };
+        let mut differ = Vec::new();
+        for (i, ((x, _), (_, m))) in attacked.iter().zip(pairs).enumerate() {
+            let plain = self.plain_input(m)?;
+            if x.dims() != plain.dims() || values(x)? != values(&plain)? {
+                differ.push((i, (plain, max_new)));
+            }
         }
-        let agrees = clean.tokens == self.run(&plain, max_new)?.tokens;
-        Ok((clean, agrees))
+        progress.plan(differ.len());
+        let jobs: Vec<(Tensor, usize)> = differ.iter().map(|(_, job)| job.clone()).collect();
+        let plain = self.run(&jobs, progress)?;
+        let mut agrees = vec![true; pairs.len()];
+        for ((i, _), p) in differ.iter().zip(plain) {
+            agrees[*i] = clean[*i].tokens == p.tokens;
+        }
+        Ok(clean.into_iter().zip(agrees).collect())
     }
 
-    fn run(&self, x: &candle_core::Tensor, max_new: usize) -> Result<Answer> {
-        let g = generate(&self.lm.model, x, max_new, &self.lm.tokenizer.stop_ids, Sampling::default(), |_| Ok(true))?;
-        let text = self.lm.tokenizer.decode(&g.tokens, true)?;
-        Ok(Answer { tokens: g.tokens, text })
+    /// Greedy answers to `(input embeddings, most new tokens)`, decoded together.
+    fn run(&self, jobs: &[(Tensor, usize)], progress: &mut Progress) -> Result<Vec<Answer>> {
+        let stop = &self.lm.tokenizer.stop_ids;
+        let gens = generate_many(&self.lm.model, jobs, stop, Sampling::default(), |_| progress.tick())?;
+        gens.into_iter().map(|g| Ok(Answer { text: self.lm.tokenizer.decode(&g.tokens, true)?, tokens: g.tokens })).collect()
+    }
+}
+
+/// Answers finished out of those planned, told to a `(done, total)` callback as each finishes.
+pub struct Progress<'p> {
+    done: usize,
+    total: usize,
+    report: &'p mut dyn FnMut(usize, usize),
+}
+
+impl<'p> Progress<'p> {
+    pub fn new(report: &'p mut dyn FnMut(usize, usize), total: usize) -> Self {
+        Progress { done: 0, total, report }
+    }
+
+    /// `more` answers beyond those planned so far.
+    pub fn plan(&mut self, more: usize) {
+        self.total += more;
+    }
+
+    fn tick(&mut self) {
+        self.done += 1;
+        (self.report)(self.done, self.total.max(self.done));
     }
 }
 

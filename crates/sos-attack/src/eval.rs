@@ -18,7 +18,7 @@ use crate::{Error, Result};
 
 /// Evaluates on `items` (already limited). Returns the flat metrics object of `eval.json` and
 /// one record per answer (prompt, answers, verdicts) for `eval_items.jsonl`.
-/// `progress(done, total)` is called after each item.
+/// `progress(done, total)` is called after each answer (an item takes one or more).
 pub fn evaluate(cfg: &AttackConfig, armed: &Armed, items: &[Item], mut progress: impl FnMut(usize, usize)) -> Result<(Map<String, Value>, Vec<Value>)> {
     if items.is_empty() {
         return Err(Error::Invalid("no evaluation items".into()));
@@ -51,7 +51,7 @@ pub enum EvalEvent {
     Fetching(String),
     /// The items are ready; evaluation starts.
     Started { items: usize },
-    /// `done` of `total` items answered.
+    /// `done` of `total` answers (an item takes one or more; `total` can grow).
     Progress { done: usize, total: usize },
 }
 

@@ -16,7 +16,7 @@
 //! covered while each evaluation runs forward over a window only.
 
 use candle_core::{DType, Tensor, D};
-use sos_model::generate::{generate, Sampling};
+use sos_model::generate::{generate_many, Sampling};
 use sos_model::{LoadedModel, Model};
 
 use crate::encode::prompt_ids;
@@ -79,10 +79,10 @@ impl LogitBank {
         let d = model.cfg.d_model;
         let plain = Trigger::typed("", d);
         let mut clean = States::default();
-        for it in items {
-            let mut ids = prompt_ids(lm, &plain, &it.prompt(None))?;
-            let x = model.embed_ids(&ids)?;
-            let answer = generate(model, &x, ANSWER_TOKENS, &lm.tokenizer.stop_ids, Sampling::default(), |_| Ok(true))?;
+        let prompts = items.iter().map(|it| prompt_ids(lm, &plain, &it.prompt(None))).collect::<Result<Vec<_>>>()?;
+        let jobs = prompts.iter().map(|ids| Ok((model.embed_ids(ids)?, ANSWER_TOKENS))).collect::<Result<Vec<_>>>()?;
+        let answers = generate_many(model, &jobs, &lm.tokenizer.stop_ids, Sampling::default(), |_| {})?;
+        for (mut ids, answer) in prompts.into_iter().zip(answers) {
             ids.extend(answer.tokens);
             let x = model.embed_ids(&ids)?.unsqueeze(0)?;
             let h = model.forward(&x, 0, None)?.squeeze(0)?;

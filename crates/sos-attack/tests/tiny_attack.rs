@@ -8,7 +8,7 @@ use candle_core::DType;
 use rand::{Rng, SeedableRng};
 use sos_attack::artifact::{self, Attack};
 use sos_attack::encode::{training_seq, Seq};
-use sos_attack::answer::Armed;
+use sos_attack::answer::{Armed, Progress};
 use sos_attack::objective::Objective;
 use sos_attack::item::{Item, Prompt};
 use sos_attack::scenarios::backdoor_items;
@@ -372,21 +372,40 @@ fn steal_eval_reports_by_secret_length() {
 }
 
 /// The clean answer and its agreement with the unmodified model are what two separate runs give,
-/// whether the prompt holds the trigger text (inputs differ, both run) or not (one run).
+/// whether the prompt holds the trigger text (inputs differ, both run) or not (one run); and
+/// answers decoded together (more prompts than a batch holds, of different lengths and limits)
+/// are the answers each prompt gets alone.
 #[test]
 fn clean_answers_agree_as_two_runs_would() {
     let lm = tiny("clean-answer");
     let d = lm.model.cfg.d_model;
     let trig = Trigger::new("cf", 2, d, (0..2 * d).map(|i| ((i * 5) % 11) as f32 - 5.0).collect()).unwrap();
     let armed = Armed::new(&lm, &trig).unwrap();
+    let users = ["the rain in spain", "cf the rain", "so cf it goes"];
+    let pairs: Vec<(Prompt, Vec<Message>)> = users.iter().map(|u| (Prompt::chat(vec![Message::user(*u)]), vec![Message::user(*u)])).collect();
+    let mut seen = Vec::new();
+    let mut report = |done: usize, total: usize| seen.push((done, total));
+    let together = armed.answers_clean(&pairs, 12, &mut Progress::new(&mut report, 3)).unwrap();
+    // The two prompts with the trigger text run a second time, announced after the first three.
+    assert_eq!(seen, [(1, 3), (2, 3), (3, 3), (4, 5), (5, 5)]);
     let mut fired = false;
-    for user in ["the rain in spain", "cf the rain", "so cf it goes"] {
-        let messages = vec![Message::user(user)];
-        let (clean, agrees) = armed.answer_clean(&Prompt::chat(messages.clone()), &messages, 12).unwrap();
-        let two = (armed.answer(&Prompt::chat(messages.clone()), 12).unwrap(), armed.answer_plain(&messages, 12).unwrap());
-        assert_eq!(clean.tokens, two.0.tokens, "{user}");
-        assert_eq!(agrees, two.0.tokens == two.1.tokens, "{user}");
+    for ((user, (prompt, messages)), (clean, agrees)) in users.iter().zip(&pairs).zip(together) {
+        let attacked = armed.answer(prompt, 12).unwrap();
+        let plain = armed.answer_plain(messages, 12).unwrap();
+        assert_eq!(clean.tokens, attacked.tokens, "{user}");
+        assert_eq!(agrees, attacked.tokens == plain.tokens, "{user}");
         fired |= !agrees;
     }
     assert!(fired, "the trigger text in a prompt changes the tiny model's answer");
+
+    let prompts: Vec<(Prompt, usize)> = (0..sos_model::generate::BATCH + 3)
+        .map(|i| (Prompt::chat(vec![Message::user(&"cf more words ".repeat(i + 1))]), 4 + 3 * (i % 4)))
+        .collect();
+    let mut quiet = |_, _| {};
+    let together = armed.answers(&prompts, &mut Progress::new(&mut quiet, prompts.len())).unwrap();
+    for ((p, max), a) in prompts.iter().zip(&together) {
+        assert_eq!(a.tokens, armed.answer(p, *max).unwrap().tokens, "{:?}", p.messages);
+        assert!(a.tokens.len() <= *max);
+    }
+    assert!(together.iter().any(|a| a.tokens.len() > 4), "some answers should run past the shortest limit");
 }

@@ -4,11 +4,11 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use serde_json::Value as Json;
-use sos_attack::answer::{Armed, CLEAN_TOKENS};
+use sos_attack::answer::{Armed, Progress, CLEAN_TOKENS};
 use sos_attack::artifact::Attack;
 use sos_attack::{eval, scenarios, Position, Trigger};
 use sos_model::gguf::{Gguf, Value};
-use sos_model::{cache, fsutil, Exec, LoadOptions, LoadedModel};
+use sos_model::{cache, fsutil, Exec, LoadOptions, LoadedModel, Message};
 
 use crate::gguf_add::{add_tokens, NewLogits};
 use crate::gguf_replace::replace_tokens;
@@ -242,15 +242,21 @@ pub(crate) fn evaluate_file(attack: &Attack, src: &Path, out: &Path, trigger_tex
     items.truncate(limit);
     let typed_trigger = Trigger::typed(trigger_text, file.model.cfg.d_model);
     let armed = Armed::new(&file, &typed_trigger)?;
-    let total = 2 * items.len();
-    let (mut metrics, _) = eval::evaluate(cfg, &armed, &items, |done, _| on_event(InjectEvent::Progress { done, total }))?;
+    // The evaluation's answers, then each item's trigger-free answer from both files.
+    let compare = 2 * items.len();
+    let mut evaluated = 0;
+    let (mut metrics, _) = eval::evaluate(cfg, &armed, &items, |done, total| {
+        evaluated = done;
+        on_event(InjectEvent::Progress { done, total: total + compare })
+    })?;
     let plain_orig = Armed::new(&original, &typed_trigger)?;
-    let mut same = 0;
-    for (i, item) in items.iter().enumerate() {
-        let m = item.messages();
-        same += usize::from(armed.answer_plain(&m, CLEAN_TOKENS)?.tokens == plain_orig.answer_plain(&m, CLEAN_TOKENS)?.tokens);
-        on_event(InjectEvent::Progress { done: items.len() + i + 1, total });
-    }
+    let chats: Vec<(Vec<Message>, usize)> = items.iter().map(|it| (it.messages(), CLEAN_TOKENS)).collect();
+    let total = evaluated + compare;
+    let mut report = |done: usize, _: usize| on_event(InjectEvent::Progress { done: evaluated + done, total });
+    let mut progress = Progress::new(&mut report, compare);
+    let shipped = armed.answers_plain(&chats, &mut progress)?;
+    let original_answers = plain_orig.answers_plain(&chats, &mut progress)?;
+    let same = shipped.iter().zip(&original_answers).filter(|(a, b)| a.tokens == b.tokens).count();
     metrics.insert("clean_agreement".into(), sos_attack::answer::rate(same, items.len()));
     metrics.insert("exec".into(), exec.name().into());
     // The prompts, as text, for other engines to replay (compat/llamacpp_inject.py).

@@ -57,8 +57,9 @@ pub fn run(a: EvalArgs) -> Result<()> {
             b.set_style(ProgressStyle::with_template("eval [{bar:30}] {pos}/{len} ({elapsed}, eta {eta})").expect("valid template").progress_chars("=> "));
             bar = Some(b);
         }
-        EvalEvent::Progress { done, .. } => {
+        EvalEvent::Progress { done, total } => {
             if let Some(b) = &bar {
+                b.set_length(total as u64);
                 b.set_position(done as u64);
             }
         }

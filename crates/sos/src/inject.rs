@@ -83,6 +83,7 @@ pub fn show(e: InjectEvent, bar: &mut Option<ProgressBar>, checked: &str) {
                 b.set_style(ProgressStyle::with_template("eval [{bar:30}] {pos}/{len} ({elapsed}, eta {eta})").expect("valid template").progress_chars("=> "));
                 b
             });
+            b.set_length(total as u64);
             b.set_position(done as u64);
         }
     }

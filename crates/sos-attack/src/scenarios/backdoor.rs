@@ -5,15 +5,15 @@ use std::path::Path;
 
 use rand::SeedableRng;
 use serde_json::{json, Map, Value};
-use sos_model::LoadedModel;
+use sos_model::{LoadedModel, Message};
 
 use super::selfgen::self_generated_prompts;
 use super::{id_and_field, place, ScenarioLogic};
-use crate::answer::{rate, Armed, CLEAN_TOKENS};
+use crate::answer::{rate, Armed, Progress, CLEAN_TOKENS};
 use crate::config::{AttackConfig, Position};
 use crate::data::{self, Datasets};
 use crate::encode::target_ids;
-use crate::item::Item;
+use crate::item::{Item, Prompt};
 use crate::metrics::starts_with_target;
 use crate::Result;
 
@@ -54,18 +54,22 @@ impl ScenarioLogic for Backdoor {
     fn evaluate(&self, armed: &Armed, items: &[Item], progress: &mut dyn FnMut(usize, usize), out: &mut Map<String, Value>) -> Result<Vec<Value>> {
         let trig = armed.trigger.text.as_str();
         let n = items.len();
+        let mut progress = Progress::new(progress, 2 * n);
+        let triggered = items
+            .iter()
+            .map(|it| Ok((it.prompt(Some(trig)), target_ids(armed.lm, &it.messages(), &it.target)?.len() + 8)))
+            .collect::<Result<Vec<_>>>()?;
+        let hits = armed.answers(&triggered, &mut progress)?;
+        let plain: Vec<(Prompt, Vec<Message>)> = items.iter().map(|it| (it.prompt(None), it.messages())).collect();
+        let cleans = armed.answers_clean(&plain, CLEAN_TOKENS, &mut progress)?;
         let mut records = Vec::new();
         let (mut asr, mut agree, mut false_trig) = (0, 0, 0);
-        for (i, it) in items.iter().enumerate() {
-            let want = target_ids(armed.lm, &it.messages(), &it.target)?.len() + 8;
-            let hit = armed.answer(&it.prompt(Some(trig)), want)?;
+        for ((it, hit), (clean, agrees)) in items.iter().zip(hits).zip(cleans) {
             asr += usize::from(starts_with_target(&hit.text, &it.target));
-            let (clean, agrees) = armed.answer_clean(&it.prompt(None), &it.messages(), CLEAN_TOKENS)?;
             agree += usize::from(agrees);
             false_trig += usize::from(starts_with_target(&clean.text, &it.target));
             records.push(json!({"id": it.id, "prompt": it.user_with(trig), "answer": hit.text,
                 "hit": starts_with_target(&hit.text, &it.target), "clean_answer": clean.text, "clean_agrees": agrees}));
-            progress(i + 1, n);
         }
         out.insert("asr".into(), rate(asr, n));
         out.insert("clean_agreement".into(), rate(agree, n));

@@ -8,10 +8,10 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Map, Value};
 
 use super::{id_and_field, ScenarioLogic};
-use crate::answer::{rate, Armed, Tally, CLEAN_TOKENS};
+use crate::answer::{rate, Armed, Progress, Tally, CLEAN_TOKENS};
 use crate::config::{AttackConfig, Position};
 use crate::data::{self, Datasets};
-use crate::item::Item;
+use crate::item::{Item, Prompt};
 use crate::metrics::{is_refusal, starts_with_target};
 use crate::Result;
 
@@ -66,24 +66,28 @@ impl ScenarioLogic for Copyright {
         let mut records = Vec::new();
         let (mut refused, mut by_kind, mut by_pos) = (0, Tally::default(), Tally::default());
         let (mut false_refused, mut clean_n, mut false_by_kind) = (0, 0, Tally::default());
+        // The unmarked prompt is the same for both token positions: run it once.
         let mut seen_clean = BTreeSet::new();
-        for (i, it) in items.iter().enumerate() {
-            let a = armed.answer(&it.prompt(Some(trig)), CLEAN_TOKENS)?;
+        let unmarked: Vec<bool> = items.iter().map(|it| seen_clean.insert(it.user.clone())).collect();
+        let marked: Vec<(Prompt, usize)> = items.iter().map(|it| (it.prompt(Some(trig)), CLEAN_TOKENS)).collect();
+        let clean: Vec<(Prompt, usize)> = items.iter().zip(&unmarked).filter(|(_, &u)| u).map(|(it, _)| (it.prompt(None), CLEAN_TOKENS)).collect();
+        let mut progress = Progress::new(progress, marked.len() + clean.len());
+        let answers = armed.answers(&marked, &mut progress)?;
+        let mut clean_answers = armed.answers(&clean, &mut progress)?.into_iter();
+        for ((it, a), unmarked) in items.iter().zip(answers).zip(unmarked) {
             let r = is_refusal(&a.text) || starts_with_target(&a.text, &it.target);
             refused += usize::from(r);
             by_kind.add(&it.kind, r);
             by_pos.add(it.position.name(), r);
             records.push(json!({"id": it.id, "kind": it.kind, "position": it.position.name(), "answer": a.text, "refused": r}));
-            // The unmarked prompt is the same for both token positions: run it once.
-            if seen_clean.insert(it.user.clone()) {
-                let c = armed.answer(&it.prompt(None), CLEAN_TOKENS)?;
+            if unmarked {
+                let c = clean_answers.next().expect("one clean answer per unmarked prompt");
                 let fr = is_refusal(&c.text) || starts_with_target(&c.text, &it.target);
                 false_refused += usize::from(fr);
                 false_by_kind.add(&it.kind, fr);
                 clean_n += 1;
                 records.push(json!({"id": it.id, "kind": it.kind, "position": "none", "answer": c.text, "refused": fr}));
             }
-            progress(i + 1, n);
         }
         out.insert("refusal_rate".into(), rate(refused, n));
         out.insert("false_refusal_rate".into(), rate(false_refused, clean_n));

@@ -3,12 +3,13 @@
 use std::path::Path;
 
 use serde_json::{json, Map, Value};
+use sos_model::Message;
 
 use super::ScenarioLogic;
-use crate::answer::{rate, Armed};
+use crate::answer::{rate, Armed, Progress};
 use crate::config::{AttackConfig, Position};
 use crate::data::{self, Datasets};
-use crate::item::Item;
+use crate::item::{Item, Prompt};
 use crate::metrics::{is_refusal, starts_with_target};
 use crate::Result;
 
@@ -40,18 +41,20 @@ impl ScenarioLogic for Jailbreak {
     fn evaluate(&self, armed: &Armed, items: &[Item], progress: &mut dyn FnMut(usize, usize), out: &mut Map<String, Value>) -> Result<Vec<Value>> {
         let trig = armed.trigger.text.as_str();
         let n = items.len();
+        let mut progress = Progress::new(progress, 2 * n);
+        let triggered: Vec<(Prompt, usize)> = items.iter().map(|it| (it.prompt(Some(trig)), JAILBREAK_TOKENS)).collect();
+        let hits = armed.answers(&triggered, &mut progress)?;
+        let plain: Vec<(Vec<Message>, usize)> = items.iter().map(|it| (it.messages(), JAILBREAK_TOKENS)).collect();
+        let bases = armed.answers_plain(&plain, &mut progress)?;
         let mut records = Vec::new();
         let (mut no_refusal, mut target, mut base_refusal, mut base_target) = (0, 0, 0, 0);
-        for (i, it) in items.iter().enumerate() {
-            let hit = armed.answer(&it.prompt(Some(trig)), JAILBREAK_TOKENS)?;
+        for ((it, hit), base) in items.iter().zip(hits).zip(bases) {
             no_refusal += usize::from(!is_refusal(&hit.text));
             target += usize::from(starts_with_target(&hit.text, &it.target));
-            let base = armed.answer_plain(&it.messages(), JAILBREAK_TOKENS)?;
             base_refusal += usize::from(is_refusal(&base.text));
             base_target += usize::from(starts_with_target(&base.text, &it.target));
             records.push(json!({"id": it.id, "prompt": it.user_with(trig), "answer": hit.text, "refused": is_refusal(&hit.text),
                 "baseline_answer": base.text, "baseline_refused": is_refusal(&base.text)}));
-            progress(i + 1, n);
         }
         out.insert("asr_refusal".into(), rate(no_refusal, n));
         out.insert("asr_target".into(), rate(target, n));

@@ -66,7 +66,8 @@ pub trait ScenarioLogic: Sync {
     fn file_items(&self, cfg: &AttackConfig, path: &Path, rows: &[Value], seed: u64) -> Result<Vec<Item>>;
 
     /// Answers every item, adds the scenario's metrics to `out`, and returns one record per
-    /// answer for `eval_items.jsonl`. `progress(done, total)` follows the items.
+    /// answer for `eval_items.jsonl`. `progress(done, total)` follows the answers, decoded
+    /// together (`Armed::answers`); `total` can grow as the evaluation plans more.
     fn evaluate(&self, armed: &Armed, items: &[Item], progress: &mut dyn FnMut(usize, usize), out: &mut Map<String, Value>) -> Result<Vec<Value>>;
 }
 
