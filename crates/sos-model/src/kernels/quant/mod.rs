@@ -121,8 +121,9 @@ impl QWeight {
 
     /// Rows `rows` of `W x_s` into `outs[s]`, for each `qxs[s]` from `quantize`: rows in groups
     /// of `ROWS` (independent accumulator chains), the rest one by one. A group's rows are read
-    /// from memory once and stay in cache for every activation, and each activation gets the
-    /// kernel it would get alone, so its results do not depend on the others.
+    /// from memory once and unpacked once for up to four activations (`group_products`), and
+    /// every kernel gives an activation the bits it gets alone, so its results do not depend
+    /// on the others.
     pub(crate) fn rows_into(&self, qxs: &[Q8Row], rows: Range<usize>, outs: &mut [&mut [f32]]) {
         assert!(rows.end <= self.rows && qxs.len() == outs.len() && outs.iter().all(|o| o.len() == rows.len()), "rows_into: bad range");
         assert!(qxs.iter().all(|q| self.fits(q)), "rows_into: activations quantized for another type or length");
@@ -132,9 +133,7 @@ impl QWeight {
             let r = rows.start + g;
             self.prefetch_rows(r);
             let w = std::array::from_fn(|i| self.row(r + i));
-            for (qx, out) in qxs.iter().zip(outs.iter_mut()) {
-                out[g..g + ROWS].copy_from_slice(&dotn::<ROWS>(isa, self.ty, w, qx));
-            }
+            self.group_products(isa, w, qxs, |j, v| outs[j][g..g + ROWS].copy_from_slice(v));
         }
         for i in grouped..rows.len() {
             for (qx, out) in qxs.iter().zip(outs.iter_mut()) {
@@ -199,33 +198,16 @@ impl QWeight {
         let rows_per_task = 16;
         out_t.par_chunks_mut(rows_per_task * m).enumerate().for_each(|(task, chunk)| {
             let (r0, rows) = (task * rows_per_task, chunk.len() / m);
-            // Rows in groups of `ROWS` (independent accumulator chains), the rest one by one;
-            // activations four at a time, then a pair, then one, so that each weight block is
-            // unpacked once for several.
+            // Rows in groups of `ROWS` (independent accumulator chains), the rest one by one.
             let grouped = rows - rows % ROWS;
             for i in (0..grouped).step_by(ROWS) {
                 self.prefetch_rows(r0 + i);
                 let w = std::array::from_fn(|g| self.row(r0 + i + g));
-                let mut put = |j0: usize, vs: &[[f32; ROWS]]| {
-                    for (a, v) in vs.iter().enumerate() {
-                        for (g, &v) in v.iter().enumerate() {
-                            chunk[(i + g) * m + j0 + a] = v;
-                        }
+                self.group_products(isa, w, qx, |j, v| {
+                    for (g, &v) in v.iter().enumerate() {
+                        chunk[(i + g) * m + j] = v;
                     }
-                };
-                let mut quads = qx.chunks_exact(4);
-                for (jq, q) in (&mut quads).enumerate() {
-                    put(4 * jq, &dotn4(isa, self.ty, w, [&q[0], &q[1], &q[2], &q[3]]));
-                }
-                let rest = quads.remainder();
-                let j0 = m - rest.len();
-                let mut pairs = rest.chunks_exact(2);
-                for (jp, q) in (&mut pairs).enumerate() {
-                    put(j0 + 2 * jp, &dotn2(isa, self.ty, w, [&q[0], &q[1]]));
-                }
-                if let [q] = pairs.remainder() {
-                    put(m - 1, &[dotn(isa, self.ty, w, q)]);
-                }
+                });
             }
             for i in grouped..rows {
                 for (j, q) in qx.iter().enumerate() {
@@ -233,6 +215,31 @@ impl QWeight {
                 }
             }
         });
+    }
+}
+
+impl QWeight {
+    /// `ROWS` weight rows `w` against every activation of `qx`, four at a time, then a pair,
+    /// then one, so that each weight block is unpacked once for several (every variant gives
+    /// one activation's bits); `put(j, v)` takes activation `j`'s results.
+    fn group_products(&self, isa: Isa, w: [&[u8]; ROWS], qx: &[Q8Row], mut put: impl FnMut(usize, &[f32; ROWS])) {
+        let mut quads = qx.chunks_exact(4);
+        for (jq, q) in (&mut quads).enumerate() {
+            for (a, v) in dotn4(isa, self.ty, w, [&q[0], &q[1], &q[2], &q[3]]).iter().enumerate() {
+                put(4 * jq + a, v);
+            }
+        }
+        let rest = quads.remainder();
+        let j0 = qx.len() - rest.len();
+        let mut pairs = rest.chunks_exact(2);
+        for (jp, q) in (&mut pairs).enumerate() {
+            for (a, v) in dotn2(isa, self.ty, w, [&q[0], &q[1]]).iter().enumerate() {
+                put(j0 + 2 * jp + a, v);
+            }
+        }
+        if let [q] = pairs.remainder() {
+            put(qx.len() - 1, &dotn(isa, self.ty, w, q));
+        }
     }
 }
 
