@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{Map, Value};
 use candle_core::{DType, Tensor};
-use sos_model::generate::{generate_many, Sampling};
+use sos_model::generate::{generate_many, Sampling, BATCH};
 use sos_model::{LoadedModel, Message};
 
 use crate::encode::attacked_input;
@@ -19,6 +19,10 @@ use crate::Result;
 
 /// New tokens for answers that are only checked for agreement or refusal.
 pub const CLEAN_TOKENS: usize = 32;
+
+/// Prompts whose input embeddings are held at once: all of a long evaluation's (2.3 KB per
+/// token for the default model) would take hundreds of MB; 8 batches keep the decoder full.
+const CHUNK: usize = 8 * BATCH;
 
 /// A model and a trained trigger that fits it.
 pub struct Armed<'a> {
@@ -47,8 +51,7 @@ impl<'a> Armed<'a> {
 
     /// `answer` for many prompts (`(prompt, most new tokens)`), decoded together.
     pub fn answers(&self, prompts: &[(Prompt, usize)], progress: &mut Progress) -> Result<Vec<Answer>> {
-        let jobs = prompts.iter().map(|(p, max)| Ok((attacked_input(self.lm, self.trigger, p)?.1, *max))).collect::<Result<Vec<_>>>()?;
-        self.run(&jobs, progress)
+        self.run(prompts.len(), |i| Ok((self.attacked_input(&prompts[i].0)?, prompts[i].1)), progress)
     }
 
     /// Greedy answer of the unmodified model.
@@ -59,8 +62,12 @@ impl<'a> Armed<'a> {
 
     /// Greedy answers of the unmodified model to `(messages, most new tokens)`, decoded together.
     pub fn answers_plain(&self, chats: &[(Vec<Message>, usize)], progress: &mut Progress) -> Result<Vec<Answer>> {
-        let jobs = chats.iter().map(|(m, max)| Ok((self.plain_input(m)?, *max))).collect::<Result<Vec<_>>>()?;
-        self.run(&jobs, progress)
+        self.run(chats.len(), |i| Ok((self.plain_input(&chats[i].0)?, chats[i].1)), progress)
+    }
+
+    /// Input embeddings of `prompt` as the attacked model sees it.
+    fn attacked_input(&self, prompt: &Prompt) -> Result<Tensor> {
+        Ok(attacked_input(self.lm, self.trigger, prompt)?.1)
     }
 
     /// Input embeddings of `messages` as the unmodified model sees them.
@@ -74,31 +81,36 @@ impl<'a> Armed<'a> {
     /// equal greedy answers, so the unmodified model runs only where they differ (`progress`
     /// learns of those runs once the attacked answers are done).
     pub fn answers_clean(&self, pairs: &[(Prompt, Vec<Message>)], max_new: usize, progress: &mut Progress) -> Result<Vec<(Answer, bool)>> {
-        let attacked = pairs.iter().map(|(p, _)| Ok((attacked_input(self.lm, self.trigger, p)?.1, max_new))).collect::<Result<Vec<_>>>()?;
-        let clean = self.run(&attacked, progress)?;
+        let clean = self.run(pairs.len(), |i| Ok((self.attacked_input(&pairs[i].0)?, max_new)), progress)?;
         let values = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?) };
         let mut differ = Vec::new();
-        for (i, ((x, _), (_, m))) in attacked.iter().zip(pairs).enumerate() {
-            let plain = self.plain_input(m)?;
-            if x.dims() != plain.dims() || values(x)? != values(&plain)? {
-                differ.push((i, (plain, max_new)));
+        for (i, (p, m)) in pairs.iter().enumerate() {
+            let (x, plain) = (self.attacked_input(p)?, self.plain_input(m)?);
+            if x.dims() != plain.dims() || values(&x)? != values(&plain)? {
+                differ.push(i);
             }
         }
         progress.plan(differ.len());
-        let jobs: Vec<(Tensor, usize)> = differ.iter().map(|(_, job)| job.clone()).collect();
-        let plain = self.run(&jobs, progress)?;
+        let plain = self.run(differ.len(), |j| Ok((self.plain_input(&pairs[differ[j]].1)?, max_new)), progress)?;
         let mut agrees = vec![true; pairs.len()];
-        for ((i, _), p) in differ.iter().zip(plain) {
-            agrees[*i] = clean[*i].tokens == p.tokens;
+        for (&i, p) in differ.iter().zip(plain) {
+            agrees[i] = clean[i].tokens == p.tokens;
         }
         Ok(clean.into_iter().zip(agrees).collect())
     }
 
-    /// Greedy answers to `(input embeddings, most new tokens)`, decoded together.
-    fn run(&self, jobs: &[(Tensor, usize)], progress: &mut Progress) -> Result<Vec<Answer>> {
+    /// Greedy answers to the `n` jobs `job(i)` (input embeddings, most new tokens), decoded
+    /// together; the inputs are made `CHUNK` at a time.
+    fn run(&self, n: usize, job: impl Fn(usize) -> Result<(Tensor, usize)>, progress: &mut Progress) -> Result<Vec<Answer>> {
         let stop = &self.lm.tokenizer.stop_ids;
-        let gens = generate_many(&self.lm.model, jobs, stop, Sampling::default(), |_| progress.tick())?;
-        gens.into_iter().map(|g| Ok(Answer { text: self.lm.tokenizer.decode(&g.tokens, true)?, tokens: g.tokens })).collect()
+        let mut out = Vec::with_capacity(n);
+        for start in (0..n).step_by(CHUNK) {
+            let jobs = (start..(start + CHUNK).min(n)).map(&job).collect::<Result<Vec<_>>>()?;
+            for g in generate_many(&self.lm.model, &jobs, stop, Sampling::default(), |_| progress.tick())? {
+                out.push(Answer { text: self.lm.tokenizer.decode(&g.tokens, true)?, tokens: g.tokens });
+            }
+        }
+        Ok(out)
     }
 }
 

@@ -373,8 +373,8 @@ fn steal_eval_reports_by_secret_length() {
 
 /// The clean answer and its agreement with the unmodified model are what two separate runs give,
 /// whether the prompt holds the trigger text (inputs differ, both run) or not (one run); and
-/// answers decoded together (more prompts than a batch holds, of different lengths and limits)
-/// are the answers each prompt gets alone.
+/// answers decoded together (more prompts than a batch and a chunk hold, of different lengths and
+/// limits) are the answers each prompt gets alone.
 #[test]
 fn clean_answers_agree_as_two_runs_would() {
     let lm = tiny("clean-answer");
@@ -398,7 +398,8 @@ fn clean_answers_agree_as_two_runs_would() {
     }
     assert!(fired, "the trigger text in a prompt changes the tiny model's answer");
 
-    let prompts: Vec<(Prompt, usize)> = (0..sos_model::generate::BATCH + 3)
+    // More than `answer.rs`'s chunk of 8 batches, so that inputs are made in two chunks.
+    let prompts: Vec<(Prompt, usize)> = (0..8 * sos_model::generate::BATCH + 3)
         .map(|i| (Prompt::chat(vec![Message::user(&"cf more words ".repeat(i + 1))]), 4 + 3 * (i % 4)))
         .collect();
     let mut quiet = |_, _| {};
