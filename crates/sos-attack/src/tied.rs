@@ -16,7 +16,7 @@
 //! covered while each evaluation runs forward over a window only.
 
 use candle_core::{DType, Tensor, D};
-use sos_model::generate::{generate_many, Sampling};
+use sos_model::generate::{generate_many, Sampling, BATCH};
 use sos_model::{LoadedModel, Model};
 
 use crate::encode::prompt_ids;
@@ -79,14 +79,17 @@ impl LogitBank {
         let d = model.cfg.d_model;
         let plain = Trigger::typed("", d);
         let mut clean = States::default();
-        let prompts = items.iter().map(|it| prompt_ids(lm, &plain, &it.prompt(None))).collect::<Result<Vec<_>>>()?;
-        let jobs = prompts.iter().map(|ids| Ok((model.embed_ids(ids)?, ANSWER_TOKENS))).collect::<Result<Vec<_>>>()?;
-        let answers = generate_many(model, &jobs, &lm.tokenizer.stop_ids, Sampling::default(), |_| {})?;
-        for (mut ids, answer) in prompts.into_iter().zip(answers) {
-            ids.extend(answer.tokens);
-            let x = model.embed_ids(&ids)?.unsqueeze(0)?;
-            let h = model.forward(&x, 0, None)?.squeeze(0)?;
-            clean.extend(States::of(model, &h, margin)?);
+        // The answers decode `BATCH` at a time; 8 batches' inputs are held at once.
+        for chunk in items.chunks(8 * BATCH) {
+            let prompts = chunk.iter().map(|it| prompt_ids(lm, &plain, &it.prompt(None))).collect::<Result<Vec<_>>>()?;
+            let jobs = prompts.iter().map(|ids| Ok((model.embed_ids(ids)?, ANSWER_TOKENS))).collect::<Result<Vec<_>>>()?;
+            let answers = generate_many(model, &jobs, &lm.tokenizer.stop_ids, Sampling::default(), |_| {})?;
+            for (mut ids, answer) in prompts.into_iter().zip(answers) {
+                ids.extend(answer.tokens);
+                let x = model.embed_ids(&ids)?.unsqueeze(0)?;
+                let h = model.forward(&x, 0, None)?.squeeze(0)?;
+                clean.extend(States::of(model, &h, margin)?);
+            }
         }
         Ok(LogitBank { d, margin, clean, triggered: Vec::new() })
     }
