@@ -178,7 +178,11 @@ fn round_f16(x: &mut [f32]) {
 pub struct DecodeWeights {
     layers: Vec<LayerVecs>,
     norm: Vec<f32>,
-    /// Members of the crew; 1 runs the step on the calling thread with products on the pool.
+    /// Every weight can be split by rows (our kernels or dense f32): the step runs as a crew, or
+    /// as a crew of one on the calling thread. Otherwise (weights only candle runs) each sequence's
+    /// products go whole to the pool (`Team::Solo`).
+    splits: bool,
+    /// Members of the crew.
     threads: usize,
     /// A model this small steps on the calling thread: a step's arithmetic is shorter than
     /// handing work to another thread (see `ALONE_BELOW`).
@@ -206,11 +210,11 @@ impl DecodeWeights {
             .map(|l| Ok(LayerVecs { attn_norm: v(&l.attn_norm)?, ffn_norm: v(&l.ffn_norm)?, bq: o(&l.bq)?, bk: o(&l.bk)?, bv: o(&l.bv)? }))
             .collect::<Result<_>>()?;
         let linears = || m.layers.iter().flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]).chain([&m.lm_head]);
-        let crew = linears().all(splittable);
-        let alone = crew && linears().map(elements).sum::<usize>() < ALONE_BELOW;
+        let splits = linears().all(splittable);
+        let alone = splits && linears().map(elements).sum::<usize>() < ALONE_BELOW;
         // The crew takes as many threads as the pool has, up to `MAX_CREW`.
-        let threads = if crew { rayon::current_num_threads().min(MAX_CREW) } else { 1 };
-        Ok(DecodeWeights { layers, norm: v(&m.norm)?, threads, alone, backoff: AtomicUsize::new(0) })
+        let threads = if splits { rayon::current_num_threads().min(MAX_CREW) } else { 1 };
+        Ok(DecodeWeights { layers, norm: v(&m.norm)?, splits, threads, alone, backoff: AtomicUsize::new(0) })
     }
 }
 
@@ -295,16 +299,16 @@ impl Model {
             vc,
         };
         let step = |team: &Team| self.step_with(team, w, &b, xs, &places);
-        // A step called from inside the pool (a caller running generations in parallel) stays
-        // solo: the pool's threads are already busy, and spinning members would wait on
-        // descheduled ones.
         let backoff = w.backoff.load(Ordering::Relaxed);
-        if w.threads <= 1 || rayon::current_thread_index().is_some() {
+        if !w.splits {
             step(&Team::Solo)?;
-        } else if w.alone || backoff > 0 {
-            // A tiny model, or cores busy with other work: alone, a step loses a core's share;
-            // in a crew, every phase can wait out another process's time slice (measured on 2
-            // cores beside a build: 5 tok/s in a crew of 2, 38 alone).
+        } else if w.threads <= 1 || w.alone || backoff > 0 || rayon::current_thread_index().is_some() {
+            // One thread, a tiny model, cores busy with other work, or a step called from inside
+            // the pool (whose threads are busy: spinning members would wait on descheduled
+            // ones): a crew of one on the calling thread, which still reads each weight row once
+            // for all the sequences. Alone a step loses a core's share; in a crew, every phase can
+            // wait out another process's time slice (measured on 2 cores beside a build: 5 tok/s
+            // in a crew of 2, 38 alone).
             w.backoff.store(backoff.saturating_sub(1), Ordering::Relaxed);
             let alone = Barrier::new(1);
             step(&Team::Member { index: 0, size: 1, barrier: &alone })?;

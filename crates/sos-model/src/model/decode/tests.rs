@@ -66,11 +66,13 @@ fn decode_backing_off(m: &Model, threads: usize, steps: usize, backoff: usize) -
 }
 
 /// Logits of `steps` greedy decode steps after each of `prompts`, all stepped together on
-/// `threads` threads (1: the solo step, products on the pool).
-fn decode_together(m: &Model, threads: usize, prompts: &[&[u32]], steps: usize) -> Vec<Vec<Vec<f32>>> {
+/// `threads` threads, or with `solo` as a model whose weights cannot be split by rows steps
+/// (each sequence's products whole on the pool).
+fn decode_together(m: &Model, threads: usize, solo: bool, prompts: &[&[u32]], steps: usize) -> Vec<Vec<Vec<f32>>> {
     let mut w = DecodeWeights::new(m).unwrap();
     w.threads = threads;
     w.alone = false;
+    w.splits = !solo;
     let mut caches: Vec<DecodeCache> = prompts
         .iter()
         .map(|p| {
@@ -105,10 +107,10 @@ fn sequences_stepped_together_decode_as_alone() {
     ];
     let prompts: [&[u32]; 3] = [&[5, 9, 14, 3], &[2, 8], &[11, 4, 6, 1, 12, 13, 10]];
     for (label, m) in models {
-        let alone: Vec<Vec<Vec<f32>>> = prompts.iter().map(|p| decode_together(&m, 1, &[p], 5).remove(0)).collect();
+        let alone: Vec<Vec<Vec<f32>>> = prompts.iter().map(|p| decode_together(&m, 1, true, &[p], 5).remove(0)).collect();
         assert_ne!(alone[0], alone[1], "{label}: the prompts should differ");
-        for threads in [1, 2, 3] {
-            assert_eq!(decode_together(&m, threads, &prompts, 5), alone, "{label}: {threads} threads");
+        for (threads, solo) in [(1, true), (1, false), (2, false), (3, false)] {
+            assert_eq!(decode_together(&m, threads, solo, &prompts, 5), alone, "{label}: {threads} threads, solo {solo}");
         }
     }
     // A sequence whose cache is full fails the step, and says which length it reached.
