@@ -15,7 +15,8 @@
 # BENCH_WAIT_QUIET (see measure.py), MODEL (a model-cache alias such as
 # qwen2.5-coder-0.5b-instruct; default: the default model), SOS (a sos binary to measure instead
 # of building this checkout's), SKIP_F32=1 (generate: leave out the `--exec f32` row, which takes
-# minutes on the larger models). Prints a table and, last, one JSON line with the ratios.
+# minutes on the larger models), SOS_STEP_ARGS (more flags for `sos bench step`, such as
+# `--low-memory`). Prints a table and, last, one JSON line with the ratios.
 set -euo pipefail
 
 MODE="${1:-all}"
@@ -123,7 +124,7 @@ peer_generate() {
 sos_step() {
   log "[$r/$REPEAT] sos bench step"
   "${M[@]}" --out "$D/sos_step.json" -- "$SOS" bench step -m "$MODEL" --batch "$BATCH" --seq "$SEQ" \
-    --soft "$SOFT" --targets "$TARGETS" --runs "$STEP_RUNS" --json
+    --soft "$SOFT" --targets "$TARGETS" --runs "$STEP_RUNS" ${SOS_STEP_ARGS:-} --json
 }
 peer_step() {
   log "[$r/$REPEAT] torch step (loading the GGUF through transformers takes a while; not timed)"

@@ -10,7 +10,7 @@ use sos_model::{Exec, LoadOptions};
 use crate::artifact::{self, read_record, write_jsonl, AttackRecord, CONFIG_FILE, TRAIN_ITEMS_FILE};
 use crate::config::{AttackConfig, Overrides, Scenario};
 use crate::item::Item;
-use crate::load::load_model;
+use crate::load::{load_model, Purpose};
 use crate::scenarios;
 use crate::train::{self, Event, Outcome, Target};
 use crate::{Error, Result};
@@ -28,6 +28,9 @@ pub struct AttackRequest {
     /// Continue the run in `out` from its checkpoint. Its settings are the run's own; only
     /// `steps` may be given.
     pub resume: bool,
+    /// Keep no transposed copies of the weights (`load::Purpose`): slower steps, less memory,
+    /// the same results.
+    pub low_memory: bool,
 }
 
 pub struct AttackSummary {
@@ -86,7 +89,7 @@ pub fn run_attack(req: &AttackRequest, stop: &AtomicBool, mut on_event: impl FnM
     prepare_out(&req.out, req.resume)?;
     let cfg = resolve_config(req)?;
     let opts = LoadOptions { exec: Exec::F32, template: cfg.template.clone(), ..Default::default() };
-    let m = load_model(cfg.model.as_deref(), &opts, true, &mut |s| on_event(Event::Fetching(s.to_string())))?;
+    let m = load_model(cfg.model.as_deref(), &opts, Purpose::Training { low_memory: req.low_memory }, &mut |s| on_event(Event::Loading(s.to_string())))?;
     if req.resume {
         let rec = read_record(&req.out)?;
         if rec.model_sha256 != m.sha256 {

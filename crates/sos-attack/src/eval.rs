@@ -12,7 +12,7 @@ use crate::artifact::{write_json, write_jsonl, Attack, EVAL_FILE, EVAL_ITEMS_FIL
 use crate::config::AttackConfig;
 use crate::data::Datasets;
 use crate::item::Item;
-use crate::load::load_model;
+use crate::load::{load_model, Purpose};
 use crate::scenarios::{self, HeldOut};
 use crate::{Error, Result};
 
@@ -72,7 +72,7 @@ pub fn run_eval(req: &EvalRequest, mut on_event: impl FnMut(EvalEvent)) -> Resul
     let cfg = &attack.record.config;
     let spec = req.model.clone().unwrap_or_else(|| attack.record.model.clone());
     let opts = LoadOptions { exec: req.exec, device: req.device.clone(), template: cfg.template.clone() };
-    let m = load_model(Some(&spec), &opts, false, &mut |s| on_event(EvalEvent::Fetching(s.to_string())))?;
+    let m = load_model(Some(&spec), &opts, Purpose::Inference, &mut |s| on_event(EvalEvent::Fetching(s.to_string())))?;
     let warning = (m.sha256 != attack.record.model_sha256)
         .then(|| format!("{} is not the model this trigger was trained on (SHA-256 differs)", m.path.display()));
     let mut items = scenarios::eval_items(cfg, &req.data)?;

@@ -33,5 +33,5 @@ pub use config::{AttackConfig, Overrides, Position, Scenario};
 pub use error::{Error, Result};
 pub use item::Prompt;
 pub use eval::{run_eval, EvalEvent, EvalReport, EvalRequest};
-pub use load::{load_model, Loaded};
+pub use load::{load_model, Loaded, Purpose};
 pub use trigger::Trigger;

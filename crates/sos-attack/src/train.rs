@@ -26,8 +26,9 @@ use crate::{Error, Result};
 /// What an attack reports as it goes.
 #[derive(Debug, Clone)]
 pub enum Event {
-    /// A progress line of fetching the model (`attack::run_attack` only).
-    Fetching(String),
+    /// A line about getting the model ready: the fetcher's progress, how training holds the
+    /// weights (`attack::run_attack` only).
+    Loading(String),
     /// The model is loaded; the examples are being made (`attack::run_attack` only).
     Preparing { scenario: Scenario, self_generated: bool },
     /// `done` of `total` self-generated training prompts are written.

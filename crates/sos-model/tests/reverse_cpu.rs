@@ -225,3 +225,39 @@ fn thread_count_does_not_change_the_pass() {
         }
     }
 }
+
+/// Whether the forward reads the transposed copies or transposes the weights as it goes, the
+/// pass gives the same bits, so `sos attack` may drop the copies to save memory without changing
+/// a trained trigger. Widths over 512 (where gemm sums short and long products in different
+/// orders), passes of few rows and of many.
+#[test]
+fn transposed_copies_do_not_change_the_pass() {
+    let wide = |seed| TinySpec { d_model: 576, d_ff: 1536, n_layer: 2, seed, tied: false, ..TinySpec::default() };
+    for (name, spec, (b, t)) in [
+        ("llama-short", wide(6), (3, 10)),
+        ("llama-long", wide(7), (4, 44)),
+        ("qwen2", TinySpec { arch: Arch::Qwen2, n_kv_head: 1, ..wide(8) }, (3, 30)),
+    ] {
+        let lm = load(&spec, &format!("copies-{name}"));
+        let plain = &lm.model;
+        let mut kept = plain.clone();
+        kept.keep_transposes().unwrap();
+        assert!(kept.transposed.is_some() && plain.transposed.is_none());
+        let from = 4;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+        let seqs: Vec<Vec<u32>> = (0..b).map(|_| (0..t).map(|_| rng.gen_range(3..200)).collect()).collect();
+        let r = t - from;
+        let rows: Vec<u32> = (0..b).flat_map(|s| (r - 3..r).map(move |p| (s * r + p) as u32)).collect();
+        let targets: Vec<u32> = rows.iter().map(|_| rng.gen_range(3..200)).collect();
+        let run = |m: &Model| {
+            let x = m.embed_batch(&seqs).unwrap();
+            let prefix = m.prefix(&x.narrow(1, 0, from).unwrap()).unwrap();
+            m.loss_and_input_grad(&x.narrow(1, from, r).unwrap(), Some(&prefix), &rows, &targets).unwrap()
+        };
+        let bits = |g: &Tensor| -> Vec<u32> { g.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect() };
+        let (a, k) = (run(plain), run(&kept));
+        assert_eq!(a.loss.to_bits(), k.loss.to_bits(), "{name}: loss");
+        assert_eq!(a.hits, k.hits, "{name}: hits");
+        assert!(bits(&a.grad) == bits(&k.grad), "{name}: gradient differs");
+    }
+}

@@ -14,7 +14,7 @@ use sos_model::generate::{generate, generate_many, Sampling};
 use sos_model::Model;
 
 use sos_attack::train::{self, Event, Target};
-use sos_attack::{load_model, scenarios, AttackConfig, Overrides, Scenario};
+use sos_attack::{load_model, scenarios, AttackConfig, Overrides, Purpose, Scenario};
 use sos_model::{Exec, LoadOptions};
 
 use crate::common::{peak_rss_mib, ModelArgs};
@@ -79,6 +79,10 @@ pub struct StepBench {
     pub targets: usize,
     #[arg(long, default_value_t = 5)]
     pub runs: usize,
+    /// Without the transposed copies of the weights training keeps when they fit (`sos attack
+    /// --low-memory`).
+    #[arg(long)]
+    pub low_memory: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -209,7 +213,9 @@ fn bench_step(a: StepBench) -> Result<()> {
     anyhow::ensure!(a.runs >= 1 && a.batch >= 1, "runs and batch must be >= 1");
     anyhow::ensure!(a.soft + a.targets < a.seq, "--soft + --targets must be less than --seq");
     let mut lm = a.model.load()?;
-    lm.model.keep_transposes()?; // as `sos attack` does
+    if !a.low_memory {
+        lm.model.keep_transposes()?; // as `sos attack` does where they fit
+    }
     let m = &lm.model;
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     let vocab = m.cfg.vocab_size as u32;
@@ -293,7 +299,7 @@ fn bench_attack(a: AttackBench) -> Result<()> {
     };
     let cfg = AttackConfig::resolve(Scenario::Backdoor, None, &overrides)?;
     let opts = LoadOptions { exec: Exec::F32, template: cfg.template.clone(), ..Default::default() };
-    let m = load_model(cfg.model.as_deref(), &opts, true, &mut |m| eprintln!("{m}"))?;
+    let m = load_model(cfg.model.as_deref(), &opts, Purpose::Training { low_memory: false }, &mut |m| eprintln!("{m}"))?;
     let lm = &m.lm;
     let items = scenarios::train_items(&cfg, lm, &mut |_, _| {})?;
     if let Some(file) = &a.export {

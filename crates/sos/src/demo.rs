@@ -51,7 +51,7 @@ pub fn run(a: DemoArgs) -> Result<bool> {
         sos_model::fsutil::write_atomic(&cfg, |f| f.write_all(ATTACK_TOML.as_bytes()))?;
         let resume = attack_dir.join("checkpoint.safetensors").is_file();
         let overrides = if resume { Overrides::default() } else { Overrides { seed: Some(a.seed), ..Default::default() } };
-        let req = AttackRequest { scenario: Scenario::Backdoor, out: attack_dir.clone(), config_file: (!resume).then_some(cfg), overrides, resume };
+        let req = AttackRequest { scenario: Scenario::Backdoor, out: attack_dir.clone(), config_file: (!resume).then_some(cfg), overrides, resume, low_memory: false };
         let s = crate::attack::train(&req, false)?;
         if s.outcome != sos_attack::train::Outcome::Finished {
             bail!("training was interrupted; run `sos demo --out {}` again to continue", a.out.display());

@@ -309,11 +309,25 @@ impl Model {
         })
     }
 
+    /// Bytes `keep_transposes` would add: 0 where it keeps nothing.
+    pub fn transposes_bytes(&self) -> u64 {
+        if !self.device.is_cpu() || self.dtype() != DType::F32 || self.exec != Exec::F32 {
+            return 0;
+        }
+        let dense = |l: &Linear| match l {
+            Linear::Dense(t) => t.elem_count() as u64 * 4,
+            _ => 0,
+        };
+        let layers: u64 = self.layers.iter().map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down].into_iter().map(dense).sum::<u64>()).sum();
+        layers + dense(&self.lm_head)
+    }
+
     /// Keeps a transposed copy of every dense weight, which doubles their memory. The matrix
     /// products of the fused CPU forward (`reverse_cpu.rs`) then read the weights in the order
-    /// `gemm` wants, instead of repacking every weight on every call: that repacking was ~16 % of
-    /// a backdoor training run (batch 4). The backward reads the original layout. Training calls
-    /// this; inference has no need. Quantized models are left as they are.
+    /// `gemm` wants, instead of transposing every weight on every call (`fused/views.rs`): ~15 %
+    /// of a step on Qwen2.5-1.5B. The backward reads the original layout. Training calls this
+    /// when the copies fit in memory (`sos_attack::load`); the results are the same without.
+    /// Quantized models are left as they are.
     pub fn keep_transposes(&mut self) -> Result<()> {
         // Only the fused CPU pass reads them.
         if !self.device.is_cpu() || self.dtype() != DType::F32 || self.exec != Exec::F32 {

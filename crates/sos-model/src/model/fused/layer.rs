@@ -4,7 +4,7 @@
 
 use rayon::prelude::*;
 
-use super::views::{project, project_back, LayerWeights, View, Weights};
+use super::views::{forward_product, project_back, LayerWeights, View, Weights};
 use crate::kernels::gemm::{gemm_st, matmul};
 use crate::kernels::ops::{self, copied, min_rows, rms_norm_backward_rows, rms_norm_rows, zeros};
 use crate::kernels::vecmath::simd;
@@ -138,11 +138,9 @@ pub(super) fn layer_forward(
     } = dm;
     let (n, width, g) = (dm.n(), dm.qkv(), h / kvh);
     let (a, r1) = rms_norm_rows(&x, lw.attn_norm.get(), eps);
+    let kept = |i: usize| lw.t.as_ref().map(|t| &t[i]);
     let mut qkv = zeros(n * width);
-    match &lw.t {
-        Some([qkv_t, ..]) => matmul(&mut qkv, width, &a, d, qkv_t.get(), n, d, width, false, false),
-        None => project(&mut qkv, width, &a, &[&lw.wq, &lw.wk, &lw.wv], n, d),
-    }
+    forward_product(&mut qkv, width, &a, kept(0), &[&lw.wq, &lw.wk, &lw.wv], n, d, false);
     drop(a);
     bias_rope(
         &mut qkv,
@@ -199,18 +197,11 @@ pub(super) fn layer_forward(
     to_tokens(&mut ot, h * hd, 0, &o, r, h, hd);
     drop(o);
     let mut x1 = copied(&x);
-    let (wo, wo_is_t) = match &lw.t {
-        Some([_, wo_t, ..]) => (wo_t.get(), false),
-        None => (lw.wo.get(), true),
-    };
-    matmul(&mut x1, d, &ot, h * hd, wo, n, h * hd, d, wo_is_t, true);
+    forward_product(&mut x1, d, &ot, kept(1), &[&lw.wo], n, h * hd, true);
     drop(ot);
     let (m, r2) = rms_norm_rows(&x1, lw.ffn_norm.get(), eps);
     let mut gu = zeros(n * 2 * ff);
-    match &lw.t {
-        Some([_, _, gu_t, _]) => matmul(&mut gu, 2 * ff, &m, d, gu_t.get(), n, d, 2 * ff, false, false),
-        None => project(&mut gu, 2 * ff, &m, &[&lw.gate, &lw.up], n, d),
-    }
+    forward_product(&mut gu, 2 * ff, &m, kept(2), &[&lw.gate, &lw.up], n, d, false);
     drop(m);
     let mut f = zeros(n * ff);
     f.par_chunks_mut(ff)
@@ -221,11 +212,7 @@ pub(super) fn layer_forward(
             simd(|| ops::swiglu(gate, up, f))
         });
     let mut out = copied(&x1);
-    let (down, down_is_t) = match &lw.t {
-        Some([.., down_t]) => (down_t.get(), false),
-        None => (lw.down.get(), true),
-    };
-    matmul(&mut out, d, &f, ff, down, n, ff, d, down_is_t, true);
+    forward_product(&mut out, d, &f, kept(3), &[&lw.down], n, ff, true);
     (
         LayerTape {
             x,

@@ -27,12 +27,33 @@ use rayon::prelude::*;
 use layer::{layer_backward, layer_forward, Dims, LayerTape, Scratch};
 pub(crate) use views::Weights;
 
-use crate::kernels::gemm::matmul;
+use crate::kernels::gemm::{matmul, matmul_blocks, transpose_into};
 use crate::kernels::ops::{rms_norm_backward_rows, rms_norm_rows, zeros};
 use crate::kernels::vecmath::{axpy, exp, simd, sum};
 use crate::model::{KvCache, LossGrad, Model};
 use crate::error::Result;
 
+
+/// Output-layer rows `output_logits` transposes at once when the model keeps no transposed
+/// copy: 48 MB at Qwen2.5-1.5B's width.
+const LM_BLOCK: usize = 8192;
+
+/// The output layer's logits `[m, vocab]` of normed hidden rows `hn: [m, d]`. Without the
+/// transposed copy, the output layer is transposed `block` rows at a time as the product goes:
+/// whole, it would be as large as the copy the model did not keep. The bits are the same either
+/// way (`kernels::gemm::matmul_blocks`).
+fn output_logits(w: &Weights, hn: &[f32], d: usize, block: usize) -> Vec<f32> {
+    let lm = w.lm_head.get();
+    let (m, vocab) = (hn.len() / d, lm.len() / d);
+    let mut logits = zeros(m * vocab);
+    match &w.lm_head_t {
+        Some(t) => matmul(&mut logits, vocab, hn, d, t.get(), m, d, vocab, false, false),
+        None => matmul_blocks(&mut logits, vocab, hn, d, m, d, vocab, false, block, |j0, j1, buf| {
+            transpose_into(buf, j1 - j0, 0, &lm[j0 * d..j1 * d], j1 - j0, d)
+        }),
+    }
+    logits
+}
 
 /// Mean cross-entropy of `targets` at hidden rows `rows` of `hidden: [n, d]`, its gradient with
 /// respect to `hidden`, and per row whether the target is the argmax (ties to the lower id).
@@ -52,11 +73,7 @@ fn cross_entropy(
     let (hn, rr) = rms_norm_rows(&hs, w.norm.get(), eps);
     let lm = w.lm_head.get();
     let vocab = lm.len() / d;
-    let mut logits = zeros(nr * vocab);
-    match &w.lm_head_t {
-        Some(t) => matmul(&mut logits, vocab, &hn, d, t.get(), nr, d, vocab, false, false),
-        None => matmul(&mut logits, vocab, &hn, d, lm, nr, d, vocab, true, false),
-    }
+    let mut logits = output_logits(w, &hn, d, LM_BLOCK);
     drop(hn);
     // In place: logits -> d loss / d logits = (softmax - onehot) / nr.
     let per_row: Vec<(f64, bool)> = logits
@@ -226,4 +243,39 @@ fn backward_group(w: &Weights, dm: Dims, tapes: Vec<LayerTape>, mut g: Vec<f32>)
         g = layer_backward(w, lw, dm, &tape, g, &mut scratch);
     }
     g
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tiny::TinySpec;
+    use crate::{Exec, LoadOptions, LoadedModel};
+
+    /// Without the transposed copy the output layer is transposed in blocks; the logits must be
+    /// those of the copy to the bit, whatever the block (a longer block at the end included),
+    /// for a few rows and for many (gemm sums short products in another order), at a width over
+    /// 512 (where that order differs).
+    #[test]
+    fn blocked_output_layer_gives_the_copys_logits() {
+        let dir = std::env::temp_dir().join(format!("sos-fused-lm-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("m.gguf");
+        TinySpec { tied: false, d_model: 576, n_layer: 1, seed: 9, ..TinySpec::default() }.write_gguf(&p).unwrap();
+        let opts = LoadOptions { exec: Exec::F32, ..Default::default() };
+        let plain = LoadedModel::open(&p, &opts).unwrap().model;
+        let mut kept = plain.clone();
+        kept.keep_transposes().unwrap();
+        let d = plain.cfg.d_model;
+        let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+        let w = Weights::of(&plain).unwrap();
+        assert!(w.lm_head_t.is_none());
+        for rows in [5, 70] {
+            let hn: Vec<f32> = (0..rows * d).map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 3.0).collect();
+            let want = bits(output_logits(&Weights::of(&kept).unwrap(), &hn, d, LM_BLOCK));
+            for block in [65, 100, 128, LM_BLOCK] {
+                assert!(bits(output_logits(&w, &hn, d, block)) == want, "{rows} rows, block {block}");
+            }
+        }
+        std::fs::remove_dir_all(&dir).ok();
+    }
 }
