@@ -48,7 +48,7 @@ pub fn load_model(spec: Option<&str>, opts: &LoadOptions, purpose: Purpose, noti
                 Some(a) if !low_memory => format!("they would take {} of the {} available", gb(need), gb(a)),
                 _ => "--low-memory".to_string(),
             };
-            notify(&format!("training without transposed copies of the weights ({why}): each pass transposes them as it goes, steps take ~15 % longer, the results are the same"));
+            notify(&format!("training without transposed copies of the weights ({why}): each pass transposes them as it goes, steps take ~25 % longer, the results are the same"));
         } else {
             lm.model.keep_transposes()?;
         }

@@ -75,7 +75,7 @@ pub struct AttackArgs {
     #[arg(long)]
     pub resume: bool,
     /// Keep no transposed copies of the weights: about half the memory on a large model, steps
-    /// ~15 % slower, the same trigger. Chosen by itself when the copies would take more than
+    /// ~25 % slower, the same trigger. Chosen by itself when the copies would take more than
     /// half the memory available.
     #[arg(long)]
     pub low_memory: bool,

@@ -155,10 +155,9 @@ const WIDE: usize = 65;
 
 /// `c (+)= a b`, `a: [m, k]` with row stride `lda`, `c: [m, n]` with row stride `ldc`, for a
 /// `b: [k, n]` that is never whole in memory: `fill(j0, j1, buf)` writes its columns `j0..j1`
-/// into `buf` as `[k, j1 - j0]`, row-major. Blocks of at least `block` columns (the last takes
-/// the rest) split over the pool, each a single-threaded product on a buffer of the task's own,
-/// which stays in cache from its filling to its product. The bits are `matmul`'s on the whole
-/// `b` (`WIDE`).
+/// into `buf` as `[k, j1 - j0]`, row-major. Block after block of at least `block` columns (the
+/// last takes the rest), each filled and then multiplied by `matmul` while it is in cache. The
+/// bits are `matmul`'s on the whole `b` (`WIDE`).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul_blocks(
     c: &mut [f32],
@@ -170,27 +169,18 @@ pub(crate) fn matmul_blocks(
     n: usize,
     acc: bool,
     block: usize,
-    fill: impl Fn(usize, usize, &mut [f32]) + Sync,
+    mut fill: impl FnMut(usize, usize, &mut [f32]),
 ) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert!(block >= WIDE && ldc >= n && lda >= k, "matmul_blocks strides");
-    assert!(c.len() >= (m - 1) * ldc + n && a.len() >= (m - 1) * lda + k, "matmul_blocks shapes");
+    assert!(block >= WIDE, "matmul_blocks: blocks narrower than WIDE");
     let nb = (n / block).max(1);
-    let cp = SendPtr(c.as_mut_ptr());
-    (0..nb).into_par_iter().for_each_init(Vec::new, |buf: &mut Vec<f32>, i| {
+    let mut buf = Vec::new();
+    for i in 0..nb {
         let j0 = i * block;
         let j1 = if i + 1 == nb { n } else { j0 + block };
         buf.resize(k * (j1 - j0), 0.0);
-        fill(j0, j1, buf);
-        // Rebinding makes the closure capture the whole `SendPtr` (which is Sync), not its field.
-        #[allow(clippy::redundant_locals)]
-        let cp = cp;
-        // SAFETY: the asserts keep every element of `a` and `c` the strides reach inside the
-        // slices, `buf` holds `k * (j1 - j0)` values, and the blocks write disjoint columns.
-        unsafe { gemm_raw(cp.0.add(j0), ldc, a.as_ptr(), (lda, 1), buf.as_ptr(), (j1 - j0, 1), m, k, j1 - j0, acc) }
-    });
+        fill(j0, j1, &mut buf);
+        matmul(&mut c[j0..], ldc, a, lda, &buf, m, k, j1 - j0, false, acc);
+    }
 }
 
 /// Side of the square tiles `transpose_into` moves: 32 x 32 floats, 4 KB each way, in L1.
@@ -198,10 +188,8 @@ const TILE: usize = 32;
 
 /// Writes `src: [rows, cols]` (row-major) transposed into the column block starting at `col` of
 /// `dst: [cols, ld]`: `dst[c * ld + col + r] = src[r * cols + c]`. Tile by tile, so that both
-/// sides are read and written a cache line at a time, 8 x 8 blocks in AVX2 registers where the
-/// CPU has them, and the tiles' rows of `dst` split over the pool. (gemm reading a transposed
-/// weight gathers it element by element: on Qwen2.5-1.5B that cost 2.5 s of a 10.8 s step,
-/// measured with `sos bench step`.)
+/// sides are read and written a cache line at a time, and 8 x 8 blocks in AVX2 registers where
+/// the CPU has them. On the calling thread: a block of `matmul_blocks` is too small to split.
 pub(crate) fn transpose_into(dst: &mut [f32], ld: usize, col: usize, src: &[f32], rows: usize, cols: usize) {
     assert!(src.len() >= rows * cols && col + rows <= ld, "transpose_into shapes");
     if rows == 0 || cols == 0 {
@@ -210,7 +198,7 @@ pub(crate) fn transpose_into(dst: &mut [f32], ld: usize, col: usize, src: &[f32]
     assert!(dst.len() >= (cols - 1) * ld + col + rows, "transpose_into shapes");
     #[cfg(target_arch = "x86_64")]
     let avx2 = std::arch::is_x86_feature_detected!("avx2");
-    dst.par_chunks_mut(TILE * ld).enumerate().for_each(|(tc, band)| {
+    dst.chunks_mut(TILE * ld).take(cols.div_ceil(TILE)).enumerate().for_each(|(tc, band)| {
         let c0 = tc * TILE;
         let c1 = (c0 + TILE).min(cols);
         for r0 in (0..rows).step_by(TILE) {
@@ -277,11 +265,12 @@ mod tests {
     fn transpose_into_moves_every_element() {
         for (rows, cols, col, ld) in [(1, 1, 0, 1), (33, 70, 5, 40), (64, 32, 0, 64), (7, 100, 3, 12)] {
             let src: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
-            let mut dst = vec![-1f32; cols * ld];
+            // One row longer than the block: what lies past it stays untouched too.
+            let mut dst = vec![-1f32; (cols + 1) * ld];
             transpose_into(&mut dst, ld, col, &src, rows, cols);
-            for c in 0..cols {
+            for c in 0..=cols {
                 for j in 0..ld {
-                    let want = if (col..col + rows).contains(&j) { src[(j - col) * cols + c] } else { -1.0 };
+                    let want = if c < cols && (col..col + rows).contains(&j) { src[(j - col) * cols + c] } else { -1.0 };
                     assert_eq!(dst[c * ld + j], want, "{rows}x{cols} at {col}: ({c}, {j})");
                 }
             }

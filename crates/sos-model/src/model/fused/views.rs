@@ -131,9 +131,10 @@ impl<'a> Weights<'a> {
 
 /// Output columns `forward_product` transposes and multiplies at a time when the model keeps no
 /// copies: a block of the weights, transposed, stays in cache until its product has read it.
-/// `sos bench step --low-memory` on Qwen2.5-1.5B, alternating runs: 64 columns 8.0-8.8 s a
-/// step, 128 8.1, 256 9.1-9.2, 2,048 9.4-9.6, the kept copies 7.5-7.8. (At least 65:
-/// `kernels::gemm::WIDE`.)
+/// At least 65 (`kernels::gemm::WIDE`). `sos bench step -m qwen2.5-coder-1.5b-instruct
+/// --low-memory`, alternating with the copies kept: 9.1-9.4 s a step against 7.2-7.7 s (an
+/// earlier variant: 64 columns 8.0-8.8 s, 256 9.1-9.2, 2,048 9.4-9.6; each product packs its
+/// input again, so narrow blocks are not free either).
 const COL_BLOCK: usize = 128;
 
 /// `y[:, block i] (+)= x W_i^T` for weights `W_i: [out_i, k]` that read the same input
@@ -141,7 +142,9 @@ const COL_BLOCK: usize = 128;
 /// `[k, out]` layout: `kept`, the model's transposed copy of them all, or else made as the
 /// product goes, a block of columns at a time. gemm sees the same values in the same layout,
 /// and `matmul_blocks` gives `matmul`'s bits, so a model that keeps no copies computes the same
-/// result; the copies save the transposing.
+/// result; the copies save the transposing. (gemm can also read the stored weights through
+/// transposed strides, at about the same cost, +30 % a step on Qwen2.5-1.5B, but it then sums
+/// in another order: a trigger would depend on the memory of the machine it was trained on.)
 #[allow(clippy::too_many_arguments)]
 pub(super) fn forward_product(
     y: &mut [f32],
