@@ -123,7 +123,8 @@ pub(crate) fn matmul(
         .min(blocks)
         .min((m * n * k / (1 << 18)).max(1));
     if m < WIDE {
-        parts = parts.min((n / WIDE).max(1));
+        // Parts of at least WIDE.div_ceil(16) blocks: 80 columns, the last at least 65.
+        parts = parts.min((blocks / WIDE.div_ceil(16)).max(1));
     }
     let cp = SendPtr(c.as_mut_ptr());
     let run = |p: usize| {
@@ -258,6 +259,39 @@ unsafe fn block8_avx2(dst: *mut f32, ld: usize, src: *const f32, cols: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// However a short product's columns are split, by threads or into blocks, every element
+    /// gets the bits of the whole product: widths around the splits' edges, inner dimensions
+    /// over 512 (where gemm's order of summation depends on the shape), 1 to 8 threads.
+    #[test]
+    fn column_splits_do_not_change_a_product() {
+        let (m, k) = (60, 576);
+        let val = |i: usize| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 2.0;
+        let a: Vec<f32> = (0..m * k).map(val).collect();
+        for n in [65, 130, 143, 160, 300] {
+            let b: Vec<f32> = (0..k * n).map(|i| val(i + 17)).collect();
+            let bits = |threads: usize, block: Option<usize>| {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let mut c = vec![0f32; m * n];
+                pool.install(|| match block {
+                    None => matmul(&mut c, n, &a, k, &b, m, k, n, false, false),
+                    Some(bl) => matmul_blocks(&mut c, n, &a, k, m, k, n, false, bl, |j0, j1, buf| {
+                        for (r, row) in buf.chunks_exact_mut(j1 - j0).enumerate() {
+                            row.copy_from_slice(&b[r * n + j0..r * n + j1]);
+                        }
+                    }),
+                });
+                c.into_iter().map(f32::to_bits).collect::<Vec<_>>()
+            };
+            let whole = bits(1, None);
+            for threads in [2, 3, 8] {
+                assert!(bits(threads, None) == whole, "n {n}, {threads} threads");
+            }
+            for block in [65, 80, 128] {
+                assert!(bits(2, Some(block)) == whole, "n {n}, blocks of {block}");
+            }
+        }
+    }
 
     /// Every element lands at its transposed place, inside a column block of a wider buffer, for
     /// shapes that leave part tiles on both sides; what lies outside the block is untouched.
