@@ -173,6 +173,9 @@ pub(crate) fn matmul_blocks(
     mut fill: impl FnMut(usize, usize, &mut [f32]),
 ) {
     assert!(block >= WIDE, "matmul_blocks: blocks narrower than WIDE");
+    if m == 0 || n == 0 {
+        return;
+    }
     let nb = (n / block).max(1);
     let mut buf = Vec::new();
     for i in 0..nb {
