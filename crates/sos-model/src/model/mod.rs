@@ -323,7 +323,7 @@ impl Model {
     }
 
     /// Keeps a transposed copy of every dense weight, which doubles their memory. The matrix
-    /// products of the fused CPU forward (`reverse_cpu.rs`) then read the weights in the order
+    /// products of the fused CPU forward (`model/fused/`) then read the weights in the order
     /// `gemm` wants, instead of transposing every weight on every call (`fused/views.rs`): ~25 %
     /// of a step on Qwen2.5-1.5B. The backward reads the original layout. Training calls this
     /// when the copies fit in memory (`sos_attack::load`); the results are the same without.
