@@ -309,9 +309,16 @@ impl Model {
         })
     }
 
+    /// Whether the fused CPU pass (`model/fused/`) runs this model: f32 weights on the CPU in
+    /// `f32` mode (`quant` mode rounds attention operands as llama.cpp does; only `f32` is plain
+    /// arithmetic). Only that pass reads `keep_transposes`' copies.
+    pub(crate) fn runs_fused(&self) -> bool {
+        self.device.is_cpu() && self.dtype() == DType::F32 && self.exec == Exec::F32
+    }
+
     /// Bytes `keep_transposes` would add: 0 where it keeps nothing.
     pub fn transposes_bytes(&self) -> u64 {
-        if !self.device.is_cpu() || self.dtype() != DType::F32 || self.exec != Exec::F32 {
+        if !self.runs_fused() {
             return 0;
         }
         let dense = |l: &Linear| match l {
@@ -329,8 +336,7 @@ impl Model {
     /// when the copies fit in memory (`sos_attack::load`); the results are the same without.
     /// Quantized models are left as they are.
     pub fn keep_transposes(&mut self) -> Result<()> {
-        // Only the fused CPU pass reads them.
-        if !self.device.is_cpu() || self.dtype() != DType::F32 || self.exec != Exec::F32 {
+        if !self.runs_fused() {
             return Ok(());
         }
         let t = |ws: &[&Linear]| -> Result<Option<Tensor>> {

@@ -1,10 +1,10 @@
 //! The model's weights as borrowed f32 slices, for one pass: no copy, and the weight products
 //! of the pass, those that read the same input (q/k/v, gate/up) as one.
 
-use candle_core::{CpuStorage, DType, Device, Storage, StorageRef, Tensor};
+use candle_core::{CpuStorage, Storage, StorageRef, Tensor};
 
 use crate::kernels::gemm::{matmul, matmul_blocks, transpose_into};
-use crate::model::{Exec, Layer, Linear, Model};
+use crate::model::{Layer, Linear, Model};
 
 /// A contiguous f32 CPU tensor's values, borrowed without a copy.
 pub(super) struct View<'a> {
@@ -106,8 +106,7 @@ pub(crate) struct Weights<'a> {
 impl<'a> Weights<'a> {
     /// `None` unless every tensor the pass reads is a contiguous f32 CPU tensor.
     pub(crate) fn of(m: &'a Model) -> Option<Self> {
-        // `quant` mode rounds attention operands as llama.cpp does; only `f32` is plain arithmetic.
-        if !matches!(m.device, Device::Cpu) || m.dtype() != DType::F32 || m.exec != Exec::F32 {
+        if !m.runs_fused() {
             return None;
         }
         let mut layers: Vec<LayerWeights> = m.layers.iter().map(LayerWeights::of).collect::<Option<_>>()?;
