@@ -22,7 +22,17 @@ pub(super) struct Dims {
     pub(super) hd: usize,
     pub(super) ff: usize,
     pub(super) eps: f32,
+    /// Query rows per block of the causal attention (`QUERY_BLOCK`; tests vary it).
+    pub(super) qblock: usize,
 }
+
+/// Query rows per block of the causal attention. A block's products stop at the keys its last
+/// row sees, so most of the masked upper triangle of each score matrix is never computed. As
+/// long as a product's inner dimension stays within gemm's one summation block (512), cutting
+/// it short only drops terms that are exactly zero, so a pass gives the bits of whole products
+/// (test `attention_blocks_keep_the_bits`); past 512 keys gemm splits the sum where the
+/// length says, and the bits differ in the last places.
+pub(super) const QUERY_BLOCK: usize = 64;
 
 impl Dims {
     pub(super) fn n(&self) -> usize {
@@ -31,6 +41,13 @@ impl Dims {
     /// Width of a row of the joint projection: queries, keys, values.
     pub(super) fn qkv(&self) -> usize {
         (self.h + 2 * self.kvh) * self.hd
+    }
+
+    /// The `r` rows in blocks `[i0, i1)` of `qblock` to `2 qblock - 1` rows (one block when
+    /// `r < 2 qblock`): never a block of one or a few rows, which gemm would sum in another order.
+    fn row_blocks(&self) -> impl Iterator<Item = (usize, usize)> {
+        let (r, nb) = (self.r, (self.r / self.qblock).max(1));
+        (0..nb).map(move |i| (r * i / nb, r * (i + 1) / nb))
     }
 }
 
@@ -183,15 +200,20 @@ pub(super) fn layer_forward(
             let (bi, qh) = (bh / h, bh % h);
             let base = (bi * kvh + qh / g) * t * hd;
             let (kb, vb) = (&k[base..base + t * hd], &v[base..base + t * hd]);
-            // Scores of all r x t pairs in one product; the causal mask is applied in the softmax.
+            // Per block of query rows, scores and weighted values over the keys the block's
+            // last row sees; the softmax applies the mask within the block and zeroes the rest.
             let q0 = bi * r * width + qh * hd;
-            gemm_st(p, t, &qkv[q0..], (width, 1), kb, (1, hd), r, hd, t, false);
-            simd(|| {
-                for (i, pi) in p.chunks_exact_mut(t).enumerate() {
-                    ops::softmax(pi, from + i + 1, scale);
-                }
-            });
-            gemm_st(o, hd, p, (t, 1), vb, (hd, 1), r, t, hd, false);
+            for (i0, i1) in dm.row_blocks() {
+                let (m, keys) = (i1 - i0, from + i1);
+                let pb = &mut p[i0 * t..i1 * t];
+                gemm_st(pb, t, &qkv[q0 + i0 * width..], (width, 1), kb, (1, hd), m, hd, keys, false);
+                simd(|| {
+                    for (i, pi) in pb.chunks_exact_mut(t).enumerate() {
+                        ops::softmax(pi, from + i0 + i + 1, scale);
+                    }
+                });
+                gemm_st(&mut o[i0 * hd..], hd, pb, (t, 1), vb, (hd, 1), m, keys, hd, false);
+            }
         });
     let mut ot = zeros(n * h * hd);
     to_tokens(&mut ot, h * hd, 0, &o, r, h, hd);
@@ -330,18 +352,31 @@ pub(super) fn layer_backward(
                 let pm = &s.p[(bi * h + qh) * r * t..][..r * t];
                 let (q0, o0) = (bi * r * width + qh * hd, bi * r * h * hd + qh * hd);
                 let (qh_rows, do_rows) = (&s.qkv[q0..], &d_o[o0..]);
-                // dP = dO V^T, then the softmax backward: dS = P (dP - rowsum(P dP)), scaled.
-                gemm_st(&mut ds, t, do_rows, (h * hd, 1), vb, (1, hd), r, hd, t, false);
-                simd(|| {
-                    for (dsi, pi) in ds.chunks_exact_mut(t).zip(pm.chunks_exact(t)) {
-                        ops::softmax_backward(dsi, pi, scale);
-                    }
-                });
-                gemm_st(&mut dq[gi * r * hd..], hd, &ds, (t, 1), kb, (hd, 1), r, t, hd, false);
-                // Only the keys and values after the prefix take gradients: dK = dS^T Q, dV = P^T dO.
-                // The first head of the group overwrites what an earlier layer left here.
-                gemm_st(dk, hd, &ds[from..], (1, t), qh_rows, (width, 1), r, r, hd, gi > 0);
-                gemm_st(dv, hd, &pm[from..], (1, t), do_rows, (h * hd, 1), r, r, hd, gi > 0);
+                // dP = dO V^T, then the softmax backward: dS = P (dP - rowsum(P dP)), scaled;
+                // dQ = dS K. Per block of query rows, over the keys its last row sees: the rest
+                // of a row of dS is never written, so it keeps the zeros the softmax backward
+                // made of it (P is zero there) for every head.
+                for (i0, i1) in dm.row_blocks() {
+                    let (m, keys) = (i1 - i0, from + i1);
+                    let dsb = &mut ds[i0 * t..i1 * t];
+                    gemm_st(dsb, t, &do_rows[i0 * h * hd..], (h * hd, 1), vb, (1, hd), m, hd, keys, false);
+                    simd(|| {
+                        for (dsi, pi) in dsb.chunks_exact_mut(t).zip(pm[i0 * t..i1 * t].chunks_exact(t)) {
+                            ops::softmax_backward(dsi, pi, scale);
+                        }
+                    });
+                    gemm_st(&mut dq[(gi * r + i0) * hd..], hd, dsb, (t, 1), kb, (hd, 1), m, keys, hd, false);
+                }
+                // Only the keys and values after the prefix take gradients: dK = dS^T Q, dV =
+                // P^T dO, per block of keys over the queries that see them (from the block's
+                // first key on). The first head of the group overwrites what an earlier layer
+                // left here.
+                for (j0, j1) in dm.row_blocks() {
+                    let (m, queries) = (j1 - j0, r - j0);
+                    let at = j0 * t + from + j0;
+                    gemm_st(&mut dk[j0 * hd..], hd, &ds[at..], (1, t), &qh_rows[j0 * width..], (width, 1), m, queries, hd, gi > 0);
+                    gemm_st(&mut dv[j0 * hd..], hd, &pm[at..], (1, t), &do_rows[j0 * h * hd..], (h * hd, 1), m, queries, hd, gi > 0);
+                }
             }
         });
     let dqkv = sized(&mut sc.dqkv, n * width);

@@ -125,6 +125,7 @@ fn dims(m: &Model, b: usize, r: usize, from: usize) -> Dims {
         hd: c.head_dim,
         ff: c.d_ff,
         eps: c.rms_eps as f32,
+        qblock: layer::QUERY_BLOCK,
     }
 }
 
@@ -274,6 +275,47 @@ mod tests {
             let want = bits(output_logits(&Weights::of(&kept).unwrap(), &hn, d, LM_BLOCK));
             for block in [65, 100, 128, LM_BLOCK] {
                 assert!(bits(output_logits(&w, &hn, d, block)) == want, "{rows} rows, block {block}");
+            }
+        }
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// Attention in blocks of query rows (`QUERY_BLOCK`) against one block over all rows: the
+    /// same bits while every sum over keys or queries stays within gemm's one summation block
+    /// (t <= 512), forward and backward, with a prefix; past it, the same values to rounding.
+    #[test]
+    fn attention_blocks_keep_the_bits() {
+        let dir = std::env::temp_dir().join(format!("sos-fused-blocks-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("m.gguf");
+        let spec = TinySpec { d_model: 576, n_head: 9, n_kv_head: 3, d_ff: 256, n_layer: 2, seed: 5, tied: false, ..TinySpec::default() };
+        spec.write_gguf(&p).unwrap();
+        let m = LoadedModel::open(&p, &LoadOptions { exec: Exec::F32, ..Default::default() }).unwrap().model;
+        let w = Weights::of(&m).unwrap();
+        let d = m.cfg.d_model;
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for (b, from, r) in [(2, 0, 200), (2, 150, 300), (1, 37, 129), (2, 400, 300)] {
+            let ids: Vec<Vec<u32>> = (0..b).map(|s| (0..from + r).map(|i| ((i * 31 + s * 7) % 200 + 3) as u32).collect()).collect();
+            let x = m.embed_batch(&ids).unwrap();
+            let prefix = (from > 0).then(|| m.prefix(&x.narrow(1, 0, from).unwrap()).unwrap());
+            let h = flat(&x.narrow(1, from, r).unwrap()).unwrap();
+            let g: Vec<f32> = (0..h.len()).map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 1e-2).collect();
+            let pass = |qblock: usize| {
+                let dm = Dims { qblock, ..dims(&m, b, r, from) };
+                let (tapes, out) = forward_group(&w, dm, h.clone(), prefix.as_ref(), &(0..b)).unwrap();
+                (out, backward_group(&w, dm, tapes, g.clone()))
+            };
+            let (whole, blocked) = (pass(usize::MAX), pass(layer::QUERY_BLOCK));
+            assert!(whole.0.len() == b * r * d && whole.1.len() == b * r * d);
+            if from + r <= 512 {
+                assert!(bits(&whole.0) == bits(&blocked.0), "forward, from {from}, r {r}");
+                assert!(bits(&whole.1) == bits(&blocked.1), "backward, from {from}, r {r}");
+            } else {
+                for (a, c) in [(&whole.0, &blocked.0), (&whole.1, &blocked.1)] {
+                    let top = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    let worst = a.iter().zip(c.iter()).fold(0f32, |m, (a, c)| m.max((a - c).abs()));
+                    assert!(worst <= 1e-4 * top, "from {from}, r {r}: off by {worst} at scale {top}");
+                }
             }
         }
         std::fs::remove_dir_all(&dir).ok();
